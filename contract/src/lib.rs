@@ -1,1 +1,22 @@
-pub fn x(){}
+//! The contracts between the authrealm operator (writer) and sidecar (reader).
+//!
+//! Two files cross the boundary, both JSON and both versioned:
+//!
+//! * [`config::SidecarConfig`] — the realm's sidecar configuration (`sidecar.json`, mounted
+//!   from the `<realm>-sidecar` ConfigMap);
+//! * [`keyset::KeySet`] — the realm's signing keys (`keyset.json`, mounted from the
+//!   `<realm>-signing-keys` Secret for issuer pods, or its public-only projection from the
+//!   `<realm>-jwks` ConfigMap for verify-only pods).
+//!
+//! Both are defined here once; the operator serialises these exact types and the sidecar
+//! deserialises them, rejecting unknown fields and unknown versions.
+#![forbid(unsafe_code)]
+
+pub mod alg;
+pub mod config;
+pub mod keygen;
+pub mod keyset;
+
+pub use alg::Alg;
+pub use config::{FailurePolicy, SessionMode, SidecarConfig};
+pub use keyset::{KeyEntry, KeySet, KeyState};
