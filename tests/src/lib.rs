@@ -1,1 +1,1 @@
-
+pub mod redis_cluster;
