@@ -1,1 +1,2 @@
+pub mod kube_env;
 pub mod redis_cluster;
