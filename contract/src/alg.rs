@@ -71,9 +71,7 @@ impl Alg {
     pub fn family(self) -> Family {
         match self {
             Alg::HS256 | Alg::HS384 | Alg::HS512 => Family::Hmac,
-            Alg::RS256 | Alg::RS384 | Alg::RS512 | Alg::PS256 | Alg::PS384 | Alg::PS512 => {
-                Family::Rsa
-            }
+            Alg::RS256 | Alg::RS384 | Alg::RS512 | Alg::PS256 | Alg::PS384 | Alg::PS512 => Family::Rsa,
             Alg::ES256 | Alg::ES384 => Family::Ec,
             Alg::EdDSA => Family::Ed,
         }

@@ -82,8 +82,7 @@ impl PublicRoute {
                     path.starts_with(&self.path)
                 } else {
                     path == self.path
-                        || (path.starts_with(&self.path)
-                            && path.as_bytes().get(self.path.len()) == Some(&b'/'))
+                        || (path.starts_with(&self.path) && path.as_bytes().get(self.path.len()) == Some(&b'/'))
                 }
             }
         }
@@ -381,9 +380,7 @@ pub fn is_host_port(s: &str) -> bool {
     match s.rsplit_once(':') {
         Some((host, port)) => {
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            !host.is_empty()
-                && !host.contains(char::is_whitespace)
-                && port.parse::<u16>().is_ok_and(|p| p > 0)
+            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p > 0)
         }
         None => false,
     }
@@ -391,8 +388,7 @@ pub fn is_host_port(s: &str) -> bool {
 
 /// RFC 9110 token characters (header names).
 pub fn is_header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl SidecarConfig {
@@ -481,7 +477,10 @@ impl SidecarConfig {
                 return Err(err(format!("publicRoutes[{i}].path"), "must start with '/'"));
             }
             if let Some(m) = r.methods.iter().find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase())) {
-                return Err(err(format!("publicRoutes[{i}].methods"), format!("{m:?} is not an upper-case HTTP method")));
+                return Err(err(
+                    format!("publicRoutes[{i}].methods"),
+                    format!("{m:?} is not an upper-case HTTP method"),
+                ));
             }
         }
         for (i, h) in self.identity_headers.iter().enumerate() {
@@ -533,10 +532,7 @@ impl SidecarConfig {
 
 /// Map of realm-level identity headers, lower-cased, for stripping.
 pub fn identity_header_names(cfg: &SidecarConfig) -> BTreeMap<String, String> {
-    cfg.identity_headers
-        .iter()
-        .map(|h| (h.header.to_ascii_lowercase().replace('_', "-"), h.claim.clone()))
-        .collect()
+    cfg.identity_headers.iter().map(|h| (h.header.to_ascii_lowercase().replace('_', "-"), h.claim.clone())).collect()
 }
 
 #[cfg(test)]
@@ -552,8 +548,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_versions_are_rejected_naming_the_field() {
-        let mut v: serde_json::Value =
-            serde_json::to_value(SidecarConfig::example("demo", "/k", None)).unwrap();
+        let mut v: serde_json::Value = serde_json::to_value(SidecarConfig::example("demo", "/k", None)).unwrap();
         v["sessionMod"] = "multi".into();
         let e = SidecarConfig::from_json(v.to_string().as_bytes()).unwrap_err();
         assert!(e.to_string().contains("sessionMod"), "{e}");
@@ -574,7 +569,13 @@ mod tests {
             ("listeners.issuer", Box::new(|c| c.listeners.issuer = "0.0.0.0:1".into())),
             ("tokenTtlSeconds", Box::new(|c| c.token_ttl_seconds = 99_999)),
             ("identityHeaders[0].header", Box::new(|c| c.identity_headers[0].header = "X Bad".into())),
-            ("publicRoutes[0].path", Box::new(|c| c.public_routes = vec![PublicRoute { path: "x".into(), path_match: PathMatch::Exact, methods: vec![] }])),
+            (
+                "publicRoutes[0].path",
+                Box::new(|c| {
+                    c.public_routes =
+                        vec![PublicRoute { path: "x".into(), path_match: PathMatch::Exact, methods: vec![] }]
+                }),
+            ),
         ];
         for (field, mutate) in cases {
             let mut c = base.clone();

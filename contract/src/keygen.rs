@@ -71,7 +71,8 @@ pub fn generate(alg: Alg, kid: &str, now: i64, state: KeyState) -> Result<KeyEnt
             return Ok(entry);
         }
         Family::Ec => {
-            let signing = if alg == Alg::ES256 { &ECDSA_P256_SHA256_FIXED_SIGNING } else { &ECDSA_P384_SHA384_FIXED_SIGNING };
+            let signing =
+                if alg == Alg::ES256 { &ECDSA_P256_SHA256_FIXED_SIGNING } else { &ECDSA_P384_SHA384_FIXED_SIGNING };
             EcdsaKeyPair::generate_pkcs8(signing, &rng).map_err(gen_err)?.as_ref().to_vec()
         }
         Family::Ed => Ed25519KeyPair::generate_pkcs8v1(&rng).map_err(gen_err)?.as_ref().to_vec(),

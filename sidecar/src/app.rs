@@ -1,0 +1,201 @@
+//! Shared state of a running sidecar and the Redis connection lifecycle.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+
+use authrealm_contract::{FailurePolicy, SessionMode, SidecarConfig};
+
+use crate::keys::KeyStore;
+use crate::metrics::Metrics;
+use crate::session::SessionStore;
+use crate::token::Policy;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+pub fn json_response(status: http::StatusCode, v: &serde_json::Value) -> http::Response<Body> {
+    let mut r = http::Response::new(full(serde_json::to_vec(v).expect("json")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// One identity header: the claim it carries and every spelling of its name a client could
+/// use to spoof it.
+pub struct IdentityHeader {
+    pub claim: String,
+    pub name: HeaderName,
+    /// Lower case with `_` folded to `-`, for comparison.
+    pub folded: String,
+}
+
+pub fn fold_header_name(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
+pub struct App {
+    pub cfg: SidecarConfig,
+    pub policy: Policy,
+    pub keys: KeyStore,
+    pub metrics: Metrics,
+    pub identity: Vec<IdentityHeader>,
+    /// `Bearer realm="…"`, computed once.
+    pub www_authenticate: HeaderValue,
+    pub www_authenticate_invalid: HeaderValue,
+    sessions: OnceLock<SessionStore>,
+    redis_ready: AtomicBool,
+    last_fail_open_log: AtomicU64,
+    started: Instant,
+    pub draining: AtomicBool,
+}
+
+impl App {
+    pub fn new(cfg: SidecarConfig, keys: KeyStore, metrics: Metrics) -> Arc<App> {
+        let policy = Policy {
+            issuer: cfg.issuer.clone(),
+            audiences: cfg.audiences.clone(),
+            algorithms: cfg.algorithms.clone(),
+            leeway: cfg.leeway_seconds as i64,
+            max_token_bytes: cfg.limits.max_token_bytes,
+            required_claims: cfg.required_claims.clone(),
+            session_mode: cfg.session_mode,
+        };
+        let identity = cfg
+            .identity_headers
+            .iter()
+            .map(|h| IdentityHeader {
+                claim: h.claim.clone(),
+                name: HeaderName::from_bytes(h.header.to_ascii_lowercase().as_bytes()).expect("validated header name"),
+                folded: fold_header_name(&h.header),
+            })
+            .collect();
+        // The realm is a DNS name: safe inside a quoted string.
+        let www_authenticate =
+            HeaderValue::from_str(&format!("Bearer realm=\"{}\"", cfg.realm)).expect("realm is a DNS name");
+        let www_authenticate_invalid =
+            HeaderValue::from_str(&format!("Bearer realm=\"{}\", error=\"invalid_token\"", cfg.realm))
+                .expect("realm is a DNS name");
+        Arc::new(App {
+            cfg,
+            policy,
+            keys,
+            metrics,
+            identity,
+            www_authenticate,
+            www_authenticate_invalid,
+            sessions: OnceLock::new(),
+            redis_ready: AtomicBool::new(false),
+            last_fail_open_log: AtomicU64::new(0),
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn sessions(&self) -> Option<&SessionStore> {
+        self.sessions.get()
+    }
+
+    pub fn stateful(&self) -> bool {
+        self.cfg.session_mode != SessionMode::Stateless
+    }
+
+    pub fn redis_ready(&self) -> bool {
+        self.redis_ready.load(Ordering::Relaxed)
+    }
+
+    /// Ready to serve: keys loaded (always, once running) and — under the closed policy —
+    /// Redis answering.
+    pub fn ready(&self) -> bool {
+        if self.draining.load(Ordering::Relaxed) {
+            return false;
+        }
+        !self.stateful() || self.cfg.failure_policy == FailurePolicy::Open || self.redis_ready()
+    }
+
+    pub fn set_redis_ready(&self, ready: bool) {
+        let was = self.redis_ready.swap(ready, Ordering::Relaxed);
+        self.metrics.redis_ready.set(ready as i64);
+        if was != ready {
+            if ready {
+                tracing::info!("redis cluster reachable");
+            } else {
+                tracing::warn!("redis cluster unreachable");
+            }
+        }
+    }
+
+    /// Log a fail-open admission at most once per 10 s.
+    pub fn note_fail_open(&self, kind: &str) {
+        self.metrics.fail_open.inc();
+        let now = self.started.elapsed().as_secs() + 1;
+        let last = self.last_fail_open_log.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self.last_fail_open_log.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            tracing::warn!(
+                error_kind = kind,
+                "redis unavailable: admitting on signature and claims only (failurePolicy open)"
+            );
+        }
+    }
+
+    /// Connect to the Redis Cluster in the background, retrying forever; then keep a
+    /// readiness probe running. Never blocks start-up.
+    pub fn spawn_redis(self: &Arc<Self>) {
+        let Some(redis_cfg) = self.cfg.redis.clone() else { return };
+        if !self.stateful() {
+            return;
+        }
+        let app = self.clone();
+        tokio::spawn(async move {
+            let client = match crate::session::build_client(&redis_cfg) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "redis client configuration is unusable");
+                    return;
+                }
+            };
+            let mut backoff = Duration::from_millis(200);
+            let conn = loop {
+                match tokio::time::timeout(
+                    Duration::from_millis(redis_cfg.connect_timeout_ms * 3),
+                    client.get_async_connection(),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => break c,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to redis cluster yet")
+                    }
+                    Err(_) => tracing::warn!(
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "connecting to redis cluster timed out"
+                    ),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            };
+            let store = SessionStore::new(conn, &redis_cfg, &app.cfg.realm, app.cfg.session_mode);
+            let _ = app.sessions.set(store);
+            loop {
+                let store = app.sessions().expect("set above");
+                let ok = store.ping().await.is_ok();
+                app.set_redis_ready(ok);
+                tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 250 })).await;
+            }
+        });
+    }
+}

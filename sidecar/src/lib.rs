@@ -1,0 +1,16 @@
+//! authrealm sidecar: validates every bearer JWT (signature, claims and its session record
+//! in a Redis Cluster) before proxying to the app, and mints/revokes tokens for the app on
+//! a loopback-only issuer API.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod framing;
+pub mod issuer;
+pub mod keys;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod session;
+pub mod token;

@@ -1,0 +1,132 @@
+//! Prometheus metrics of the sidecar (text exposition on the admin listener).
+//!
+//! Label values are fixed, low-cardinality strings — never tokens, subjects or keys.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `allowed`, `public`, `rejected`, `unavailable`, `fail_open`.
+    pub outcome: &'static str,
+    /// Why (a [`crate::token::Reject`] label, `ok`, or the Redis error kind).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+impl OutcomeLabel {
+    pub fn new(outcome: &'static str) -> Self {
+        OutcomeLabel { outcome }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// Status class of the app's answer (`2xx` … `5xx`), or `error` / `timeout`.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50µs … ~3.3s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 17))
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub validation_seconds: Histogram,
+    pub redis_seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
+    pub upstream_responses: Family<StatusLabel, Counter>,
+    pub upstream_seconds: Histogram,
+    pub fail_open: Counter,
+    pub key_reloads: Family<OutcomeLabel, Counter>,
+    pub issuer_requests: Family<OpLabel, Counter>,
+    pub redis_ready: Gauge,
+    pub in_flight: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("authrealm_sidecar");
+        let requests = Family::<RequestLabels, Counter>::default();
+        r.register("requests", "Requests on the public listener by outcome and reason", requests.clone());
+        let validation_seconds = latency_histogram();
+        r.register(
+            "validation_seconds",
+            "Time to parse and verify a bearer token (no Redis)",
+            validation_seconds.clone(),
+        );
+        let redis_seconds = Family::<OpLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        r.register("redis_seconds", "Redis Cluster round trips by operation and outcome", redis_seconds.clone());
+        let upstream_responses = Family::<StatusLabel, Counter>::default();
+        r.register("upstream_responses", "Responses from the app by status class", upstream_responses.clone());
+        let upstream_seconds = latency_histogram();
+        r.register("upstream_seconds", "Time until the app's response headers", upstream_seconds.clone());
+        let fail_open = Counter::default();
+        r.register(
+            "fail_open",
+            "Requests admitted on signature and claims only because Redis could not answer (failurePolicy open)",
+            fail_open.clone(),
+        );
+        let key_reloads = Family::<OutcomeLabel, Counter>::default();
+        r.register("key_reloads", "Key-set file reloads by outcome", key_reloads.clone());
+        let issuer_requests = Family::<OpLabel, Counter>::default();
+        r.register("issuer_requests", "Issuer API calls by operation and outcome", issuer_requests.clone());
+        let redis_ready = Gauge::default();
+        r.register("redis_ready", "1 when the Redis Cluster answered the last readiness check", redis_ready.clone());
+        let in_flight = Gauge::default();
+        r.register("in_flight_requests", "Requests being proxied now", in_flight.clone());
+        Metrics {
+            registry: Arc::new(r),
+            requests,
+            validation_seconds,
+            redis_seconds,
+            upstream_responses,
+            upstream_seconds,
+            fail_open,
+            key_reloads,
+            issuer_requests,
+            redis_ready,
+            in_flight,
+        }
+    }
+
+    pub fn request(&self, outcome: &'static str, reason: &'static str) {
+        self.requests.get_or_create(&RequestLabels { outcome, reason }).inc();
+    }
+
+    pub fn redis(&self, op: &'static str, outcome: &'static str, seconds: f64) {
+        self.redis_seconds.get_or_create(&OpLabel { op, outcome }).observe(seconds);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("metrics encode");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

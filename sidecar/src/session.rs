@@ -1,0 +1,478 @@
+//! Session records in the Redis Cluster: the key layout and every command that touches it.
+//!
+//! # Key layout (the only place key names are built)
+//!
+//! `P` is the realm's key prefix (default `ar:`), `R` the realm name, `S` the subject and
+//! `J` the jti, both base64url-encoded so no user-controlled byte can break a hash tag or
+//! a key boundary. `{R:S}` is the hash tag: all of one subject's records share a slot
+//! (so one Lua script can update them atomically), while different subjects spread over
+//! all 16384 slots.
+//!
+//! | key                 | type   | value            | TTL                      | modes          |
+//! |---------------------|--------|------------------|--------------------------|----------------|
+//! | `P{R:S}:t:J`        | string | exp (unix s)     | token's remaining life   | single, multi  |
+//! | `P{R:S}:idx`        | zset   | jti → exp        | latest exp of the subject| single, multi  |
+//! | `P{R:S}:d:J`        | string | `1`              | token's remaining life   | denylist       |
+//! | `P{R:S}:cut`        | string | unix s           | max TTL + leeway         | denylist       |
+//! | `P{R:j:J}:loc`      | string | `exp sub`        | token's remaining life   | all but stateless |
+//!
+//! No token is stored: only ids and expiry times. The request path runs exactly one
+//! command (`EXISTS` or `MGET` on keys of one slot).
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, Script, Value};
+
+use authrealm_contract::SessionMode;
+use authrealm_contract::config::RedisConfig;
+
+/// Builds key names. Pure; unit-tested.
+#[derive(Clone, Debug)]
+pub struct KeyLayout {
+    prefix: String,
+    realm: String,
+}
+
+fn b64(s: &str) -> String {
+    URL_SAFE_NO_PAD.encode(s.as_bytes())
+}
+
+impl KeyLayout {
+    pub fn new(prefix: &str, realm: &str) -> Self {
+        KeyLayout { prefix: prefix.into(), realm: realm.into() }
+    }
+    /// `P{R:S}` — the common part of a subject's keys.
+    pub fn subject_base(&self, sub: &str) -> String {
+        format!("{}{{{}:{}}}", self.prefix, self.realm, b64(sub))
+    }
+    pub fn token(&self, sub: &str, jti: &str) -> String {
+        format!("{}:t:{}", self.subject_base(sub), b64(jti))
+    }
+    pub fn token_prefix(&self, sub: &str) -> String {
+        format!("{}:t:", self.subject_base(sub))
+    }
+    pub fn index(&self, sub: &str) -> String {
+        format!("{}:idx", self.subject_base(sub))
+    }
+    pub fn deny(&self, sub: &str, jti: &str) -> String {
+        format!("{}:d:{}", self.subject_base(sub), b64(jti))
+    }
+    pub fn cutoff(&self, sub: &str) -> String {
+        format!("{}:cut", self.subject_base(sub))
+    }
+    pub fn locator(&self, jti: &str) -> String {
+        format!("{}{{{}:j:{}}}:loc", self.prefix, self.realm, b64(jti))
+    }
+    /// The jti as stored in the index (base64url).
+    pub fn jti_member(jti: &str) -> String {
+        b64(jti)
+    }
+}
+
+/// CRC16/XMODEM as Redis Cluster uses it.
+pub fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+/// The cluster slot of a key (honouring the first non-empty `{…}` hash tag).
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    if let Some(open) = bytes.iter().position(|&b| b == b'{')
+        && let Some(len) = bytes[open + 1..].iter().position(|&b| b == b'}')
+        && len > 0
+    {
+        return crc16(&bytes[open + 1..open + 1 + len]) % 16384;
+    }
+    crc16(bytes) % 16384
+}
+
+/// Result of the per-request session check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    Active,
+    Revoked,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis is not connected yet")]
+    NotConnected,
+    #[error("unexpected reply from redis")]
+    Protocol,
+}
+
+impl StoreError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Redis(_) => "error",
+            StoreError::NotConnected => "not_connected",
+            StoreError::Protocol => "protocol",
+        }
+    }
+}
+
+/// How many replicas confirmed a write (`WAIT`).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Durability {
+    pub replicas_confirmed: i64,
+    pub replicas_required: u32,
+}
+
+impl Durability {
+    pub fn acknowledged(&self) -> bool {
+        self.replicas_confirmed >= self.replicas_required as i64
+    }
+}
+
+const MINT_SCRIPT: &str = r#"
+-- KEYS[1] index, KEYS[2] token record; ARGV: jti-member, exp, ttl-ms, now, single(1/0), token-key-prefix
+local idx, rec = KEYS[1], KEYS[2]
+local removed = 0
+if ARGV[5] == '1' then
+  local old = redis.call('ZRANGE', idx, 0, -1)
+  for _, j in ipairs(old) do removed = removed + redis.call('DEL', ARGV[6] .. j) end
+  redis.call('DEL', idx)
+else
+  local stale = redis.call('ZRANGEBYSCORE', idx, '-inf', ARGV[4])
+  for _, j in ipairs(stale) do redis.call('DEL', ARGV[6] .. j) end
+  redis.call('ZREMRANGEBYSCORE', idx, '-inf', ARGV[4])
+end
+redis.call('SET', rec, ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', idx, ARGV[2], ARGV[1])
+local top = redis.call('ZRANGE', idx, -1, -1, 'WITHSCORES')
+redis.call('EXPIREAT', idx, tonumber(top[2]) + 1)
+return removed
+"#;
+
+const REVOKE_ALL_SCRIPT: &str = r#"
+-- KEYS[1] index; ARGV[1] token-key-prefix
+local n = 0
+for _, j in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  n = n + redis.call('DEL', ARGV[1] .. j)
+end
+redis.call('DEL', KEYS[1])
+return n
+"#;
+
+const REVOKE_ONE_SCRIPT: &str = r#"
+-- KEYS[1] index, KEYS[2] token record; ARGV[1] jti-member
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('DEL', KEYS[2])
+"#;
+
+/// The realm's session store.
+#[derive(Clone)]
+pub struct SessionStore {
+    conn: ClusterConnection,
+    pub layout: KeyLayout,
+    mode: SessionMode,
+    timeout: Duration,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
+    mint_script: Script,
+    revoke_all_script: Script,
+    revoke_one_script: Script,
+}
+
+/// Build the cluster client (no connection is made yet).
+pub fn build_client(cfg: &RedisConfig) -> Result<redis::cluster::ClusterClient, String> {
+    let tls = cfg.tls.is_some();
+    let nodes: Vec<String> =
+        cfg.endpoints.iter().map(|e| if tls { format!("rediss://{e}") } else { format!("redis://{e}") }).collect();
+    let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+        .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .response_timeout(Duration::from_millis(cfg.command_timeout_ms.max(cfg.wait_timeout_ms + 200)))
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(100);
+    if let Ok(user) = std::env::var(&cfg.username_env)
+        && !user.is_empty()
+    {
+        b = b.username(user);
+    }
+    if let Ok(pass) = std::env::var(&cfg.password_env)
+        && !pass.is_empty()
+    {
+        b = b.password(pass);
+    }
+    if let Some(t) = &cfg.tls {
+        b = b.tls(redis::TlsMode::Secure);
+        if let Some(ca) = &t.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| format!("redis.tls.caFile {ca}: {e}"))?;
+            b = b.certs(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) });
+        }
+        if t.server_name.is_some() {
+            // redis-rs (rustls) checks each node's certificate against the host it dials
+            // and offers no override; refuse rather than silently not checking the name.
+            return Err("redis.tls.serverName: not supported by the Redis client; use endpoint host names that match the servers' certificates (Redis 7: cluster-preferred-endpoint-type hostname)".into());
+        }
+    }
+    b.build().map_err(|e| format!("redis: {e}"))
+}
+
+impl SessionStore {
+    pub fn new(conn: ClusterConnection, cfg: &RedisConfig, realm: &str, mode: SessionMode) -> Self {
+        SessionStore {
+            conn,
+            layout: KeyLayout::new(&cfg.key_prefix, realm),
+            mode,
+            timeout: Duration::from_millis(cfg.command_timeout_ms),
+            wait_replicas: cfg.wait_replicas,
+            wait_timeout_ms: cfg.wait_timeout_ms,
+            mint_script: Script::new(MINT_SCRIPT),
+            revoke_all_script: Script::new(REVOKE_ALL_SCRIPT),
+            revoke_one_script: Script::new(REVOKE_ONE_SCRIPT),
+        }
+    }
+
+    pub fn mode(&self) -> SessionMode {
+        self.mode
+    }
+
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        f: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, f).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout(limit)),
+        }
+    }
+
+    /// The per-request check: one command, keys of one slot.
+    pub async fn check(&self, sub: &str, jti: &str, iat: Option<i64>) -> Result<SessionState, StoreError> {
+        let mut conn = self.conn.clone();
+        match self.mode {
+            SessionMode::Stateless => Ok(SessionState::Active),
+            SessionMode::Single | SessionMode::Multi => {
+                let key = self.layout.token(sub, jti);
+                let n: i64 = self.bounded(self.timeout, redis::cmd("EXISTS").arg(&key).query_async(&mut conn)).await?;
+                Ok(if n == 1 { SessionState::Active } else { SessionState::Revoked })
+            }
+            SessionMode::Denylist => {
+                let keys = [self.layout.deny(sub, jti), self.layout.cutoff(sub)];
+                let vals: Vec<Option<i64>> =
+                    self.bounded(self.timeout, redis::cmd("MGET").arg(&keys[..]).query_async(&mut conn)).await?;
+                let (denied, cut) = match vals.as_slice() {
+                    [d, c] => (d.is_some(), *c),
+                    _ => return Err(StoreError::Protocol),
+                };
+                let cut_off = matches!((cut, iat), (Some(c), Some(i)) if i <= c);
+                Ok(if denied || cut_off { SessionState::Revoked } else { SessionState::Active })
+            }
+        }
+    }
+
+    fn write_limit(&self) -> Duration {
+        self.timeout.max(Duration::from_millis(1000))
+    }
+
+    /// `WAIT` on the master that owns `key`'s slot, so the preceding write is confirmed by
+    /// replicas before it is acknowledged.
+    async fn wait_for_replicas(&self, key: &str) -> Result<Durability, StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(Durability { replicas_confirmed: 0, replicas_required: 0 });
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = Cmd::new();
+        cmd.arg("WAIT").arg(self.wait_replicas).arg(self.wait_timeout_ms);
+        let route =
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master)));
+        let limit = Duration::from_millis(self.wait_timeout_ms) + self.write_limit();
+        let v = self.bounded(limit, conn.route_command(cmd, route)).await?;
+        match v {
+            Value::Int(n) => Ok(Durability { replicas_confirmed: n, replicas_required: self.wait_replicas }),
+            _ => Err(StoreError::Protocol),
+        }
+    }
+
+    /// Register a freshly minted token. In `single` mode this replaces (revokes) every
+    /// earlier token of the subject. Returns how many earlier sessions were replaced.
+    pub async fn register(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(i64, Durability), StoreError> {
+        let mut conn = self.conn.clone();
+        let ttl_ms = ((exp - now).max(1) * 1000) as u64;
+        // The locator lets DELETE /v1/tokens/{jti} find the subject.
+        let loc = self.layout.locator(jti);
+        self.bounded(
+            self.write_limit(),
+            redis::cmd("SET").arg(&loc).arg(format!("{exp} {sub}")).arg("PX").arg(ttl_ms).query_async::<()>(&mut conn),
+        )
+        .await?;
+        match self.mode {
+            SessionMode::Single | SessionMode::Multi => {
+                let idx = self.layout.index(sub);
+                let rec = self.layout.token(sub, jti);
+                let single = if self.mode == SessionMode::Single { "1" } else { "0" };
+                let mut inv = self.mint_script.prepare_invoke();
+                inv.key(&idx)
+                    .key(&rec)
+                    .arg(KeyLayout::jti_member(jti))
+                    .arg(exp)
+                    .arg(ttl_ms)
+                    .arg(now)
+                    .arg(single)
+                    .arg(self.layout.token_prefix(sub));
+                let replaced: i64 = self.bounded(self.write_limit(), inv.invoke_async(&mut conn)).await?;
+                let d = self.wait_for_replicas(&rec).await?;
+                Ok((replaced, d))
+            }
+            _ => {
+                let d = self.wait_for_replicas(&loc).await?;
+                Ok((0, d))
+            }
+        }
+    }
+
+    /// Find the subject and expiry of a jti minted by this realm.
+    pub async fn locate(&self, jti: &str) -> Result<Option<(i64, String)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let v: Option<String> = self
+            .bounded(
+                self.timeout.max(Duration::from_millis(500)),
+                redis::cmd("GET").arg(self.layout.locator(jti)).query_async(&mut conn),
+            )
+            .await?;
+        Ok(v.and_then(|s| {
+            let (exp, sub) = s.split_once(' ')?;
+            Some((exp.parse().ok()?, sub.to_string()))
+        }))
+    }
+
+    /// Revoke one token. `exp` bounds how long a denylist entry must live.
+    pub async fn revoke(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(bool, Durability), StoreError> {
+        let mut conn = self.conn.clone();
+        match self.mode {
+            SessionMode::Stateless => Ok((false, Durability { replicas_confirmed: 0, replicas_required: 0 })),
+            SessionMode::Single | SessionMode::Multi => {
+                let idx = self.layout.index(sub);
+                let rec = self.layout.token(sub, jti);
+                let mut inv = self.revoke_one_script.prepare_invoke();
+                inv.key(&idx).key(&rec).arg(KeyLayout::jti_member(jti));
+                let n: i64 = self.bounded(self.write_limit(), inv.invoke_async(&mut conn)).await?;
+                let d = self.wait_for_replicas(&rec).await?;
+                Ok((n > 0, d))
+            }
+            SessionMode::Denylist => {
+                let key = self.layout.deny(sub, jti);
+                let ttl = (exp - now).max(1);
+                let created: Option<String> = self
+                    .bounded(
+                        self.write_limit(),
+                        redis::cmd("SET").arg(&key).arg(1).arg("EX").arg(ttl).arg("NX").query_async(&mut conn),
+                    )
+                    .await?;
+                let d = self.wait_for_replicas(&key).await?;
+                Ok((created.is_some(), d))
+            }
+        }
+    }
+
+    /// Revoke every token of a subject ("log out everywhere").
+    pub async fn revoke_subject(&self, sub: &str, now: i64, cutoff_ttl: i64) -> Result<(i64, Durability), StoreError> {
+        let mut conn = self.conn.clone();
+        match self.mode {
+            SessionMode::Stateless => Ok((0, Durability { replicas_confirmed: 0, replicas_required: 0 })),
+            SessionMode::Single | SessionMode::Multi => {
+                let idx = self.layout.index(sub);
+                let mut inv = self.revoke_all_script.prepare_invoke();
+                inv.key(&idx).arg(self.layout.token_prefix(sub));
+                let n: i64 = self.bounded(self.write_limit(), inv.invoke_async(&mut conn)).await?;
+                let d = self.wait_for_replicas(&idx).await?;
+                Ok((n, d))
+            }
+            SessionMode::Denylist => {
+                let key = self.layout.cutoff(sub);
+                self.bounded(
+                    self.write_limit(),
+                    redis::cmd("SET").arg(&key).arg(now).arg("EX").arg(cutoff_ttl.max(1)).query_async::<()>(&mut conn),
+                )
+                .await?;
+                let d = self.wait_for_replicas(&key).await?;
+                Ok((-1, d))
+            }
+        }
+    }
+
+    /// Readiness probe: one PING to a random master, bounded by the command timeout.
+    pub async fn ping(&self) -> Result<Duration, StoreError> {
+        let mut conn = self.conn.clone();
+        let start = Instant::now();
+        let mut cmd = Cmd::new();
+        cmd.arg("PING");
+        self.bounded(
+            self.timeout.max(Duration::from_millis(500)),
+            conn.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary)),
+        )
+        .await?;
+        Ok(start.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("{user1000}.followers"));
+        assert_eq!(key_slot("foo{}{bar}"), crc16(b"foo{}{bar}") % 16384);
+        assert_eq!(key_slot("{}x"), crc16(b"{}x") % 16384);
+    }
+
+    #[test]
+    fn a_subjects_records_share_a_slot() {
+        let l = KeyLayout::new("ar:", "demo");
+        let sub = "alice";
+        let slot = key_slot(&l.token(sub, "j1"));
+        for k in [l.token(sub, "j2"), l.index(sub), l.deny(sub, "j1"), l.cutoff(sub)] {
+            assert_eq!(key_slot(&k), slot, "{k}");
+        }
+    }
+
+    #[test]
+    fn hostile_subjects_cannot_escape_their_hash_tag() {
+        let l = KeyLayout::new("ar:", "demo");
+        // A subject that looks like another subject's key must not share its keys.
+        let a = l.token("a", "j");
+        let b = l.token("a}:t:j", "x");
+        assert_ne!(a, b);
+        for sub in ["}", "{", "a}b{c", "\u{1F600}", "a:b", ""] {
+            let k = l.token(sub, "j");
+            assert_eq!(k.matches('{').count(), 1, "{k}");
+            assert_eq!(k.matches('}').count(), 1, "{k}");
+        }
+    }
+
+    #[test]
+    fn subjects_spread_over_all_slot_ranges() {
+        let l = KeyLayout::new("ar:", "demo");
+        let mut thirds = [0u32; 3];
+        for i in 0..3000 {
+            let slot = key_slot(&l.index(&format!("user-{i}")));
+            thirds[(slot as usize * 3) / 16384] += 1;
+        }
+        for t in thirds {
+            assert!(t > 800, "{thirds:?}");
+        }
+    }
+}

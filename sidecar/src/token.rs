@@ -1,0 +1,332 @@
+//! The bearer-token pipeline, cheapest check first. Pure functions: no I/O, no clock.
+//!
+//! `Authorization` parse → size limit → header decode (forbidden members rejected, never
+//! fetched) → `alg` in the realm allow-list → `kid` names a loaded key *of that alg* →
+//! signature → exp / nbf / iat → iss → aud → sub/jti/required claims.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::HeaderMap;
+use serde_json::{Map, Value};
+
+use authrealm_contract::{Alg, SessionMode};
+
+use crate::keys::KeyRing;
+
+/// Why a request was not authenticated. `label()` goes to metrics and debug logs; clients
+/// only ever see the HTTP status and the RFC 6750 error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// No Authorization header (401 without an error code, per RFC 6750 §3.1).
+    Missing,
+    /// Several Authorization headers, or a token in the query string (400 invalid_request).
+    AmbiguousCredentials,
+    NotBearer,
+    Malformed,
+    TooLarge,
+    BadHeader,
+    ForbiddenHeader,
+    AlgNotAllowed,
+    MissingKid,
+    UnknownKid,
+    KidAlgMismatch,
+    BadSignature,
+    BadClaims,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    WrongIssuer,
+    WrongAudience,
+    MissingClaim,
+    /// The session store says the token is revoked, replaced or unknown.
+    SessionRevoked,
+}
+
+impl Reject {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::Missing => "missing",
+            Reject::AmbiguousCredentials => "ambiguous_credentials",
+            Reject::NotBearer => "not_bearer",
+            Reject::Malformed => "malformed",
+            Reject::TooLarge => "too_large",
+            Reject::BadHeader => "bad_header",
+            Reject::ForbiddenHeader => "forbidden_header",
+            Reject::AlgNotAllowed => "alg_not_allowed",
+            Reject::MissingKid => "missing_kid",
+            Reject::UnknownKid => "unknown_kid",
+            Reject::KidAlgMismatch => "kid_alg_mismatch",
+            Reject::BadSignature => "bad_signature",
+            Reject::BadClaims => "bad_claims",
+            Reject::Expired => "expired",
+            Reject::NotYetValid => "not_yet_valid",
+            Reject::IssuedInFuture => "issued_in_future",
+            Reject::WrongIssuer => "wrong_issuer",
+            Reject::WrongAudience => "wrong_audience",
+            Reject::MissingClaim => "missing_claim",
+            Reject::SessionRevoked => "session_revoked",
+        }
+    }
+
+    /// HTTP status: 400 for requests that are malformed at the HTTP level, 401 otherwise.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            Reject::AmbiguousCredentials => http::StatusCode::BAD_REQUEST,
+            _ => http::StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    /// RFC 6750 error code, if any.
+    pub fn error_code(self) -> Option<&'static str> {
+        match self {
+            Reject::Missing | Reject::NotBearer => None,
+            Reject::AmbiguousCredentials => Some("invalid_request"),
+            _ => Some("invalid_token"),
+        }
+    }
+}
+
+/// What the realm requires of a token.
+pub struct Policy {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// Explicit allow-list; empty = algorithms of the loaded keys.
+    pub algorithms: Vec<Alg>,
+    pub leeway: i64,
+    pub max_token_bytes: usize,
+    pub required_claims: Vec<String>,
+    pub session_mode: SessionMode,
+}
+
+/// A token that passed every local check.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub kid: String,
+    pub sub: Option<String>,
+    pub jti: Option<String>,
+    pub iat: Option<i64>,
+    pub exp: i64,
+    pub claims: Map<String, Value>,
+}
+
+/// Longest `sub` / `jti` accepted (they become parts of Redis keys).
+pub const MAX_ID_BYTES: usize = 512;
+
+/// Find the bearer token of a request. Exactly one `Authorization` header; the scheme is
+/// case-insensitive; `access_token` in the query string is refused (RFC 6750 §2.3 is not
+/// supported: query strings end up in logs).
+pub fn extract_bearer<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<&'a str, Reject> {
+    if let Some(q) = query
+        && q.split('&').any(|kv| {
+            let k = kv.split('=').next().unwrap_or("");
+            k.eq_ignore_ascii_case("access_token") || k.eq_ignore_ascii_case("access%5Ftoken")
+        })
+    {
+        return Err(Reject::AmbiguousCredentials);
+    }
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(Reject::Missing)?;
+    if values.next().is_some() {
+        return Err(Reject::AmbiguousCredentials);
+    }
+    let value = value.to_str().map_err(|_| Reject::NotBearer)?;
+    let (scheme, rest) = value.split_once(' ').ok_or(Reject::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Reject::NotBearer);
+    }
+    let token = rest.trim_matches(' ');
+    if token.is_empty() {
+        return Err(Reject::Malformed);
+    }
+    Ok(token)
+}
+
+fn is_b64url(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn numeric_date(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => {
+            n.as_i64().or_else(|| n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15).map(|f| f.floor() as i64))
+        }
+        _ => None,
+    }
+}
+
+/// Header members that make a token unacceptable: they ask the verifier to trust
+/// material or processing rules carried by the token itself.
+const FORBIDDEN_HEADER_MEMBERS: [&str; 7] = ["crit", "b64", "jwk", "jku", "x5u", "x5c", "zip"];
+
+/// Run every local check on `token` at time `now` (unix seconds).
+pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Result<Verified, Reject> {
+    if token.len() > policy.max_token_bytes {
+        return Err(Reject::TooLarge);
+    }
+    let mut parts = token.split('.');
+    let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(Reject::Malformed);
+    };
+    if h64.is_empty() || p64.is_empty() || s64.is_empty() || !is_b64url(h64) || !is_b64url(p64) || !is_b64url(s64) {
+        return Err(Reject::Malformed);
+    }
+
+    // Header.
+    let header_bytes = URL_SAFE_NO_PAD.decode(h64).map_err(|_| Reject::BadHeader)?;
+    let header: Map<String, Value> = serde_json::from_slice(&header_bytes).map_err(|_| Reject::BadHeader)?;
+    if FORBIDDEN_HEADER_MEMBERS.iter().any(|m| header.contains_key(*m)) {
+        return Err(Reject::ForbiddenHeader);
+    }
+    let alg = header.get("alg").and_then(Value::as_str).and_then(Alg::from_jose).ok_or(Reject::AlgNotAllowed)?;
+    let allowed = if policy.algorithms.is_empty() {
+        ring.keys.iter().any(|k| k.alg == alg)
+    } else {
+        policy.algorithms.contains(&alg)
+    };
+    if !allowed {
+        return Err(Reject::AlgNotAllowed);
+    }
+    let kid = match header.get("kid") {
+        Some(Value::String(k)) => k,
+        Some(_) => return Err(Reject::BadHeader),
+        None => return Err(Reject::MissingKid),
+    };
+    let key = ring.get(kid).ok_or(Reject::UnknownKid)?;
+    if key.alg != alg {
+        return Err(Reject::KidAlgMismatch);
+    }
+
+    // Signature, with the key's own algorithm.
+    let signing_input = &token[..h64.len() + 1 + p64.len()];
+    match jsonwebtoken::crypto::verify(s64, signing_input.as_bytes(), &key.verify, key.alg.to_jsonwebtoken()) {
+        Ok(true) => {}
+        _ => return Err(Reject::BadSignature),
+    }
+
+    // Claims.
+    let payload = URL_SAFE_NO_PAD.decode(p64).map_err(|_| Reject::BadClaims)?;
+    let claims: Map<String, Value> = serde_json::from_slice(&payload).map_err(|_| Reject::BadClaims)?;
+    let leeway = policy.leeway;
+    let exp = match claims.get("exp") {
+        Some(v) => numeric_date(v).ok_or(Reject::BadClaims)?,
+        None => return Err(Reject::MissingClaim),
+    };
+    if now > exp.saturating_add(leeway) {
+        return Err(Reject::Expired);
+    }
+    if let Some(v) = claims.get("nbf") {
+        let nbf = numeric_date(v).ok_or(Reject::BadClaims)?;
+        if nbf > now.saturating_add(leeway) {
+            return Err(Reject::NotYetValid);
+        }
+    }
+    let iat = match claims.get("iat") {
+        Some(v) => {
+            let iat = numeric_date(v).ok_or(Reject::BadClaims)?;
+            if iat > now.saturating_add(leeway) {
+                return Err(Reject::IssuedInFuture);
+            }
+            Some(iat)
+        }
+        None => None,
+    };
+    match claims.get("iss") {
+        Some(Value::String(iss)) if *iss == policy.issuer => {}
+        Some(Value::String(_)) => return Err(Reject::WrongIssuer),
+        Some(_) => return Err(Reject::BadClaims),
+        None => return Err(Reject::MissingClaim),
+    }
+    let aud_ok = match claims.get("aud") {
+        Some(Value::String(a)) => policy.audiences.iter().any(|x| x == a),
+        Some(Value::Array(list)) => {
+            if list.is_empty() || !list.iter().all(Value::is_string) {
+                return Err(Reject::BadClaims);
+            }
+            list.iter().any(|a| policy.audiences.iter().any(|x| Some(x.as_str()) == a.as_str()))
+        }
+        Some(_) => return Err(Reject::BadClaims),
+        None => return Err(Reject::MissingClaim),
+    };
+    if !aud_ok {
+        return Err(Reject::WrongAudience);
+    }
+    let id = |name: &str| -> Result<Option<String>, Reject> {
+        match claims.get(name) {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => Ok(Some(s.clone())),
+            Some(_) => Err(Reject::BadClaims),
+            None => Ok(None),
+        }
+    };
+    let sub = id("sub")?;
+    let jti = id("jti")?;
+    if policy.session_mode != SessionMode::Stateless && (sub.is_none() || jti.is_none()) {
+        return Err(Reject::MissingClaim);
+    }
+    if policy.session_mode == SessionMode::Denylist && iat.is_none() {
+        return Err(Reject::MissingClaim);
+    }
+    if policy.required_claims.iter().any(|c| !claims.contains_key(c)) {
+        return Err(Reject::MissingClaim);
+    }
+    Ok(Verified { kid: kid.clone(), sub, jti, iat, exp, claims })
+}
+
+/// Claims a caller may not set when minting.
+pub const RESERVED_CLAIMS: [&str; 7] = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"];
+
+/// A freshly signed token.
+pub struct Minted {
+    pub token: String,
+    pub jti: String,
+    pub kid: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("this sidecar holds no signing key (verify-only)")]
+    NoSigningKey,
+    #[error("claim {0:?} is reserved and set by the sidecar")]
+    ReservedClaim(String),
+    #[error("signing failed")]
+    Sign,
+}
+
+/// A random token id: 16 bytes, base64url.
+pub fn new_jti() -> String {
+    use aws_lc_rs::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut b).expect("system random");
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Sign a token for `subject` with the ring's current key.
+pub fn mint(
+    ring: &KeyRing,
+    issuer: &str,
+    subject: &str,
+    audience: Value,
+    extra: Map<String, Value>,
+    now: i64,
+    ttl: i64,
+) -> Result<Minted, MintError> {
+    let key = ring.signer().ok_or(MintError::NoSigningKey)?;
+    let signing = key.sign.as_ref().ok_or(MintError::NoSigningKey)?;
+    if let Some(k) = extra.keys().find(|k| RESERVED_CLAIMS.contains(&k.as_str())) {
+        return Err(MintError::ReservedClaim(k.clone()));
+    }
+    let jti = new_jti();
+    let mut claims = extra;
+    claims.insert("iss".into(), issuer.into());
+    claims.insert("sub".into(), subject.into());
+    claims.insert("aud".into(), audience);
+    claims.insert("iat".into(), now.into());
+    claims.insert("nbf".into(), now.into());
+    claims.insert("exp".into(), (now + ttl).into());
+    claims.insert("jti".into(), jti.clone().into());
+    let mut header = jsonwebtoken::Header::new(key.alg.to_jsonwebtoken());
+    header.kid = Some(key.kid.clone());
+    let token = jsonwebtoken::encode(&header, &claims, signing).map_err(|_| MintError::Sign)?;
+    Ok(Minted { token, jti, kid: key.kid.clone(), iat: now, exp: now + ttl })
+}
