@@ -1,2 +1,3 @@
 pub mod kube_env;
 pub mod redis_cluster;
+pub mod sidecar;

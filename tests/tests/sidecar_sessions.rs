@@ -1,0 +1,192 @@
+//! Session modes against a real Redis Cluster, through the real sidecar binary.
+
+use std::time::Duration;
+
+use authrealm_contract::keygen::generate;
+use authrealm_contract::{Alg, KeySet, KeyState, SessionMode};
+use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions, key_slot};
+use authrealm_tests::sidecar::{Sidecar, Upstream, test_config};
+use http::StatusCode;
+use serde_json::json;
+
+fn key_set(alg: Alg) -> KeySet {
+    KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![generate(alg, "k1", 0, KeyState::Current).unwrap()] }
+}
+
+fn token(v: &serde_json::Value) -> String {
+    v["access_token"].as_str().unwrap().to_string()
+}
+
+async fn status(s: &Sidecar, t: &str) -> StatusCode {
+    s.get("/hello", Some(t)).await.unwrap().status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_modes_against_a_real_cluster() {
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let keys = key_set(Alg::ES256);
+
+    // ---- single: one active token per subject; identity headers; spoofing ----
+    let s = Sidecar::start(test_config("single", Some(cluster.seeds())), &keys, upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let first = s.mint("alice").await.unwrap();
+    assert_eq!(first["token_type"], "Bearer");
+    assert!(first["replicas_confirmed"].as_i64().unwrap() >= 1, "{first}");
+    let t1 = token(&first);
+    let r = s
+        .request(
+            s.public,
+            "GET",
+            "/hello",
+            &[
+                ("authorization", &format!("Bearer {t1}")),
+                ("x-auth-subject", "mallory"),
+                ("X_Auth_Subject", "mallory"),
+                ("x-AUTH-jti", "forged"),
+                ("connection", "x-auth-subject, x-auth-jti"),
+            ],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let seen = upstream.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(last.headers.get_all("x-auth-subject").iter().collect::<Vec<_>>(), ["alice"]);
+    assert_eq!(last.headers.get_all("x-auth-jti").iter().collect::<Vec<_>>(), [first["jti"].as_str().unwrap()]);
+    assert!(last.headers.keys().all(|k| !k.as_str().contains('_')), "underscore variant reached the app: {:?}", last.headers);
+    assert!(last.headers.get("x-forwarded-for").is_some());
+    assert_eq!(last.headers.get("x-forwarded-proto").unwrap(), "http");
+    assert!(last.headers.get("connection").is_none_or(|v| !v.to_str().unwrap().contains("x-auth")));
+
+    let second = token(&s.mint("alice").await.unwrap());
+    assert_eq!(status(&s, &t1).await, StatusCode::UNAUTHORIZED, "single mode: the first token must be replaced");
+    assert_eq!(status(&s, &second).await, StatusCode::OK);
+    let r = s.get("/hello", Some(&t1)).await.unwrap();
+    assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"single\", error=\"invalid_token\"");
+    let bob = token(&s.mint("bob").await.unwrap());
+    let r = s.issuer_call("DELETE", "/v1/subjects/alice/tokens", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(status(&s, &second).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&s, &bob).await, StatusCode::OK, "revoking alice must not touch bob");
+
+    // Introspection (RFC 7662 shape).
+    let r = s.issuer_call("POST", "/v1/introspect", Some(json!({ "token": bob }))).await.unwrap();
+    assert_eq!(r.json()["active"], true);
+    assert_eq!(r.json()["sub"], "bob");
+    let r = s.issuer_call("POST", "/v1/introspect", Some(json!({ "token": second }))).await.unwrap();
+    assert_eq!(r.json(), json!({ "active": false }));
+
+    // Reserved claims cannot be overridden; unknown fields rejected; TTL bounded.
+    for body in [
+        json!({ "subject": "x", "claims": { "exp": 1 } }),
+        json!({ "subject": "x", "claims": { "iss": "evil" } }),
+        json!({ "subject": "x", "claims": { "jti": "mine" } }),
+        json!({ "subject": "x", "ttl_seconds": 999_999 }),
+        json!({ "subject": "x", "audience": "not-ours" }),
+        json!({ "subject": "" }),
+        json!({ "subjects": "x" }),
+    ] {
+        let r = s.issuer_call("POST", "/v1/tokens", Some(body.clone())).await.unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body} → {r:?}");
+    }
+    let custom = s.mint_with(json!({ "subject": "carol", "claims": { "role": "admin" }, "ttl_seconds": 60 })).await.unwrap();
+    assert_eq!(custom["expires_in"], 60);
+
+    // Subjects spread over all three masters: the records really are in the cluster, on
+    // the master that owns each subject's slot.
+    let mut masters = std::collections::BTreeSet::new();
+    let prefix = s.config.redis.as_ref().unwrap().key_prefix.clone();
+    for i in 0..30 {
+        let sub = format!("user-{i}");
+        let minted = s.mint(&sub).await.unwrap();
+        let b64 = |x: &str| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x)
+        };
+        let key = format!("{prefix}{{single:{}}}:t:{}", b64(&sub), b64(minted["jti"].as_str().unwrap()));
+        let owner = cluster.master_for_slot(key_slot(key.as_bytes())).unwrap();
+        let exists = cluster.cli(&owner.addr, &["EXISTS", &key]).unwrap();
+        assert_eq!(exists.trim(), "1", "session record of {sub} not on {}", owner.addr);
+        let ttl: i64 = cluster.cli(&owner.addr, &["TTL", &key]).unwrap().trim().parse().unwrap();
+        assert!(ttl > 800 && ttl <= 900, "record TTL must equal the token's remaining life, got {ttl}");
+        let value = cluster.cli(&owner.addr, &["GET", &key]).unwrap();
+        assert!(!value.contains('.'), "no token material in Redis: {value}");
+        masters.insert(owner.addr);
+    }
+    assert_eq!(masters.len(), 3, "subjects should land on all three masters: {masters:?}");
+    drop(s);
+
+    // ---- multi: many tokens per subject, revoke one, then all ----
+    let mut cfg = test_config("multi", Some(cluster.seeds()));
+    cfg.session_mode = SessionMode::Multi;
+    let s = Sidecar::start(cfg, &keys, upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let a = s.mint("alice").await.unwrap();
+    let b = s.mint("alice").await.unwrap();
+    let c = s.mint("alice").await.unwrap();
+    for t in [&a, &b, &c] {
+        assert_eq!(status(&s, &token(t)).await, StatusCode::OK);
+    }
+    let r = s.issuer_call("DELETE", &format!("/v1/tokens/{}", a["jti"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.json()["revoked"], true);
+    assert!(r.json()["replicas_confirmed"].as_i64().unwrap() >= 1);
+    assert_eq!(status(&s, &token(&a)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&s, &token(&b)).await, StatusCode::OK, "revoking one token leaves the others");
+    let r = s.issuer_call("DELETE", "/v1/tokens/no-such-jti", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = s.issuer_call("DELETE", "/v1/subjects/alice/tokens", None).await.unwrap();
+    assert_eq!(r.json()["revoked"], 2);
+    assert_eq!(status(&s, &token(&b)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&s, &token(&c)).await, StatusCode::UNAUTHORIZED);
+    drop(s);
+
+    // ---- denylist: tokens minted elsewhere with the realm's key are accepted ----
+    let mut cfg = test_config("deny", Some(cluster.seeds()));
+    cfg.session_mode = SessionMode::Denylist;
+    let s = Sidecar::start(cfg.clone(), &keys, upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let now = authrealm_tests::sidecar::unix_now();
+    let foreign = authrealm_tests::sidecar::sign_raw(
+        &keys.keys[0],
+        &json!({"alg":"ES256","kid":"k1","typ":"JWT"}),
+        &json!({"iss": cfg.issuer, "aud": "app", "sub": "dave", "jti": "elsewhere-1", "iat": now - 5, "exp": now + 300}),
+    );
+    assert_eq!(status(&s, &foreign).await, StatusCode::OK, "denylist accepts tokens minted elsewhere");
+    let r = s.issuer_call("DELETE", "/v1/tokens/elsewhere-1?subject=dave", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(status(&s, &foreign).await, StatusCode::UNAUTHORIZED);
+    let e1 = token(&s.mint("erin").await.unwrap());
+    assert_eq!(status(&s, &e1).await, StatusCode::OK);
+    let r = s.issuer_call("DELETE", "/v1/subjects/erin/tokens", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(status(&s, &e1).await, StatusCode::UNAUTHORIZED, "log out everywhere in denylist mode");
+    drop(s);
+
+    // ---- stateless: signature and claims only; revocation refused ----
+    let s = Sidecar::start(test_config("nostate", None), &keys, upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(5)).await.unwrap();
+    let t = s.mint("frank").await.unwrap();
+    assert_eq!(status(&s, &token(&t)).await, StatusCode::OK);
+    let r = s.issuer_call("DELETE", &format!("/v1/tokens/{}", t["jti"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    drop(s);
+
+    // ---- verify-only sidecar: public keys only → cannot mint, still verifies ----
+    let issuer = Sidecar::start(test_config("single", Some(cluster.seeds())), &keys, upstream.addr).await.unwrap();
+    let verifier = Sidecar::start(test_config("single", Some(cluster.seeds())), &keys.public_only(), upstream.addr).await.unwrap();
+    verifier.wait_ready(Duration::from_secs(20)).await.unwrap();
+    issuer.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let r = verifier.issuer_call("POST", "/v1/tokens", Some(json!({ "subject": "x" }))).await.unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let t = token(&issuer.mint("gina").await.unwrap());
+    assert_eq!(status(&verifier, &t).await, StatusCode::OK, "a verify-only pod accepts the issuer pod's tokens");
+    issuer.issuer_call("DELETE", "/v1/subjects/gina/tokens", None).await.unwrap();
+    assert_eq!(status(&verifier, &t).await, StatusCode::UNAUTHORIZED, "revocation at one pod takes effect at every pod");
+    let jwks = verifier.get("/.well-known/jwks.json", None).await.unwrap();
+    assert_eq!(jwks.status, StatusCode::OK);
+    assert_eq!(jwks.json()["keys"][0]["kid"], "k1");
+    assert!(jwks.json()["keys"][0].get("d").is_none());
+}
