@@ -84,7 +84,8 @@ async fn upstream_handler(seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming
             Ok(Response::new(StreamBody::new(stream).boxed()))
         }
         "/slow" => {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            let ms: u64 = req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()).unwrap_or(5000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(Response::new(full("slow")))
         }
         "/ws" => {

@@ -1,0 +1,224 @@
+//! Proxy behaviour: streaming, upgrades, HTTP/2 (h2c), upstream failures, graceful
+//! shutdown and key rotation under load — the real binary against a real upstream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use authrealm_contract::keygen::generate;
+use authrealm_contract::{Alg, KeySet, KeyState};
+use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
+use authrealm_tests::sidecar::{Sidecar, Upstream, free_port, test_config};
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn key_set(kid: &str) -> KeySet {
+    KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![generate(Alg::ES256, kid, 0, KeyState::Current).unwrap()] }
+}
+
+fn kid_of(token: &str) -> String {
+    let h = token.split('.').next().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap();
+    v["kid"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_upgrades_h2c_and_upstream_failures() {
+    let upstream = Upstream::start().await.unwrap();
+    let keys = key_set("k1");
+    let s = Sidecar::start(test_config("proxy", None), &keys, upstream.addr).await.unwrap();
+    let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {token}");
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>();
+
+    // Warm up, then measure memory while 50 MB go up and 50 MB come down.
+    assert_eq!(s.get("/warm", Some(&token)).await.unwrap().status, StatusCode::OK);
+    let rss_before = s.rss_kb();
+    const SIZE: u64 = 50 * 1024 * 1024;
+    let peak = Arc::new(AtomicU64::new(rss_before));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop, pid) = (peak.clone(), stop.clone(), s.pid());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|t| t.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+                    .unwrap_or(0);
+                peak.fetch_max(rss, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
+    let chunks = (SIZE / chunk.len() as u64) as usize;
+    let stream = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))));
+    let req = Request::post(format!("http://{}/upload", s.public))
+        .header("authorization", &auth)
+        .body(StreamBody::new(stream).boxed())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["bytes"], SIZE, "the app received the whole upload");
+    let req = Request::get(format!("http://{}/download?n={SIZE}", s.public))
+        .header("authorization", &auth)
+        .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            got += d.len() as u64;
+        }
+    }
+    assert_eq!(got, SIZE);
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let growth = peak.load(Ordering::Relaxed).saturating_sub(rss_before);
+    println!("sidecar RSS before {rss_before} kB, peak growth {growth} kB while streaming 2 × 50 MB");
+    assert!(growth < 16 * 1024, "memory grew by {growth} kB: bodies must be streamed, not buffered");
+
+    // WebSocket-style upgrade after authentication; without a token the upgrade is refused.
+    let mut conn = tokio::net::TcpStream::connect(s.public).await.unwrap();
+    conn.write_all(format!("GET /ws HTTP/1.1\r\nHost: app\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 1024];
+    let n = conn.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    conn.write_all(b"ping through the tunnel").await.unwrap();
+    let mut echo = vec![0u8; 23];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"ping through the tunnel");
+    let out = s.raw(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n", Duration::from_secs(2)).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+
+    // HTTP/2 with prior knowledge (h2c).
+    let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{}/h2", s.public)).header("authorization", &auth).body(Full::new(Bytes::new())).unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = upstream.seen();
+    let last = seen.iter().rev().find(|r| r.path == "/h2").unwrap();
+    assert_eq!(last.headers["x-auth-subject"], "alice");
+    let req = Request::get(format!("http://{}/h2", s.public)).body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(h2.request(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+
+    // Slow app → 504 within the configured response timeout (2 s in tests).
+    let started = Instant::now();
+    let r = s.get("/slow?ms=6000", Some(&token)).await.unwrap();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+
+    // App down → 502.
+    let dead = Sidecar::start(test_config("proxy", None), &keys, format!("127.0.0.1:{}", free_port()).parse().unwrap()).await.unwrap();
+    let t = dead.mint("bob").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    assert_eq!(dead.get("/x", Some(&t)).await.unwrap().status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let upstream = Upstream::start().await.unwrap();
+    let mut s = Sidecar::start(test_config("drain", None), &key_set("k1"), upstream.addr).await.unwrap();
+    let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    let public = s.public;
+    let slow = tokio::spawn(async move {
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let req = Request::get(format!("http://{public}/slow?ms=1500")).header("authorization", format!("Bearer {token}")).body(Full::new(Bytes::new())).unwrap();
+        client.request(req).await.map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let st = s.terminate().unwrap();
+        (st, s)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit status {:?}", status.0);
+    assert_eq!(slow.await.unwrap().unwrap(), StatusCode::OK, "the in-flight request finished during the drain");
+    assert!(tokio::net::TcpStream::connect(public).await.is_err(), "no new connections after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_while_requests_flow() {
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let mut set = key_set("k1");
+    let s = Sidecar::start(test_config("rotate", Some(cluster.seeds())), &set, upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let old = s.mint("old-user").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    assert_eq!(kid_of(&old), "k1");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (stop, failures, sent, old) = (stop.clone(), failures.clone(), sent.clone(), old.clone());
+        let (public, client) = (s.public, hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let req = Request::get(format!("http://{public}/x")).header("authorization", format!("Bearer {old}")).body(Full::new(Bytes::new())).unwrap();
+                let ok = matches!(client.request(req).await, Ok(r) if r.status() == StatusCode::OK);
+                sent.fetch_add(1, Ordering::Relaxed);
+                if !ok {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Publish k2 as next, then promote it: the operator's two steps.
+    let mut k2 = generate(Alg::ES256, "k2", 1, KeyState::Next).unwrap();
+    set.keys.push(k2.clone());
+    s.write_key_set(&set).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(kid_of(s.mint("during-next").await.unwrap()["access_token"].as_str().unwrap()), "k1", "a next key does not sign");
+    set.keys[0].state = KeyState::Retired;
+    k2.state = KeyState::Current;
+    set.keys[1] = k2;
+    s.write_key_set(&set).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let new = loop {
+        let t = s.mint("new-user").await.unwrap()["access_token"].as_str().unwrap().to_string();
+        if kid_of(&t) == "k2" {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "new key never took effect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A broken file never replaces a working key set.
+    std::fs::write(&s.key_set_path, b"{ not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(s.get("/x", Some(&new)).await.unwrap().status, StatusCode::OK);
+    s.write_key_set(&set).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let (sent, failures) = (sent.load(Ordering::Relaxed), failures.load(Ordering::Relaxed));
+    println!("rotation under load: {sent} requests, {failures} failures");
+    assert!(sent > 50);
+    assert_eq!(failures, 0, "no request may fail during rotation");
+    assert_eq!(s.get("/x", Some(&old)).await.unwrap().status, StatusCode::OK, "tokens of the retired key still verify");
+    assert_eq!(s.get("/x", Some(&new)).await.unwrap().status, StatusCode::OK);
+    let jwks = s.get("/.well-known/jwks.json", None).await.unwrap().json();
+    let kids: Vec<&str> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap()).collect();
+    assert_eq!(kids, ["k1", "k2"]);
+    // Removing the retired key ends its tokens.
+    set.keys.remove(0);
+    s.write_key_set(&set).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(s.get("/x", Some(&old)).await.unwrap().status, StatusCode::UNAUTHORIZED);
+    assert!(s.metrics().await.unwrap().contains("authrealm_sidecar_key_reloads_total{outcome=\"error\"}"));
+}
