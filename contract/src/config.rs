@@ -561,7 +561,8 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let base = SidecarConfig::example("demo", "/k", Some(vec!["127.0.0.1:7000".into()]));
-        let cases: Vec<(&str, Box<dyn Fn(&mut SidecarConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SidecarConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("realm", Box::new(|c| c.realm = "Bad_Name".into())),
             ("audiences", Box::new(|c| c.audiences.clear())),
             ("redis", Box::new(|c| c.redis = None)),

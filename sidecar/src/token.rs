@@ -330,3 +330,167 @@ pub fn mint(
     let token = jsonwebtoken::encode(&header, &claims, signing).map_err(|_| MintError::Sign)?;
     Ok(Minted { token, jti, kid: key.kid.clone(), iat: now, exp: now + ttl })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use authrealm_contract::keygen::generate;
+    use authrealm_contract::{KeySet, KeyState};
+    use serde_json::json;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn ring() -> KeyRing {
+        let set = KeySet {
+            version: authrealm_contract::keyset::KEYSET_VERSION.into(),
+            keys: vec![
+                generate(Alg::ES256, "es", 0, KeyState::Current).unwrap(),
+                generate(Alg::HS256, "hs", 0, KeyState::Retired).unwrap(),
+                generate(Alg::EdDSA, "ed", 0, KeyState::Retired).unwrap(),
+            ],
+        };
+        KeyRing::from_set(&set, [0; 32]).unwrap()
+    }
+
+    fn policy(mode: SessionMode) -> Policy {
+        Policy {
+            issuer: "https://iss".into(),
+            audiences: vec!["a".into(), "b".into()],
+            algorithms: vec![],
+            leeway: 30,
+            max_token_bytes: 4096,
+            required_claims: vec![],
+            session_mode: mode,
+        }
+    }
+
+    fn sign(ring: &KeyRing, kid: &str, header: Value, claims: Value) -> String {
+        let key = ring.get(kid).unwrap();
+        let input =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key.sign.as_ref().unwrap(), key.alg.to_jsonwebtoken())
+            .unwrap();
+        format!("{input}.{sig}")
+    }
+
+    fn claims(over: Value) -> Value {
+        let mut c = json!({"iss": "https://iss", "aud": "a", "sub": "s", "jti": "j", "iat": NOW, "exp": NOW + 60});
+        for (k, v) in over.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn every_check_in_order() {
+        let r = ring();
+        let p = policy(SessionMode::Single);
+        let h = |alg: &str, kid: &str| json!({"alg": alg, "kid": kid});
+        let cases: Vec<(&str, String, Result<(), Reject>)> = vec![
+            ("good ES256", sign(&r, "es", h("ES256", "es"), claims(json!({}))), Ok(())),
+            ("good HS256", sign(&r, "hs", h("HS256", "hs"), claims(json!({}))), Ok(())),
+            ("good EdDSA", sign(&r, "ed", h("EdDSA", "ed"), claims(json!({}))), Ok(())),
+            ("aud list", sign(&r, "es", h("ES256", "es"), claims(json!({"aud": ["x", "b"]}))), Ok(())),
+            ("exp within leeway", sign(&r, "es", h("ES256", "es"), claims(json!({"exp": NOW - 10}))), Ok(())),
+            ("expired", sign(&r, "es", h("ES256", "es"), claims(json!({"exp": NOW - 31}))), Err(Reject::Expired)),
+            (
+                "nbf future",
+                sign(&r, "es", h("ES256", "es"), claims(json!({"nbf": NOW + 31}))),
+                Err(Reject::NotYetValid),
+            ),
+            (
+                "iat future",
+                sign(&r, "es", h("ES256", "es"), claims(json!({"iat": NOW + 31}))),
+                Err(Reject::IssuedInFuture),
+            ),
+            ("iss", sign(&r, "es", h("ES256", "es"), claims(json!({"iss": "x"}))), Err(Reject::WrongIssuer)),
+            (
+                "iss array",
+                sign(&r, "es", h("ES256", "es"), claims(json!({"iss": ["https://iss"]}))),
+                Err(Reject::BadClaims),
+            ),
+            ("aud", sign(&r, "es", h("ES256", "es"), claims(json!({"aud": "z"}))), Err(Reject::WrongAudience)),
+            ("aud number", sign(&r, "es", h("ES256", "es"), claims(json!({"aud": 1}))), Err(Reject::BadClaims)),
+            (
+                "aud mixed list",
+                sign(&r, "es", h("ES256", "es"), claims(json!({"aud": ["a", 1]}))),
+                Err(Reject::BadClaims),
+            ),
+            ("aud empty list", sign(&r, "es", h("ES256", "es"), claims(json!({"aud": []}))), Err(Reject::BadClaims)),
+            (
+                "exp string",
+                sign(&r, "es", h("ES256", "es"), claims(json!({"exp": "9999999999"}))),
+                Err(Reject::BadClaims),
+            ),
+            ("no sub", sign(&r, "es", h("ES256", "es"), claims(json!({"sub": null}))), Err(Reject::MissingClaim)),
+            ("no jti", sign(&r, "es", h("ES256", "es"), claims(json!({"jti": null}))), Err(Reject::MissingClaim)),
+            ("sub number", sign(&r, "es", h("ES256", "es"), claims(json!({"sub": 5}))), Err(Reject::BadClaims)),
+            ("kid of other alg", sign(&r, "hs", h("ES256", "hs"), claims(json!({}))), Err(Reject::KidAlgMismatch)),
+            ("unknown kid", sign(&r, "es", h("ES256", "zz"), claims(json!({}))), Err(Reject::UnknownKid)),
+            ("alg not loaded", sign(&r, "es", h("RS256", "es"), claims(json!({}))), Err(Reject::AlgNotAllowed)),
+            (
+                "crit",
+                sign(&r, "es", json!({"alg": "ES256", "kid": "es", "crit": []}), claims(json!({}))),
+                Err(Reject::ForbiddenHeader),
+            ),
+            (
+                "kid number",
+                sign(&r, "es", json!({"alg": "ES256", "kid": 1}), claims(json!({}))),
+                Err(Reject::BadHeader),
+            ),
+            ("payload not object", sign(&r, "es", h("ES256", "es"), json!([1])), Err(Reject::BadClaims)),
+        ];
+        for (name, token, want) in cases {
+            assert_eq!(validate(&token, &r, &p, NOW).map(|_| ()), want, "{name}");
+        }
+        // An explicit allow-list overrides the loaded algorithms.
+        let mut p2 = policy(SessionMode::Single);
+        p2.algorithms = vec![Alg::ES256];
+        let hs = sign(&r, "hs", h("HS256", "hs"), claims(json!({})));
+        assert_eq!(validate(&hs, &r, &p2, NOW).unwrap_err(), Reject::AlgNotAllowed);
+        // Stateless realms do not need sub/jti; denylist realms need iat.
+        let no_ids = sign(&r, "es", h("ES256", "es"), claims(json!({"sub": null, "jti": null})));
+        assert!(validate(&no_ids, &r, &policy(SessionMode::Stateless), NOW).is_ok());
+        let no_iat = sign(&r, "es", h("ES256", "es"), claims(json!({"iat": null})));
+        assert_eq!(validate(&no_iat, &r, &policy(SessionMode::Denylist), NOW).unwrap_err(), Reject::MissingClaim);
+        assert!(validate(&no_iat, &r, &policy(SessionMode::Multi), NOW).is_ok());
+    }
+
+    #[test]
+    fn bearer_extraction() {
+        let mut h = HeaderMap::new();
+        assert_eq!(extract_bearer(&h, None), Err(Reject::Missing));
+        h.insert("authorization", "BeArEr abc".parse().unwrap());
+        assert_eq!(extract_bearer(&h, None), Ok("abc"));
+        assert_eq!(extract_bearer(&h, Some("x=1&access_token=abc")), Err(Reject::AmbiguousCredentials));
+        h.append("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(extract_bearer(&h, None), Err(Reject::AmbiguousCredentials));
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(extract_bearer(&h, None), Err(Reject::NotBearer));
+        h.insert("authorization", "Bearer".parse().unwrap());
+        assert_eq!(extract_bearer(&h, None), Err(Reject::NotBearer));
+    }
+
+    #[test]
+    fn minted_tokens_validate_and_reserved_claims_are_refused() {
+        let r = ring();
+        let p = policy(SessionMode::Multi);
+        let m = mint(&r, "https://iss", "alice", json!("a"), Map::new(), NOW, 60).unwrap();
+        let v = validate(&m.token, &r, &p, NOW).unwrap();
+        assert_eq!(v.sub.as_deref(), Some("alice"));
+        assert_eq!(v.jti.as_deref(), Some(m.jti.as_str()));
+        assert_eq!(v.kid, "es");
+        let mut extra = Map::new();
+        extra.insert("exp".into(), json!(1));
+        assert!(matches!(
+            mint(&r, "https://iss", "alice", json!("a"), extra, NOW, 60),
+            Err(MintError::ReservedClaim(_))
+        ));
+        assert_ne!(new_jti(), new_jti());
+    }
+}

@@ -50,7 +50,10 @@ impl Drop for Upstream {
     }
 }
 
-async fn upstream_handler(seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming>) -> Result<Response<TestBody>, hyper::Error> {
+async fn upstream_handler(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<TestBody>, hyper::Error> {
     seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
@@ -84,7 +87,8 @@ async fn upstream_handler(seen: Arc<Mutex<Vec<Seen>>>, mut req: Request<Incoming
             Ok(Response::new(StreamBody::new(stream).boxed()))
         }
         "/slow" => {
-            let ms: u64 = req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()).unwrap_or(5000);
+            let ms: u64 =
+                req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse().ok()).unwrap_or(5000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(Response::new(full("slow")))
         }
@@ -299,7 +303,14 @@ impl Sidecar {
         }
     }
 
-    pub async fn request(&self, to: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Reply> {
+    pub async fn request(
+        &self,
+        to: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Reply> {
         let mut b = Request::builder().method(method).uri(format!("http://{to}{path}"));
         for (k, v) in headers {
             b = b.header(*k, *v);
@@ -371,7 +382,9 @@ impl Sidecar {
     pub fn rss_kb(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
             .unwrap_or(0)
     }
 }

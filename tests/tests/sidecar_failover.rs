@@ -14,7 +14,10 @@ use http::StatusCode;
 use serde_json::json;
 
 fn key_set() -> KeySet {
-    KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![generate(Alg::ES256, "k1", 0, KeyState::Current).unwrap()] }
+    KeySet {
+        version: authrealm_contract::keyset::KEYSET_VERSION.into(),
+        keys: vec![generate(Alg::ES256, "k1", 0, KeyState::Current).unwrap()],
+    }
 }
 
 fn subject_slot(prefix: &str, realm: &str, sub: &str) -> u16 {
@@ -160,7 +163,10 @@ async fn closed_policy_holds_through_a_master_failover() {
         match s.mint(&on_victim[1]).await {
             Ok(t) => break t,
             Err(e) if attempts < 40 => {
-                eprintln!("attempt {attempts}: {e}; {}", cluster.cli(&new_master.addr, &["INFO", "replication"]).unwrap().replace("\r\n", " "));
+                eprintln!(
+                    "attempt {attempts}: {e}; {}",
+                    cluster.cli(&new_master.addr, &["INFO", "replication"]).unwrap().replace("\r\n", " ")
+                );
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => panic!("{e}"),

@@ -17,7 +17,8 @@ fn b64(b: &[u8]) -> String {
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
-    let body: Vec<String> = STANDARD.encode(der).as_bytes().chunks(64).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
+    let body: Vec<String> =
+        STANDARD.encode(der).as_bytes().chunks(64).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect();
     format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", body.join("\n"))
 }
 
@@ -33,7 +34,11 @@ fn public_der(k: &KeyEntry) -> Vec<u8> {
     match k.alg {
         Alg::ES256 => {
             use aws_lc_rs::signature::KeyPair;
-            let kp = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der).unwrap();
+            let kp = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &der,
+            )
+            .unwrap();
             let spki: aws_lc_rs::encoding::PublicKeyX509Der = kp.public_key().as_der().unwrap();
             spki.as_ref().to_vec()
         }
@@ -55,8 +60,8 @@ fn hs256(secret: &[u8], header: &Value, claims: &Value) -> String {
 
 /// P-256 group order n, big-endian.
 const P256_N: [u8; 32] = [
-    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc, 0xe6, 0xfa, 0xad,
-    0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc, 0xe6, 0xfa,
+    0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
 ];
 
 /// Replace an ES256 signature (r, s) by (r, n − s): also valid, different bytes.
@@ -84,11 +89,15 @@ async fn hostile_tokens_and_requests_are_rejected() {
     let upstream = Upstream::start().await.unwrap();
     let es = generate(Alg::ES256, "k1", 0, KeyState::Current).unwrap();
     let rs = generate(Alg::RS256, "k2", 0, KeyState::Retired).unwrap();
-    let keys = KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![es.clone(), rs.clone()] };
+    let keys =
+        KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![es.clone(), rs.clone()] };
     let mut cfg = test_config("hostile", Some(cluster.seeds()));
     cfg.algorithms = vec![Alg::ES256, Alg::RS256, Alg::HS256];
-    cfg.public_routes =
-        vec![authrealm_contract::config::PublicRoute { path: "/public".into(), path_match: Default::default(), methods: vec![] }];
+    cfg.public_routes = vec![authrealm_contract::config::PublicRoute {
+        path: "/public".into(),
+        path_match: Default::default(),
+        methods: vec![],
+    }];
     let s = Sidecar::start(cfg.clone(), &keys, upstream.addr).await.unwrap();
     s.wait_ready(Duration::from_secs(20)).await.unwrap();
 
@@ -103,7 +112,8 @@ async fn hostile_tokens_and_requests_are_rejected() {
     assert_eq!(lower.status, StatusCode::OK, "the auth scheme is case-insensitive");
     let now = unix_now();
     let claims = |extra: Value| {
-        let mut c = json!({"iss": cfg.issuer, "aud": "app", "sub": "alice", "jti": good["jti"], "iat": now, "exp": now + 300});
+        let mut c =
+            json!({"iss": cfg.issuer, "aud": "app", "sub": "alice", "jti": good["jti"], "iat": now, "exp": now + 300});
         for (k, v) in extra.as_object().unwrap() {
             if v.is_null() {
                 c.as_object_mut().unwrap().remove(k);
@@ -132,18 +142,23 @@ async fn hostile_tokens_and_requests_are_rejected() {
     let live = s.mint("bob").await.unwrap();
     let live_token = live["access_token"].as_str().unwrap().to_string();
     let parts: Vec<&str> = live_token.split('.').collect();
-    let live_claims = json!({"iss": cfg.issuer, "aud": "app", "sub": "bob", "jti": live["jti"], "iat": now, "exp": now + 300});
+    let live_claims =
+        json!({"iss": cfg.issuer, "aud": "app", "sub": "bob", "jti": live["jti"], "iat": now, "exp": now + 300});
     let es_pub_der = public_der(&es);
     let rs_pub_der = public_der(&rs);
     let hs_header = json!({"alg": "HS256", "kid": "k1", "typ": "JWT"});
     let hs_header_rs = json!({"alg": "HS256", "kid": "k2", "typ": "JWT"});
-    let tampered_payload = format!("{}.{}.{}", parts[0], b64(claims(json!({"sub": "admin"})).to_string().as_bytes()), parts[2]);
+    let tampered_payload =
+        format!("{}.{}.{}", parts[0], b64(claims(json!({"sub": "admin"})).to_string().as_bytes()), parts[2]);
     let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
     sig[10] ^= 1;
     let tampered_sig = format!("{}.{}.{}", parts[0], parts[1], b64(&sig));
     let zero_sig = format!("{}.{}.{}", parts[0], parts[1], b64(&[0u8; 64]));
-    let unsigned = |alg: &str| format!("{}.{}.", b64(json!({"alg": alg, "kid": "k1"}).to_string().as_bytes()), parts[1]);
-    let resigned = |alg: &str| format!("{}.{}.{}", b64(json!({"alg": alg, "kid": "k1"}).to_string().as_bytes()), parts[1], parts[2]);
+    let unsigned =
+        |alg: &str| format!("{}.{}.", b64(json!({"alg": alg, "kid": "k1"}).to_string().as_bytes()), parts[1]);
+    let resigned = |alg: &str| {
+        format!("{}.{}.{}", b64(json!({"alg": alg, "kid": "k1"}).to_string().as_bytes()), parts[1], parts[2])
+    };
     let huge = format!("{}.{}.{}", parts[0], "A".repeat(9000), parts[2]);
 
     let cases: Vec<(&str, String)> = vec![
@@ -172,7 +187,10 @@ async fn hostile_tokens_and_requests_are_rejected() {
         ("alg HS512 (not allowed)", resigned("HS512")),
         ("HS256 with EC public key PEM", hs256(pem("PUBLIC KEY", &es_pub_der).as_bytes(), &hs_header, &live_claims)),
         ("HS256 with EC public key DER", hs256(&es_pub_der, &hs_header, &live_claims)),
-        ("HS256 with RSA public key PEM", hs256(pem("PUBLIC KEY", &rs_pub_der).as_bytes(), &hs_header_rs, &live_claims)),
+        (
+            "HS256 with RSA public key PEM",
+            hs256(pem("PUBLIC KEY", &rs_pub_der).as_bytes(), &hs_header_rs, &live_claims),
+        ),
         ("HS256 with RSA public key DER", hs256(&rs_pub_der, &hs_header_rs, &live_claims)),
         ("ES256 signature of zeros", zero_sig),
         ("crit header", forged(json!({"alg": "ES256", "kid": "k1", "crit": ["exp"]}), json!({}))),
@@ -194,7 +212,10 @@ async fn hostile_tokens_and_requests_are_rejected() {
         let www = r.headers.get("www-authenticate").unwrap().to_str().unwrap();
         assert_eq!(www, "Bearer realm=\"hostile\", error=\"invalid_token\"", "{name}");
         let body = String::from_utf8_lossy(&r.body);
-        assert!(!body.contains("kid") && !body.contains("signature") && body.len() < 64, "{name}: error body leaks detail: {body}");
+        assert!(
+            !body.contains("kid") && !body.contains("signature") && body.len() < 64,
+            "{name}: error body leaks detail: {body}"
+        );
     }
     assert!(upstream.seen().is_empty(), "a rejected request reached the app");
     assert_eq!(s.get("/x", Some(&live_token)).await.unwrap().status, StatusCode::OK, "the live token still works");
@@ -203,7 +224,8 @@ async fn hostile_tokens_and_requests_are_rejected() {
     let r = s.get("/secret", None).await.unwrap();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"hostile\"");
-    let r = s.request(s.public, "GET", "/secret", &[("authorization", "Basic YTpi")], Default::default()).await.unwrap();
+    let r =
+        s.request(s.public, "GET", "/secret", &[("authorization", "Basic YTpi")], Default::default()).await.unwrap();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let auth = format!("Bearer {live_token}");
     let r = s
@@ -216,23 +238,41 @@ async fn hostile_tokens_and_requests_are_rejected() {
     let r = s.get(&format!("/secret?a=1&access_token={live_token}"), Some(&live_token)).await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "token in query and header");
     let big = "a".repeat(20_000);
-    let r = s.request(s.public, "GET", "/secret", &[("authorization", &auth), ("x-big", &big)], Default::default()).await;
+    let r =
+        s.request(s.public, "GET", "/secret", &[("authorization", &auth), ("x-big", &big)], Default::default()).await;
     match r {
         Ok(r) => assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
         Err(e) => panic!("oversized headers must get 431, got {e}"),
     }
     let medium = "a".repeat(16_200);
-    let r = s.request(s.public, "GET", "/secret", &[("authorization", &auth), ("x-big", &medium)], Default::default()).await.unwrap();
-    assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "the configured limit, not hyper's buffer, decides");
+    let r = s
+        .request(s.public, "GET", "/secret", &[("authorization", &auth), ("x-big", &medium)], Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "the configured limit, not hyper's buffer, decides"
+    );
 
     // Request smuggling shapes: rejected with 400, the app receives nothing.
     upstream.clear();
     for raw in [
-        format!("POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-        format!("POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"),
-        format!("POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"),
-        format!("POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-        format!("GET /ok HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\nPOST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        format!(
+            "POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        format!(
+            "POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"
+        ),
+        format!(
+            "POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"
+        ),
+        format!(
+            "POST /smuggle HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        format!(
+            "GET /ok HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\nPOST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
     ] {
         let out = s.raw(raw.as_bytes(), Duration::from_secs(3)).await.unwrap();
         assert!(out.contains("HTTP/1.1 400"), "ambiguous framing must be answered 400: {out:?}");
@@ -244,7 +284,13 @@ async fn hostile_tokens_and_requests_are_rejected() {
     // Public routes skip authentication but still cannot smuggle identity.
     upstream.clear();
     let r = s
-        .request(s.public, "GET", "/public/page", &[("x-auth-subject", "root"), ("X_AUTH_SUBJECT", "root")], Default::default())
+        .request(
+            s.public,
+            "GET",
+            "/public/page",
+            &[("x-auth-subject", "root"), ("X_AUTH_SUBJECT", "root")],
+            Default::default(),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::OK);
@@ -253,7 +299,9 @@ async fn hostile_tokens_and_requests_are_rejected() {
 
     // Reasons are visible to operators in metrics (never to clients).
     let m = s.metrics().await.unwrap();
-    for reason in ["kid_alg_mismatch", "forbidden_header", "session_revoked", "bad_signature", "expired", "alg_not_allowed"] {
+    for reason in
+        ["kid_alg_mismatch", "forbidden_header", "session_revoked", "bad_signature", "expired", "alg_not_allowed"]
+    {
         assert!(m.contains(&format!("reason=\"{reason}\"")), "metric reason {reason} missing");
     }
     assert!(!m.contains(&live_token[..20]), "token material in metrics");

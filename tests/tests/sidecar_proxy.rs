@@ -18,12 +18,16 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn key_set(kid: &str) -> KeySet {
-    KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![generate(Alg::ES256, kid, 0, KeyState::Current).unwrap()] }
+    KeySet {
+        version: authrealm_contract::keyset::KEYSET_VERSION.into(),
+        keys: vec![generate(Alg::ES256, kid, 0, KeyState::Current).unwrap()],
+    }
 }
 
 fn kid_of(token: &str) -> String {
     let h = token.split('.').next().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap();
     v["kid"].as_str().unwrap().to_string()
 }
 
@@ -34,7 +38,8 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
     let s = Sidecar::start(test_config("proxy", None), &keys, upstream.addr).await.unwrap();
     let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
     let auth = format!("Bearer {token}");
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>();
 
     // Warm up, then measure memory while 50 MB go up and 50 MB come down.
     assert_eq!(s.get("/warm", Some(&token)).await.unwrap().status, StatusCode::OK);
@@ -48,7 +53,11 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
             while !stop.load(Ordering::Relaxed) {
                 let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
                     .ok()
-                    .and_then(|t| t.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+                    .and_then(|t| {
+                        t.lines()
+                            .find(|l| l.starts_with("VmRSS:"))
+                            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                    })
                     .unwrap_or(0);
                 peak.fetch_max(rss, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -57,14 +66,16 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
     };
     let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
     let chunks = (SIZE / chunk.len() as u64) as usize;
-    let stream = futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))));
+    let stream =
+        futures_util::stream::iter((0..chunks).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))));
     let req = Request::post(format!("http://{}/upload", s.public))
         .header("authorization", &auth)
         .body(StreamBody::new(stream).boxed())
         .unwrap();
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let body: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(body["bytes"], SIZE, "the app received the whole upload");
     let req = Request::get(format!("http://{}/download?n={SIZE}", s.public))
         .header("authorization", &auth)
@@ -88,9 +99,14 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
 
     // WebSocket-style upgrade after authentication; without a token the upgrade is refused.
     let mut conn = tokio::net::TcpStream::connect(s.public).await.unwrap();
-    conn.write_all(format!("GET /ws HTTP/1.1\r\nHost: app\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    conn.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: app\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut head = vec![0u8; 1024];
     let n = conn.read(&mut head).await.unwrap();
     let head = String::from_utf8_lossy(&head[..n]).to_string();
@@ -99,14 +115,19 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
     let mut echo = vec![0u8; 23];
     tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut echo)).await.unwrap().unwrap();
     assert_eq!(&echo, b"ping through the tunnel");
-    let out = s.raw(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n", Duration::from_secs(2)).await.unwrap();
+    let out = s
+        .raw(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n", Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(out.starts_with("HTTP/1.1 401"), "{out}");
 
     // HTTP/2 with prior knowledge (h2c).
-    let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
-    let req = Request::get(format!("http://{}/h2", s.public)).header("authorization", &auth).body(Full::new(Bytes::new())).unwrap();
+    let h2 =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
+    let req = Request::get(format!("http://{}/h2", s.public))
+        .header("authorization", &auth)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = h2.request(req).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.status(), StatusCode::OK);
@@ -123,7 +144,9 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
 
     // App down → 502.
-    let dead = Sidecar::start(test_config("proxy", None), &keys, format!("127.0.0.1:{}", free_port()).parse().unwrap()).await.unwrap();
+    let dead = Sidecar::start(test_config("proxy", None), &keys, format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .await
+        .unwrap();
     let t = dead.mint("bob").await.unwrap()["access_token"].as_str().unwrap().to_string();
     assert_eq!(dead.get("/x", Some(&t)).await.unwrap().status, StatusCode::BAD_GATEWAY);
 }
@@ -136,7 +159,10 @@ async fn sigterm_drains_in_flight_requests() {
     let public = s.public;
     let slow = tokio::spawn(async move {
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let req = Request::get(format!("http://{public}/slow?ms=1500")).header("authorization", format!("Bearer {token}")).body(Full::new(Bytes::new())).unwrap();
+        let req = Request::get(format!("http://{public}/slow?ms=1500"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         client.request(req).await.map(|r| r.status())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -166,10 +192,14 @@ async fn key_rotation_while_requests_flow() {
     let sent = Arc::new(AtomicU64::new(0));
     let load = {
         let (stop, failures, sent, old) = (stop.clone(), failures.clone(), sent.clone(), old.clone());
-        let (public, client) = (s.public, hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
+        let (public, client) =
+            (s.public, hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let req = Request::get(format!("http://{public}/x")).header("authorization", format!("Bearer {old}")).body(Full::new(Bytes::new())).unwrap();
+                let req = Request::get(format!("http://{public}/x"))
+                    .header("authorization", format!("Bearer {old}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
                 let ok = matches!(client.request(req).await, Ok(r) if r.status() == StatusCode::OK);
                 sent.fetch_add(1, Ordering::Relaxed);
                 if !ok {
@@ -184,7 +214,11 @@ async fn key_rotation_while_requests_flow() {
     set.keys.push(k2.clone());
     s.write_key_set(&set).unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(kid_of(s.mint("during-next").await.unwrap()["access_token"].as_str().unwrap()), "k1", "a next key does not sign");
+    assert_eq!(
+        kid_of(s.mint("during-next").await.unwrap()["access_token"].as_str().unwrap()),
+        "k1",
+        "a next key does not sign"
+    );
     set.keys[0].state = KeyState::Retired;
     k2.state = KeyState::Current;
     set.keys[1] = k2;

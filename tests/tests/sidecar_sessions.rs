@@ -10,7 +10,10 @@ use http::StatusCode;
 use serde_json::json;
 
 fn key_set(alg: Alg) -> KeySet {
-    KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![generate(alg, "k1", 0, KeyState::Current).unwrap()] }
+    KeySet {
+        version: authrealm_contract::keyset::KEYSET_VERSION.into(),
+        keys: vec![generate(alg, "k1", 0, KeyState::Current).unwrap()],
+    }
 }
 
 fn token(v: &serde_json::Value) -> String {
@@ -55,7 +58,11 @@ async fn session_modes_against_a_real_cluster() {
     let last = seen.last().unwrap();
     assert_eq!(last.headers.get_all("x-auth-subject").iter().collect::<Vec<_>>(), ["alice"]);
     assert_eq!(last.headers.get_all("x-auth-jti").iter().collect::<Vec<_>>(), [first["jti"].as_str().unwrap()]);
-    assert!(last.headers.keys().all(|k| !k.as_str().contains('_')), "underscore variant reached the app: {:?}", last.headers);
+    assert!(
+        last.headers.keys().all(|k| !k.as_str().contains('_')),
+        "underscore variant reached the app: {:?}",
+        last.headers
+    );
     assert!(last.headers.get("x-forwarded-for").is_some());
     assert_eq!(last.headers.get("x-forwarded-proto").unwrap(), "http");
     assert!(last.headers.get("connection").is_none_or(|v| !v.to_str().unwrap().contains("x-auth")));
@@ -91,7 +98,8 @@ async fn session_modes_against_a_real_cluster() {
         let r = s.issuer_call("POST", "/v1/tokens", Some(body.clone())).await.unwrap();
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body} → {r:?}");
     }
-    let custom = s.mint_with(json!({ "subject": "carol", "claims": { "role": "admin" }, "ttl_seconds": 60 })).await.unwrap();
+    let custom =
+        s.mint_with(json!({ "subject": "carol", "claims": { "role": "admin" }, "ttl_seconds": 60 })).await.unwrap();
     assert_eq!(custom["expires_in"], 60);
 
     // Subjects spread over all three masters: the records really are in the cluster, on
@@ -176,7 +184,8 @@ async fn session_modes_against_a_real_cluster() {
 
     // ---- verify-only sidecar: public keys only → cannot mint, still verifies ----
     let issuer = Sidecar::start(test_config("single", Some(cluster.seeds())), &keys, upstream.addr).await.unwrap();
-    let verifier = Sidecar::start(test_config("single", Some(cluster.seeds())), &keys.public_only(), upstream.addr).await.unwrap();
+    let verifier =
+        Sidecar::start(test_config("single", Some(cluster.seeds())), &keys.public_only(), upstream.addr).await.unwrap();
     verifier.wait_ready(Duration::from_secs(20)).await.unwrap();
     issuer.wait_ready(Duration::from_secs(20)).await.unwrap();
     let r = verifier.issuer_call("POST", "/v1/tokens", Some(json!({ "subject": "x" }))).await.unwrap();
@@ -184,7 +193,11 @@ async fn session_modes_against_a_real_cluster() {
     let t = token(&issuer.mint("gina").await.unwrap());
     assert_eq!(status(&verifier, &t).await, StatusCode::OK, "a verify-only pod accepts the issuer pod's tokens");
     issuer.issuer_call("DELETE", "/v1/subjects/gina/tokens", None).await.unwrap();
-    assert_eq!(status(&verifier, &t).await, StatusCode::UNAUTHORIZED, "revocation at one pod takes effect at every pod");
+    assert_eq!(
+        status(&verifier, &t).await,
+        StatusCode::UNAUTHORIZED,
+        "revocation at one pod takes effect at every pod"
+    );
     let jwks = verifier.get("/.well-known/jwks.json", None).await.unwrap();
     assert_eq!(jwks.status, StatusCode::OK);
     assert_eq!(jwks.json()["keys"][0]["kid"], "k1");
