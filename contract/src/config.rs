@@ -244,9 +244,6 @@ pub struct Limits {
     /// Time allowed for a client to send its request headers (ms).
     #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
-    /// Idle keep-alive connections are closed after this long (ms).
-    #[serde(default = "default_idle_timeout_ms")]
-    pub idle_timeout_ms: u64,
 }
 
 fn default_max_header_bytes() -> usize {
@@ -258,9 +255,6 @@ fn default_max_token_bytes() -> usize {
 fn default_header_read_timeout_ms() -> u64 {
     10_000
 }
-fn default_idle_timeout_ms() -> u64 {
-    90_000
-}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -268,7 +262,6 @@ impl Default for Limits {
             max_header_bytes: default_max_header_bytes(),
             max_token_bytes: default_max_token_bytes(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
-            idle_timeout_ms: default_idle_timeout_ms(),
         }
     }
 }
@@ -612,5 +605,16 @@ mod tests {
         assert!(is_dns1123_subdomain("my-realm.prod"));
         assert!(!is_dns1123_subdomain("-x"));
         assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+    }
+}
+
+#[cfg(test)]
+mod sample {
+    /// The documented sample (examples/sidecar.json) is a valid, complete config.
+    #[test]
+    fn shipped_sample_is_valid() {
+        let cfg = super::SidecarConfig::from_json(include_bytes!("../../examples/sidecar.json")).unwrap();
+        assert_eq!(cfg.public_routes.len(), 2);
+        assert!(cfg.redis.is_some());
     }
 }
