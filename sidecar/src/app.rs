@@ -142,7 +142,7 @@ impl App {
         self.metrics.fail_open.inc();
         let now = self.started.elapsed().as_secs() + 1;
         let last = self.last_fail_open_log.load(Ordering::Relaxed);
-        if now >= last + 10
+        if (last == 0 || now >= last + 10)
             && self.last_fail_open_log.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
             tracing::warn!(

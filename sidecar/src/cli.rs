@@ -188,6 +188,11 @@ async fn bind(name: &str, addr: &str) -> Result<TcpListener, ExitCode> {
 }
 
 async fn run(cfg: SidecarConfig, keys: KeyStore, drain: Duration) -> ExitCode {
+    if let Some(redis) = cfg.redis.as_ref().filter(|_| cfg.session_mode != authrealm_contract::SessionMode::Stateless)
+        && let Err(e) = crate::session::build_client(redis)
+    {
+        return config_error(e);
+    }
     let metrics = Metrics::new();
     keys.spawn_reloader(Duration::from_millis(cfg.key_reload_interval_ms), metrics.clone());
     let app = App::new(cfg, keys, metrics);
