@@ -1,0 +1,780 @@
+//! The AuthRealm controller: watches AuthRealms and the objects they own, and reconciles each
+//! realm into its keys Secret, JWKS ConfigMap, sidecar ConfigMap and status.
+//!
+//! A reconcile is idempotent and derives everything from what it reads: the keys Secret is the
+//! source of truth for key material, the rotation schedule ([`crate::rotation`]) decides what is
+//! due, and every object is written with server-side apply under one field manager
+//! ([`MANAGER`]). The Secret is always written before anything that depends on it (JWKS, status),
+//! and conditionally on the resourceVersion it was read at, so a crash at any point, or a stale
+//! second writer, can neither lose nor fork the key set.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use authrealm_contract::keygen::{KeyError, generate, random_kid};
+use authrealm_contract::{Alg, KeyEntry, KeySet, KeyState};
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::conditions::{self, Cond, Status, reason};
+use crate::crd::{AuthRealm, AuthRealmStatus, KeyStatus};
+use crate::events::{self, Publisher, Severity};
+use crate::metrics::{EventLabel, KindLabel, Metrics};
+use crate::recovery::{self, Cached, Recovery, RecoveryKind};
+use crate::redis_check::{self, CheckError, Connect};
+use crate::render::{self, MANAGER, RedisTarget, Resolved};
+use crate::rotation::{self, Change, Lifetimes, Removal};
+
+/// Finalizer present only on realms that ask for their sessions to be purged on deletion.
+pub const FINALIZER: &str = "authrealm.dev/purge-sessions";
+
+/// One error enum for the controller: one variant per failed operation, naming the object.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read {kind} {namespace}/{name}: {source}")]
+    Read { kind: &'static str, namespace: String, name: String, source: kube::Error },
+    #[error("failed to write {kind} {namespace}/{name}: {source}")]
+    Write { kind: &'static str, namespace: String, name: String, source: kube::Error },
+    #[error("failed to write the status of AuthRealm {namespace}/{name}: {source}")]
+    Status { namespace: String, name: String, source: kube::Error },
+    #[error("failed to update the finalizers of AuthRealm {namespace}/{name}: {source}")]
+    Finalizer { namespace: String, name: String, source: kube::Error },
+    #[error("failed to generate a key for AuthRealm {namespace}/{name}: {source}")]
+    KeyGen { namespace: String, name: String, source: KeyError },
+    #[error("refusing to write an invalid key set for AuthRealm {namespace}/{name}: {message}")]
+    InvalidKeySet { namespace: String, name: String, message: String },
+    #[error("failed to purge the sessions of AuthRealm {namespace}/{name}: {source}")]
+    Purge { namespace: String, name: String, source: CheckError },
+    #[error(
+        "the AuthRealm CRD (authrealms.authrealm.dev) is not installed; install it with \
+         `kubectl apply -f crds/authrealm.yaml` (or the Helm chart)"
+    )]
+    CrdMissing,
+    #[error("failed to list AuthRealms: {0}")]
+    List(#[source] kube::Error),
+    #[error("AuthRealm {0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// Short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Read { .. } => "read",
+            Error::Write { .. } => "write",
+            Error::Status { .. } => "status",
+            Error::Finalizer { .. } => "finalizer",
+            Error::KeyGen { .. } => "keygen",
+            Error::InvalidKeySet { .. } => "invalid_keyset",
+            Error::Purge { .. } => "purge",
+            Error::CrdMissing => "crd_missing",
+            Error::List(_) => "list",
+            Error::NoNamespace(_) => "no_namespace",
+        }
+    }
+}
+
+/// Controller settings (from flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch only this namespace (default: all).
+    pub namespace: Option<String>,
+    /// Realms reconciled at the same time.
+    pub concurrency: u16,
+    /// Longest time between two Redis checks of a realm.
+    pub redis_check_interval: Duration,
+    /// Longest time a deletion waits for the session purge before giving up.
+    pub purge_timeout: Duration,
+    /// This replica's identity (events' reportingInstance).
+    pub identity: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            namespace: None,
+            concurrency: 4,
+            redis_check_interval: Duration::from_secs(60),
+            purge_timeout: Duration::from_secs(300),
+            identity: "authrealm-operator".into(),
+        }
+    }
+}
+
+/// Shared state of the reconciles. Created per leadership term, so the key-set copy never
+/// outlives the period in which this replica was the only writer.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub events: Publisher,
+    /// Realm UID → the key set this replica last wrote.
+    cache: Mutex<HashMap<String, Cached>>,
+    /// Realm UID → consecutive failed reconciles (for the backoff).
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings, metrics: Metrics) -> Self {
+        let events = Publisher::new(client.clone(), &settings.identity);
+        Context {
+            client,
+            settings,
+            metrics,
+            events,
+            cache: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn time(secs: i64) -> Time {
+    Time(Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+fn rfc3339(secs: i64) -> String {
+    time(secs).0.to_string()
+}
+
+/// Reconciles one realm (the entry point given to the kube runtime).
+pub async fn reconcile(realm: Arc<AuthRealm>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let result = reconcile_realm(&realm, &ctx).await;
+    ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
+    let uid = realm.uid().unwrap_or_default();
+    match &result {
+        Ok(_) => {
+            ctx.failures.lock().expect("lock").remove(&uid);
+        }
+        Err(e) => {
+            ctx.metrics.errors.get_or_create(&KindLabel { kind: e.kind() }).inc();
+        }
+    }
+    tracing::debug!(realm = %realm.name_any(), elapsed = ?started.elapsed(), ok = result.is_ok(), "reconciled");
+    result
+}
+
+/// Exponential backoff per realm: 0.5 s, 1 s, 2 s … capped at 5 minutes.
+pub fn error_policy(realm: Arc<AuthRealm>, err: &Error, ctx: Arc<Context>) -> Action {
+    let uid = realm.uid().unwrap_or_default();
+    let n = {
+        let mut f = ctx.failures.lock().expect("lock");
+        let n = f.entry(uid).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    tracing::warn!(
+        realm = %realm.name_any(),
+        namespace = %realm.namespace().unwrap_or_default(),
+        kind = err.kind(),
+        attempt = n,
+        retry_in = ?delay,
+        "reconcile failed: {err}"
+    );
+    Action::requeue(delay)
+}
+
+/// The delay before retry number `n` (1-based).
+pub fn backoff(n: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << n.saturating_sub(1).min(20));
+    Duration::from_millis(ms.min(300_000))
+}
+
+async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Error> {
+    let name = realm.name_any();
+    let ns = realm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let api: Api<AuthRealm> = Api::namespaced(ctx.client.clone(), &ns);
+
+    if realm.metadata.deletion_timestamp.is_some() {
+        return cleanup(realm, &api, ctx).await;
+    }
+
+    let resolved = match render::resolve(&name, &ns, &realm.spec) {
+        Ok(r) => r,
+        Err(e) => {
+            // Keys, JWKS and config stay as they are; nothing rotates until the spec is fixed.
+            let message = e.to_string();
+            let old = realm.status.clone().unwrap_or_default();
+            let was_invalid = conditions::find(&old.conditions, conditions::READY)
+                .is_some_and(|c| c.reason == reason::INVALID_SPEC && c.message.ends_with(&message));
+            if !was_invalid {
+                ctx.events
+                    .publish(realm, Severity::Warning, events::reason::INVALID_SPEC, "Validate", message.clone())
+                    .await;
+            }
+            let keys = Cond::new(conditions::KEYS_READY, Status::False, reason::INVALID_SPEC, message.clone());
+            let redis = conditions::find(&old.conditions, conditions::REDIS_REACHABLE)
+                .map(|c| Cond {
+                    type_: conditions::REDIS_REACHABLE,
+                    status: if c.status == "True" { Status::True } else { Status::Unknown },
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                })
+                .unwrap_or_else(|| {
+                    Cond::new(
+                        conditions::REDIS_REACHABLE,
+                        Status::Unknown,
+                        reason::INVALID_SPEC,
+                        "not checked: invalid spec",
+                    )
+                });
+            let intact = keep_or(
+                &old,
+                conditions::KEYS_INTACT,
+                Cond::new(conditions::KEYS_INTACT, Status::Unknown, reason::INVALID_SPEC, "not checked: invalid spec"),
+            );
+            let status = AuthRealmStatus {
+                observed_generation: realm.metadata.generation,
+                conditions: build_conditions(&old, vec![keys, redis, intact], realm.metadata.generation),
+                ..old
+            };
+            write_status(&api, &name, &ns, &status).await?;
+            tracing::warn!(realm = %name, namespace = %ns, "invalid spec: {message}");
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    };
+
+    let want_finalizer = resolved.redis.as_ref().is_some_and(|r| r.purge_on_delete);
+    set_finalizer(&api, realm, want_finalizer).await?;
+
+    let now_ms = now_millis();
+    let now = now_ms.div_euclid(1000);
+    let keys = sync_keys(realm, &resolved, ctx, now).await?;
+
+    // The sidecar config.
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let cm = render::sidecar_config_map(realm, &resolved.config);
+    cms.patch(&render::sidecar_config_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm))
+        .await
+        .map_err(|source| Error::Write {
+            kind: "ConfigMap",
+            namespace: ns.clone(),
+            name: render::sidecar_config_name(&name),
+            source,
+        })?;
+
+    let redis = redis_condition(realm, &resolved, ctx).await;
+    let old = realm.status.clone().unwrap_or_default();
+
+    // Events: key changes, recovery, Redis flips.
+    publish_key_events(realm, ctx, &keys, &resolved).await;
+    let old_redis = conditions::find(&old.conditions, conditions::REDIS_REACHABLE);
+    match (redis.status, old_redis) {
+        (Status::False, o) if o.is_none_or(|o| o.status != "False" || o.reason != redis.reason) => {
+            ctx.events
+                .publish(
+                    realm,
+                    Severity::Warning,
+                    events::reason::REDIS_UNREACHABLE,
+                    "CheckRedis",
+                    redis.message.clone(),
+                )
+                .await;
+        }
+        (Status::True, Some(o)) if o.status == "False" => {
+            ctx.events
+                .publish(realm, Severity::Normal, events::reason::REDIS_RECOVERED, "CheckRedis", redis.message.clone())
+                .await;
+        }
+        _ => {}
+    }
+
+    let current = keys.set.current();
+    let keys_ready = match current {
+        Some(k) => Cond::new(
+            conditions::KEYS_READY,
+            Status::True,
+            reason::KEYS_CURRENT,
+            format!("key {} ({}) signs; {} key(s) published", k.kid, k.alg, keys.set.keys.len()),
+        ),
+        None => Cond::new(conditions::KEYS_READY, Status::False, reason::KEY_WRITE_FAILED, "no current key"),
+    };
+    let promoted = keys.changes.iter().any(|c| matches!(c, Change::Promoted { .. }));
+    let intact = match &keys.recovery {
+        Some(r) => Cond::new(
+            conditions::KEYS_INTACT,
+            Status::False,
+            match r.kind {
+                RecoveryKind::Restored => reason::SECRET_RESTORED,
+                RecoveryKind::Adopted => reason::SECRET_EDIT_ADOPTED,
+                RecoveryKind::Lost => reason::KEYS_LOST,
+            },
+            format!("{} (at {}; cleared by the next key promotion)", r.message, rfc3339(now)),
+        ),
+        None => {
+            let verified = Cond::new(
+                conditions::KEYS_INTACT,
+                Status::True,
+                reason::VERIFIED,
+                "the keys Secret holds what the operator wrote",
+            );
+            match conditions::find(&old.conditions, conditions::KEYS_INTACT) {
+                Some(c) if c.status == "False" && !promoted => keep_or(&old, conditions::KEYS_INTACT, verified),
+                _ => verified,
+            }
+        }
+    };
+
+    let status = AuthRealmStatus {
+        observed_generation: realm.metadata.generation,
+        conditions: build_conditions(&old, vec![keys_ready, redis.clone(), intact], realm.metadata.generation),
+        current_kid: current.map(|k| k.kid.clone()),
+        next_rotation_time: keys.rotation_at.map(time),
+        key_count: Some(keys.set.keys.len() as i32),
+        keys: key_statuses(&keys.set, &keys.lifetimes, &resolved),
+    };
+    if realm.status.as_ref() != Some(&status) {
+        write_status(&api, &name, &ns, &status).await?;
+    }
+
+    // Requeue at the next rotation event, and at least every Redis check interval.
+    let mut next = keys.wake_at.map(|t| Duration::from_millis((t * 1000 - now_ms).max(0) as u64 + 50));
+    if resolved.redis.is_some() {
+        next = Some(next.map_or(ctx.settings.redis_check_interval, |d| d.min(ctx.settings.redis_check_interval)));
+    }
+    Ok(Action::requeue(next.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100))))
+}
+
+/// The existing condition of `type_` as a [`Cond`], or `default`.
+fn keep_or(old: &AuthRealmStatus, type_: &'static str, default: Cond) -> Cond {
+    conditions::find(&old.conditions, type_)
+        .map(|c| Cond {
+            type_,
+            status: match c.status.as_str() {
+                "True" => Status::True,
+                "False" => Status::False,
+                _ => Status::Unknown,
+            },
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        })
+        .unwrap_or(default)
+}
+
+fn build_conditions(
+    old: &AuthRealmStatus,
+    mut conds: Vec<Cond>,
+    generation: Option<i64>,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conds.insert(0, conditions::ready(&conds));
+    conditions::merge(&old.conditions, &conds, generation, &Time(Timestamp::now()))
+}
+
+async fn write_status(api: &Api<AuthRealm>, name: &str, ns: &str, status: &AuthRealmStatus) -> Result<(), Error> {
+    let patch = json!({
+        "apiVersion": "authrealm.dev/v1alpha1",
+        "kind": "AuthRealm",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Status { namespace: ns.to_owned(), name: name.to_owned(), source })?;
+    Ok(())
+}
+
+fn key_statuses(set: &KeySet, lifetimes: &Lifetimes, resolved: &Resolved) -> Vec<KeyStatus> {
+    set.keys
+        .iter()
+        .map(|k| KeyStatus {
+            kid: k.kid.clone(),
+            algorithm: k.alg,
+            state: match k.state {
+                KeyState::Next => "next",
+                KeyState::Current => "current",
+                KeyState::Retired => "retired",
+            }
+            .to_owned(),
+            created_at: time(k.created_at),
+            activated_at: k.activated_at.map(time),
+            retired_at: k.retired_at.map(time),
+            remove_after: rotation::removal_time(k, lifetimes, &resolved.schedule).map(time),
+        })
+        .collect()
+}
+
+/// The key set after this reconcile.
+struct KeySync {
+    set: KeySet,
+    lifetimes: Lifetimes,
+    changes: Vec<Change>,
+    recovery: Option<Recovery>,
+    wake_at: Option<i64>,
+    rotation_at: Option<i64>,
+}
+
+fn new_key(alg: Alg, state: KeyState, now: i64) -> Result<KeyEntry, KeyError> {
+    generate(alg, &random_kid(), now, state)
+}
+
+/// Reads the keys Secret (recovering from deletion or edits), runs the rotation schedule, and
+/// writes the Secret (if anything changed) and then the JWKS ConfigMap.
+async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i64) -> Result<KeySync, Error> {
+    let name = realm.name_any();
+    let ns = realm.namespace().unwrap_or_default();
+    let uid = realm.uid().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret_name = render::signing_keys_name(&name);
+    let jwks_name = render::jwks_name(&name);
+    let read_err = |kind: &'static str, n: &str| {
+        let (ns, n) = (ns.clone(), n.to_owned());
+        move |source| Error::Read { kind, namespace: ns, name: n, source }
+    };
+    let secret = secrets.get_opt(&secret_name).await.map_err(read_err("Secret", &secret_name))?;
+    let jwks_cm = cms.get_opt(&jwks_name).await.map_err(read_err("ConfigMap", &jwks_name))?;
+    let published = jwks_cm
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref()?.get(render::KEYSET_KEY).cloned())
+        .and_then(|s| KeySet::from_json(s.as_bytes()).ok());
+    let old = realm.status.clone().unwrap_or_default();
+    let had_keys = old.current_kid.is_some()
+        || old.key_count.unwrap_or(0) > 0
+        || published.as_ref().is_some_and(|p| !p.keys.is_empty());
+
+    let cached = ctx.cache.lock().expect("lock").get(&uid).cloned();
+    let state = recovery::classify(secret.as_ref());
+    let trusted = matches!(state, recovery::SecretState::Trusted { .. });
+    let decision = recovery::decide(state, cached.as_ref(), published.as_ref(), had_keys, now);
+    if let Some(r) = &decision.recovery {
+        tracing::warn!(realm = %name, namespace = %ns, kind = ?r.kind, "{}", r.message);
+    }
+    let mut set = decision.set;
+    let mut lifetimes = decision.lifetimes;
+    let outcome = rotation::converge(&mut set, &mut lifetimes, &resolved.schedule, now, &mut new_key)
+        .map_err(|source| Error::KeyGen { namespace: ns.clone(), name: name.clone(), source })?;
+    set.validate().map_err(|e| Error::InvalidKeySet {
+        namespace: ns.clone(),
+        name: name.clone(),
+        message: e.to_string(),
+    })?;
+
+    let desired = render::signing_keys_secret(realm, &set, &lifetimes, None);
+    let write_err = |source| Error::Write { kind: "Secret", namespace: ns.clone(), name: secret_name.clone(), source };
+    match &secret {
+        None => {
+            let pp = PostParams { field_manager: Some(MANAGER.to_owned()), ..PostParams::default() };
+            secrets.create(&pp, &desired).await.map_err(write_err)?;
+        }
+        Some(existing) if !trusted || outcome.modified || !metadata_matches(&existing.metadata, &desired.metadata) => {
+            // Conditional on the version read: a concurrent writer makes this fail (409) and the
+            // reconcile is retried from a fresh read.
+            let mut desired = desired;
+            desired.metadata.resource_version = existing.metadata.resource_version.clone();
+            secrets
+                .patch(&secret_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+                .await
+                .map_err(write_err)?;
+        }
+        Some(_) => {}
+    }
+    ctx.cache.lock().expect("lock").insert(uid, Cached { set: set.clone(), lifetimes: lifetimes.clone() });
+    for c in &outcome.changes {
+        tracing::info!(realm = %name, namespace = %ns, change = ?c, "key set changed");
+    }
+
+    let jwks = render::jwks_config_map(realm, &set);
+    let jwks_current =
+        jwks_cm.as_ref().is_some_and(|cm| cm.data == jwks.data && metadata_matches(&cm.metadata, &jwks.metadata));
+    if !jwks_current {
+        cms.patch(&jwks_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&jwks)).await.map_err(|source| {
+            Error::Write { kind: "ConfigMap", namespace: ns.clone(), name: jwks_name.clone(), source }
+        })?;
+    }
+    Ok(KeySync {
+        set,
+        lifetimes,
+        changes: outcome.changes,
+        recovery: decision.recovery,
+        wake_at: outcome.wake_at,
+        rotation_at: outcome.rotation_at,
+    })
+}
+
+/// True when `have` carries every label, annotation and owner reference of `want`.
+fn metadata_matches(
+    have: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    want: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> bool {
+    let subset = |h: &Option<std::collections::BTreeMap<String, String>>,
+                  w: &Option<std::collections::BTreeMap<String, String>>| {
+        w.iter().flatten().all(|(k, v)| h.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let owners_ok = want
+        .owner_references
+        .iter()
+        .flatten()
+        .all(|w| have.owner_references.iter().flatten().any(|h| h.uid == w.uid && h.controller == w.controller));
+    subset(&have.labels, &want.labels) && subset(&have.annotations, &want.annotations) && owners_ok
+}
+
+async fn publish_key_events(realm: &AuthRealm, ctx: &Context, keys: &KeySync, resolved: &Resolved) {
+    if let Some(r) = &keys.recovery {
+        let (reason, label) = match r.kind {
+            RecoveryKind::Restored => (events::reason::KEYS_SECRET_RESTORED, "restored"),
+            RecoveryKind::Adopted => (events::reason::KEYS_SECRET_ADOPTED, "adopted"),
+            RecoveryKind::Lost => (events::reason::SIGNING_KEYS_LOST, "lost"),
+        };
+        ctx.metrics.key_events.get_or_create(&EventLabel { event: label }).inc();
+        ctx.events.publish(realm, Severity::Warning, reason, "RecoverKeys", r.message.clone()).await;
+    }
+    for c in &keys.changes {
+        let (reason, label, action, note) = match c {
+            Change::Created { kid, alg, state, activate_at } => (
+                events::reason::KEY_CREATED,
+                "created",
+                "CreateKey",
+                match state {
+                    KeyState::Current => format!("created key {kid} ({alg}); it signs from now"),
+                    _ => format!(
+                        "created key {kid} ({alg}) as next; published now, it signs from {}",
+                        rfc3339(*activate_at)
+                    ),
+                },
+            ),
+            Change::Promoted { kid } => {
+                (events::reason::KEY_PROMOTED, "promoted", "PromoteKey", format!("key {kid} now signs new tokens"))
+            }
+            Change::Retired { kid } => {
+                let until = keys
+                    .set
+                    .get(kid)
+                    .and_then(|k| rotation::removal_time(k, &keys.lifetimes, &resolved.schedule))
+                    .map(rfc3339)
+                    .unwrap_or_default();
+                (
+                    events::reason::KEY_RETIRED,
+                    "retired",
+                    "RetireKey",
+                    format!("key {kid} no longer signs; it stays published until {until}"),
+                )
+            }
+            Change::Removed { kid, reason } => (
+                events::reason::KEY_REMOVED,
+                "removed",
+                "RemoveKey",
+                match reason {
+                    Removal::Expired => format!("key {kid} removed: every token it can have signed has expired"),
+                    Removal::Superseded => format!("key {kid} removed before it signed anything (superseded)"),
+                },
+            ),
+        };
+        ctx.metrics.key_events.get_or_create(&EventLabel { event: label }).inc();
+        ctx.events.publish(realm, Severity::Normal, reason, action, note).await;
+    }
+}
+
+/// Reads the credentials and CA for a Redis target from the realm's namespace.
+async fn connect_params(target: &RedisTarget, ns: &str, client: &Client) -> Result<Connect, CheckError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let read = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .get_opt(&name)
+                .await
+                .map_err(|e| CheckError::Credentials(format!("cannot read Secret {ns}/{name}: {e}")))?
+                .ok_or_else(|| CheckError::Credentials(format!("Secret {ns}/{name} not found")))
+        }
+    };
+    let value = |s: &Secret, key: &str| -> Option<String> {
+        s.data.as_ref()?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
+    };
+    let (mut username, mut password) = (None, None);
+    if let Some(c) = &target.credentials {
+        let s = read(c.secret_name.clone()).await?;
+        password = Some(value(&s, &c.password_key).ok_or_else(|| {
+            CheckError::Credentials(format!("Secret {ns}/{} has no key {:?}", c.secret_name, c.password_key))
+        })?);
+        if let Some(uk) = &c.username_key {
+            username =
+                Some(value(&s, uk).ok_or_else(|| {
+                    CheckError::Credentials(format!("Secret {ns}/{} has no key {uk:?}", c.secret_name))
+                })?);
+        }
+    }
+    let tls = match &target.tls {
+        None => None,
+        Some(t) => match &t.ca_secret {
+            None => Some(None),
+            Some(r) => {
+                let s = read(r.name.clone()).await.map_err(|e| CheckError::Tls(e.to_string()))?;
+                let pem = s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(&r.key))
+                    .map(|b| b.0.clone())
+                    .ok_or_else(|| CheckError::Tls(format!("Secret {ns}/{} has no key {:?}", r.name, r.key)))?;
+                Some(Some(pem))
+            }
+        },
+    };
+    Ok(Connect {
+        endpoints: target.endpoints.clone(),
+        username,
+        password,
+        tls,
+        timeout: Duration::from_millis(target.connect_timeout_ms.clamp(200, 5000)),
+    })
+}
+
+async fn redis_condition(realm: &AuthRealm, resolved: &Resolved, ctx: &Context) -> Cond {
+    let Some(target) = &resolved.redis else {
+        return Cond::new(
+            conditions::REDIS_REACHABLE,
+            Status::True,
+            reason::NOT_REQUIRED,
+            "sessionMode is stateless: Redis is not used",
+        );
+    };
+    let ns = realm.namespace().unwrap_or_default();
+    let result = async {
+        let c = connect_params(target, &ns, &ctx.client).await?;
+        match tokio::time::timeout(Duration::from_secs(15), redis_check::check_cluster(&c)).await {
+            Ok(r) => r,
+            Err(_) => Err(CheckError::Unreachable("the Redis check took longer than 15s".into())),
+        }
+    }
+    .await;
+    match result {
+        Ok(message) => Cond::new(conditions::REDIS_REACHABLE, Status::True, reason::CLUSTER_OK, message),
+        Err(e) => Cond::new(conditions::REDIS_REACHABLE, Status::False, e.reason(), e.to_string()),
+    }
+}
+
+async fn set_finalizer(api: &Api<AuthRealm>, realm: &AuthRealm, want: bool) -> Result<(), Error> {
+    let has = realm.finalizers().iter().any(|f| f == FINALIZER);
+    if has == want {
+        return Ok(());
+    }
+    let mut finalizers: Vec<String> = realm.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+    if want {
+        finalizers.push(FINALIZER.to_owned());
+    }
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": realm.resource_version()}});
+    api.patch(&realm.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|source| {
+        Error::Finalizer { namespace: realm.namespace().unwrap_or_default(), name: realm.name_any(), source }
+    })?;
+    Ok(())
+}
+
+/// Deletion: purge the realm's session records if asked, then let it go. Owned objects are
+/// removed by the garbage collector through their owner references.
+async fn cleanup(realm: &AuthRealm, api: &Api<AuthRealm>, ctx: &Context) -> Result<Action, Error> {
+    if !realm.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let name = realm.name_any();
+    let ns = realm.namespace().unwrap_or_default();
+    let target = render::resolve(&name, &ns, &realm.spec).ok().and_then(|r| r.redis).filter(|r| r.purge_on_delete);
+    if let Some(target) = target {
+        let result = async {
+            let c = connect_params(&target, &ns, &ctx.client).await?;
+            redis_check::purge_realm(&c, &target.key_prefix, &name).await
+        }
+        .await;
+        match result {
+            Ok(n) => {
+                ctx.events
+                    .publish(
+                        realm,
+                        Severity::Normal,
+                        events::reason::SESSIONS_PURGED,
+                        "PurgeSessions",
+                        format!("deleted {n} Redis key(s) of the realm"),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                let deleting_since = realm.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0);
+                let waited = Duration::from_secs((now_millis() / 1000 - deleting_since).max(0) as u64);
+                if waited < ctx.settings.purge_timeout {
+                    return Err(Error::Purge { namespace: ns, name, source: e });
+                }
+                ctx.events
+                    .publish(
+                        realm,
+                        Severity::Warning,
+                        events::reason::PURGE_FAILED,
+                        "PurgeSessions",
+                        format!("gave up purging the realm's sessions after {waited:?}: {e}"),
+                    )
+                    .await;
+            }
+        }
+    }
+    set_finalizer(api, realm, false).await?;
+    Ok(Action::await_change())
+}
+
+/// Fails with [`Error::CrdMissing`] when the AuthRealm CRD is not installed.
+pub async fn check_crd(realms: &Api<AuthRealm>) -> Result<(), Error> {
+    match realms.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::CrdMissing),
+        Err(e) => Err(Error::List(e)),
+    }
+}
+
+/// Runs the controller until `shutdown` resolves (then finishes in-flight reconciles).
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    let (realms, secrets, cms): (Api<AuthRealm>, Api<Secret>, Api<ConfigMap>) = match &settings.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
+    check_crd(&realms).await?;
+    let concurrency = settings.concurrency;
+    let ctx = Arc::new(Context::new(client, settings, metrics));
+    let owned = watcher::Config::default().labels(render::OWNED_SELECTOR);
+    tracing::info!("controller started");
+    Controller::new(realms, watcher::Config::default())
+        .owns(secrets, owned.clone())
+        .owns(cms, owned)
+        .with_config(controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!("controller: {e}");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(4));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,88 @@
+//! Kubernetes Events (`events.k8s.io/v1`) about an AuthRealm.
+//!
+//! Every event is emitted on a change (a key created, promoted, retired or removed; a recovery;
+//! a condition flipping to False), so there is nothing to deduplicate and each event's note
+//! names its key. Publishing never fails a reconcile: errors are logged.
+
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::{Client, Resource, ResourceExt};
+
+use crate::crd::AuthRealm;
+
+/// `reportingController` of every event.
+pub const REPORTING_CONTROLLER: &str = "authrealm.dev/operator";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Normal,
+    Warning,
+}
+
+/// Event reasons.
+pub mod reason {
+    pub const KEY_CREATED: &str = "KeyCreated";
+    pub const KEY_PROMOTED: &str = "KeyPromoted";
+    pub const KEY_RETIRED: &str = "KeyRetired";
+    pub const KEY_REMOVED: &str = "KeyRemoved";
+    pub const KEYS_SECRET_RESTORED: &str = "KeysSecretRestored";
+    pub const KEYS_SECRET_ADOPTED: &str = "KeysSecretEditAdopted";
+    pub const SIGNING_KEYS_LOST: &str = "SigningKeysLost";
+    pub const REDIS_UNREACHABLE: &str = "RedisUnreachable";
+    pub const REDIS_RECOVERED: &str = "RedisReachable";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SESSIONS_PURGED: &str = "SessionsPurged";
+    pub const PURGE_FAILED: &str = "SessionPurgeFailed";
+}
+
+#[derive(Clone)]
+pub struct Publisher {
+    client: Client,
+    instance: String,
+}
+
+impl Publisher {
+    pub fn new(client: Client, instance: &str) -> Self {
+        // reportingInstance is at most 128 characters.
+        Publisher { client, instance: instance.chars().take(128).collect() }
+    }
+
+    pub async fn publish(&self, realm: &AuthRealm, severity: Severity, reason: &str, action: &str, note: String) {
+        let now = Timestamp::now();
+        let ns = realm.namespace().unwrap_or_default();
+        let note: String = if note.len() > 1024 {
+            let mut end = 1020;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…", &note[..end])
+        } else {
+            note
+        };
+        let ev = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{:x}", realm.name_any(), now.as_nanosecond())),
+                namespace: Some(ns.clone()),
+                ..ObjectMeta::default()
+            },
+            action: Some(action.to_owned()),
+            reason: Some(reason.to_owned()),
+            note: Some(note),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(realm.object_ref(&())),
+            reporting_controller: Some(REPORTING_CONTROLLER.to_owned()),
+            reporting_instance: Some(self.instance.clone()),
+            type_: Some(match severity {
+                Severity::Normal => "Normal".to_owned(),
+                Severity::Warning => "Warning".to_owned(),
+            }),
+            ..Event::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
+        if let Err(e) = api.create(&PostParams::default(), &ev).await {
+            tracing::warn!(realm = %realm.name_any(), namespace = %ns, reason, error = %e, "failed to publish event");
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The authrealm operator: turns `AuthRealm` resources into rotating signing keys (a Secret),
+//! a public JWKS (a ConfigMap) and the sidecar configuration (a ConfigMap), and reports their
+//! state in the realm's status.
+//!
+//! * [`crd`] — the AuthRealm types (the single import surface) and the generated CRD;
+//! * [`rotation`] — the key rotation schedule, a pure function of (key set, schedule, now);
+//! * [`recovery`] — what happens when the keys Secret was deleted or edited;
+//! * [`render`] — names, labels and the objects and sidecar config derived from a realm;
+//! * [`conditions`] — status conditions;
+//! * [`controller`] — the reconcile loop;
+//! * [`redis_check`] — the `RedisReachable` check and the session purge;
+//! * [`leader`] — leader election with a Lease;
+//! * [`events`], [`metrics`], [`server`] — observability; [`cli`] — flags and the run loop;
+//! * [`webhook`] — sidecar injection (mutating admission webhook) and its TLS.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod events;
+pub mod leader;
+pub mod metrics;
+pub mod recovery;
+pub mod redis_check;
+pub mod render;
+pub mod rotation;
+pub mod server;
+pub mod webhook;
+
+pub use crd::{AuthRealm, AuthRealmSpec, AuthRealmStatus};

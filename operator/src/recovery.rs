@@ -1,0 +1,349 @@
+//! What the operator does when the keys Secret is not what it wrote — pure decisions, no I/O.
+//!
+//! The Secret `<realm>-signing-keys` is the only copy of the private keys. The operator writes
+//! it together with an annotation holding the SHA-256 of its `keyset.json`, keeps a copy of
+//! what it last wrote in memory (per realm UID, for as long as it is the leader), and publishes
+//! the public halves in the `<realm>-jwks` ConfigMap. On every reconcile:
+//!
+//! | Secret                                    | operator's copy | outcome                                                                |
+//! |-------------------------------------------|-----------------|------------------------------------------------------------------------|
+//! | present, digest matches                   | any             | trusted as is (an edit that also fixes the digest counts as deliberate) |
+//! | deleted, or edited (digest mismatch)      | yes             | **restored** verbatim from the copy (`SecretRestored`)                  |
+//! | edited, valid, consistent with the JWKS   | no              | **adopted**; keys missing from it but still in the JWKS are kept as retired, public-only (`SecretEditAdopted`) |
+//! | deleted, or edited and unusable           | no, realm had keys | **keys lost**: every key still in the JWKS is kept as retired, public-only, so live tokens keep verifying until they expire; a new key signs at once (`KeysLost`) |
+//! | missing                                   | no, realm never had keys | first key set is created                                       |
+//!
+//! The operator never replaces a key under an existing kid and never drops a public key that
+//! can still have live tokens. Every recovery raises a Warning event and sets `KeysIntact`
+//! to False until the next key promotion.
+
+use authrealm_contract::keygen::check_key;
+use authrealm_contract::{KeyEntry, KeySet, KeyState};
+use k8s_openapi::api::core::v1::Secret;
+
+use crate::render::{ANN_KEYSET_SHA256, ANN_TOKEN_LIFETIMES, KEYSET_KEY, sha256_hex};
+use crate::rotation::Lifetimes;
+
+/// The keys Secret as read from the API server.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SecretState {
+    Missing,
+    /// Data matches the digest annotation.
+    Trusted {
+        set: KeySet,
+        lifetimes: Lifetimes,
+    },
+    /// Anything else; `parsed` is the data if it is a structurally valid key set whose every key
+    /// checks out.
+    Edited {
+        parsed: Option<KeySet>,
+        lifetimes: Lifetimes,
+        problem: String,
+    },
+}
+
+/// What the operator last wrote for a realm.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cached {
+    pub set: KeySet,
+    pub lifetimes: Lifetimes,
+}
+
+/// Kinds of recovery (the `KeysIntact` reasons).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryKind {
+    Restored,
+    Adopted,
+    Lost,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recovery {
+    pub kind: RecoveryKind,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub set: KeySet,
+    pub lifetimes: Lifetimes,
+    pub recovery: Option<Recovery>,
+}
+
+/// Classifies the Secret's content.
+pub fn classify(secret: Option<&Secret>) -> SecretState {
+    let Some(secret) = secret else { return SecretState::Missing };
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    let lifetimes: Lifetimes =
+        annotations.get(ANN_TOKEN_LIFETIMES).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
+    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(KEYSET_KEY)).map(|b| b.0.clone()) else {
+        return SecretState::Edited { parsed: None, lifetimes, problem: format!("it has no {KEYSET_KEY}") };
+    };
+    let digest_ok = annotations.get(ANN_KEYSET_SHA256).is_some_and(|d| *d == sha256_hex(&bytes));
+    let parsed = KeySet::from_json(&bytes);
+    match (digest_ok, parsed) {
+        (true, Ok(set)) => SecretState::Trusted { set, lifetimes },
+        (_, Err(e)) => {
+            SecretState::Edited { parsed: None, lifetimes, problem: format!("its {KEYSET_KEY} is unusable: {e}") }
+        }
+        (false, Ok(set)) => {
+            let problem = "its content does not match the digest the operator wrote".to_owned();
+            match set.keys.iter().find_map(|k| check_key(k).err()) {
+                Some(e) => SecretState::Edited { parsed: None, lifetimes, problem: format!("{problem}, and {e}") },
+                None => SecretState::Edited { parsed: Some(set), lifetimes, problem },
+            }
+        }
+    }
+}
+
+/// Chooses the key set to continue from. `published` is the public key set from the JWKS
+/// ConfigMap (read before it is rewritten); `had_keys` is true when the realm is known to have
+/// had keys before (status or JWKS say so).
+pub fn decide(
+    state: SecretState,
+    cache: Option<&Cached>,
+    published: Option<&KeySet>,
+    had_keys: bool,
+    now: i64,
+) -> Decision {
+    let (problem, parsed, lifetimes) = match state {
+        SecretState::Trusted { set, lifetimes } => return Decision { set, lifetimes, recovery: None },
+        SecretState::Missing => ("was deleted".to_owned(), None, Lifetimes::new()),
+        SecretState::Edited { parsed, lifetimes, problem } => (format!("was edited: {problem}"), parsed, lifetimes),
+    };
+    if let Some(c) = cache {
+        return Decision {
+            set: c.set.clone(),
+            lifetimes: c.lifetimes.clone(),
+            recovery: Some(Recovery {
+                kind: RecoveryKind::Restored,
+                message: format!(
+                    "the keys Secret {problem}; restored the operator's copy ({} keys, current {})",
+                    c.set.keys.len(),
+                    c.set.current().map_or("none", |k| k.kid.as_str())
+                ),
+            }),
+        };
+    }
+    if let Some(mut set) = parsed {
+        if let Some(conflict) = conflicting_kid(&set, published) {
+            return lost(
+                &format!(
+                    "{problem}; key {conflict} in it differs from the published key of that kid, so it was not adopted"
+                ),
+                published,
+                now,
+            );
+        }
+        let restored = keep_published(&mut set, published, now);
+        return Decision {
+            set,
+            lifetimes,
+            recovery: Some(Recovery {
+                kind: RecoveryKind::Adopted,
+                message: format!(
+                    "the keys Secret {problem}; the operator had no copy, so the edited key set was adopted{}",
+                    if restored > 0 {
+                        format!(" and {restored} published key(s) missing from it were kept as retired")
+                    } else {
+                        String::new()
+                    }
+                ),
+            }),
+        };
+    }
+    let published_keys = published.map_or(0, |p| p.keys.len());
+    if !had_keys && published_keys == 0 {
+        return Decision { set: KeySet::empty(), lifetimes: Lifetimes::new(), recovery: None };
+    }
+    lost(&problem, published, now)
+}
+
+/// A kid present in both sets whose public key differs.
+fn conflicting_kid(set: &KeySet, published: Option<&KeySet>) -> Option<String> {
+    let published = published?;
+    set.keys.iter().find_map(|k| {
+        let p = published.get(&k.kid)?;
+        (p.alg != k.alg || p.public_jwk != k.public_jwk).then(|| k.kid.clone())
+    })
+}
+
+/// Adds, as retired and public-only, every published key missing from `set`. Returns how many.
+fn keep_published(set: &mut KeySet, published: Option<&KeySet>, now: i64) -> usize {
+    let Some(published) = published else { return 0 };
+    let mut n = 0;
+    for p in &published.keys {
+        if set.get(&p.kid).is_none() {
+            set.keys.push(retired_public(p, now));
+            n += 1;
+        }
+    }
+    n
+}
+
+fn retired_public(p: &KeyEntry, now: i64) -> KeyEntry {
+    KeyEntry {
+        state: KeyState::Retired,
+        // A key that was current or next may have signed until now.
+        retired_at: if p.state == KeyState::Retired { p.retired_at.or(Some(now)) } else { Some(now) },
+        private_key_pem: None,
+        secret: None,
+        ..p.clone()
+    }
+}
+
+fn lost(problem: &str, published: Option<&KeySet>, now: i64) -> Decision {
+    let mut set = KeySet::empty();
+    let kept = keep_published(&mut set, published, now);
+    Decision {
+        set,
+        lifetimes: Lifetimes::new(),
+        recovery: Some(Recovery {
+            kind: RecoveryKind::Lost,
+            message: format!(
+                "the keys Secret {problem}, and the operator had no copy of the private keys: {kept} published public key(s) \
+                 are kept as retired so tokens they signed verify until they expire{}; a new key signs from now, and pods \
+                 that have not received it yet reject its tokens for up to the propagation delay",
+                if kept == 0 {
+                    " (HMAC keys have no public half: tokens signed with them no longer verify)"
+                } else {
+                    ""
+                }
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::{keyset_bytes, sha256_hex};
+    use authrealm_contract::Alg;
+    use authrealm_contract::keygen::generate;
+    use k8s_openapi::ByteString;
+    use std::collections::BTreeMap;
+
+    fn keys() -> KeySet {
+        KeySet {
+            keys: vec![
+                KeyEntry { retired_at: Some(50), ..generate(Alg::ES256, "old", 0, KeyState::Retired).unwrap() },
+                generate(Alg::ES256, "cur", 40, KeyState::Current).unwrap(),
+            ],
+            ..KeySet::empty()
+        }
+    }
+
+    fn secret(bytes: Vec<u8>, digest: Option<String>) -> Secret {
+        let mut ann = BTreeMap::from([(ANN_TOKEN_LIFETIMES.to_owned(), r#"{"cur":60}"#.to_owned())]);
+        if let Some(d) = digest {
+            ann.insert(ANN_KEYSET_SHA256.to_owned(), d);
+        }
+        Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                annotations: Some(ann),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(KEYSET_KEY.to_owned(), ByteString(bytes))])),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn classify_table() {
+        let set = keys();
+        let bytes = keyset_bytes(&set);
+        let good = secret(bytes.clone(), Some(sha256_hex(&bytes)));
+        assert!(matches!(classify(Some(&good)), SecretState::Trusted { ref lifetimes, .. } if lifetimes["cur"] == 60));
+        assert_eq!(classify(None), SecretState::Missing);
+        // Same content, digest missing: edited but adoptable.
+        assert!(matches!(classify(Some(&secret(bytes.clone(), None))), SecretState::Edited { parsed: Some(_), .. }));
+        // Garbage.
+        let garbage = secret(b"{not json".to_vec(), Some(sha256_hex(b"{not json")));
+        assert!(matches!(classify(Some(&garbage)), SecretState::Edited { parsed: None, .. }));
+        // A private key swapped under the public key: material check fails.
+        let mut swapped = set.clone();
+        swapped.keys[1].private_key_pem = generate(Alg::ES256, "x", 0, KeyState::Next).unwrap().private_key_pem;
+        let b = keyset_bytes(&swapped);
+        match classify(Some(&secret(b, None))) {
+            SecretState::Edited { parsed: None, problem, .. } => {
+                assert!(problem.contains("does not match"), "{problem}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // No data at all.
+        let empty = Secret { data: None, ..good };
+        assert!(matches!(classify(Some(&empty)), SecretState::Edited { parsed: None, .. }));
+    }
+
+    #[test]
+    fn decide_table() {
+        let set = keys();
+        let published = set.public_only();
+        let cache = Cached { set: set.clone(), lifetimes: Lifetimes::from([("cur".into(), 60)]) };
+        let edited = SecretState::Edited { parsed: None, lifetimes: Lifetimes::new(), problem: "x".into() };
+
+        // Trusted: as is.
+        let d = decide(
+            SecretState::Trusted { set: set.clone(), lifetimes: Lifetimes::new() },
+            Some(&cache),
+            Some(&published),
+            true,
+            100,
+        );
+        assert_eq!((d.set, d.recovery), (set.clone(), None));
+
+        // Deleted or edited with a copy: restored verbatim.
+        for state in [SecretState::Missing, edited.clone()] {
+            let d = decide(state, Some(&cache), Some(&published), true, 100);
+            assert_eq!(d.set, set);
+            assert_eq!(d.lifetimes, cache.lifetimes);
+            assert_eq!(d.recovery.unwrap().kind, RecoveryKind::Restored);
+        }
+
+        // Fresh realm.
+        let d = decide(SecretState::Missing, None, None, false, 100);
+        assert!(d.set.keys.is_empty() && d.recovery.is_none());
+
+        // Deleted without a copy: public keys kept as retired, no private material.
+        let d = decide(SecretState::Missing, None, Some(&published), true, 100);
+        let r = d.recovery.unwrap();
+        assert_eq!(r.kind, RecoveryKind::Lost);
+        assert_eq!(d.set.keys.len(), 2);
+        assert!(d.set.keys.iter().all(|k| k.state == KeyState::Retired && k.private_key_pem.is_none()));
+        assert_eq!(d.set.get("old").unwrap().retired_at, Some(50), "an old retirement time is kept");
+        assert_eq!(d.set.get("cur").unwrap().retired_at, Some(100), "the current key retires now");
+        // ...even when the status says keys existed but the JWKS is gone too (HMAC realms).
+        let d = decide(SecretState::Missing, None, None, true, 100);
+        assert!(d.recovery.unwrap().message.contains("HMAC"));
+        assert!(d.set.keys.is_empty());
+
+        // Edited, valid, without a copy: adopted, published keys it dropped are kept.
+        let mut trimmed = set.clone();
+        trimmed.keys.retain(|k| k.kid == "cur");
+        let d = decide(
+            SecretState::Edited { parsed: Some(trimmed), lifetimes: Lifetimes::new(), problem: "p".into() },
+            None,
+            Some(&published),
+            true,
+            100,
+        );
+        assert_eq!(d.recovery.unwrap().kind, RecoveryKind::Adopted);
+        assert_eq!(d.set.get("old").unwrap().state, KeyState::Retired);
+        assert!(d.set.get("cur").unwrap().private_key_pem.is_some());
+
+        // Edited with a different key under a published kid: not adopted.
+        let mut swapped = set.clone();
+        swapped.keys[1] = generate(Alg::ES256, "cur", 40, KeyState::Current).unwrap();
+        let d = decide(
+            SecretState::Edited { parsed: Some(swapped), lifetimes: Lifetimes::new(), problem: "p".into() },
+            None,
+            Some(&published),
+            true,
+            100,
+        );
+        let r = d.recovery.unwrap();
+        assert_eq!(r.kind, RecoveryKind::Lost);
+        assert!(r.message.contains("differs"), "{}", r.message);
+        assert_eq!(d.set.get("cur").unwrap().public_jwk, published.get("cur").unwrap().public_jwk);
+    }
+}

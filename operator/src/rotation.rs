@@ -1,0 +1,655 @@
+//! The key rotation schedule: a pure function of (key set, schedule, now) — no I/O, no clock,
+//! no randomness (new keys come from a caller-supplied generator).
+//!
+//! # Timeline of one key (I = interval, P = propagation delay, L = token lifetime bound)
+//!
+//! ```text
+//!   created as `next`          becomes `current`              `retired`                       removed
+//!   (published everywhere)     (signs new tokens)             (verifies only)
+//! ──────●──────── P ──────────────●───────────── I ──────────────●──── P ────┬──── L ──────────●──▶
+//!   A − P                         A                              A + I       │ last token a lagging
+//!                                                                            │ pod can sign with it
+//! ```
+//!
+//! * A key is created `next` one propagation delay before it is due to sign, so every verifier's
+//!   mounted key set knows it before the first token it signs exists.
+//! * It is promoted to `current` at `max(previous activation + I, created + P)`; the previous
+//!   current key is retired at the same moment.
+//! * Pods that have not yet seen the promotion still sign with the retired key for up to P, and
+//!   those tokens are accepted for L = longest token TTL + clock leeway. So a retired key is
+//!   removed at `retired + P + L`. L is the largest value in effect while the key could sign
+//!   (recorded per key, see [`Lifetimes`]), so shortening the TTL never drops a key early.
+//! * Changing the algorithm starts a new chain at once: a key of the new algorithm is created
+//!   `next`, promoted after P, and the old key retires like any other.
+//! * With no current key (first reconcile, or after the key set was lost), a `next` key is
+//!   promoted immediately, or a `current` key is created.
+
+use std::collections::BTreeMap;
+
+use authrealm_contract::{Alg, KeyEntry, KeySet, KeyState};
+
+/// The rotation parameters of a realm, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Algorithm of new keys.
+    pub alg: Alg,
+    /// How long a key signs before its successor takes over.
+    pub interval: i64,
+    /// Publication lead time of a new key, and the time pods may keep signing with a key after
+    /// its retirement.
+    pub propagation: i64,
+    /// How long after signing a token can still be accepted: max token TTL + clock leeway.
+    pub token_lifetime: i64,
+}
+
+/// Per key id: the largest [`Schedule::token_lifetime`] in effect while the key could sign.
+pub type Lifetimes = BTreeMap<String, i64>;
+
+/// Why a key leaves the set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Retired, and every token it can have signed has expired.
+    Expired,
+    /// A `next` key that never signed and is no longer wanted (algorithm changed, duplicate).
+    Superseded,
+}
+
+/// One change to the key set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Generate a key; `activate_at` is when it is planned to become current.
+    Create {
+        alg: Alg,
+        state: KeyState,
+        activate_at: i64,
+    },
+    /// `next` → `current` (activated now).
+    Promote {
+        kid: String,
+    },
+    /// `current` → `retired` (retired now).
+    Retire {
+        kid: String,
+    },
+    Remove {
+        kid: String,
+        reason: Removal,
+    },
+    /// Update the planned activation time of a `next` key.
+    Reschedule {
+        kid: String,
+        activate_at: i64,
+    },
+    /// A retired key without a retirement time gets `now` (the conservative choice).
+    StampRetired {
+        kid: String,
+    },
+    /// Raise the recorded token lifetime bound of a key that can sign.
+    RecordLifetime {
+        kid: String,
+        seconds: i64,
+    },
+}
+
+/// What to do now, and when to look again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// The earliest future time at which the plan changes.
+    pub wake_at: Option<i64>,
+    /// When the current key is planned to stop signing.
+    pub rotation_at: Option<i64>,
+}
+
+fn earliest(a: Option<i64>, b: i64) -> Option<i64> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+/// When a retired key may be removed.
+pub fn removal_time(key: &KeyEntry, lifetimes: &Lifetimes, s: &Schedule) -> Option<i64> {
+    let retired = key.retired_at?;
+    let bound = lifetimes.get(&key.kid).copied().unwrap_or(0).max(s.token_lifetime);
+    Some(retired.saturating_add(s.propagation).saturating_add(bound))
+}
+
+/// When `next` will replace `current`.
+fn promotion_time(current: &KeyEntry, next: &KeyEntry, s: &Schedule) -> i64 {
+    let published = next.created_at.saturating_add(s.propagation);
+    if current.alg != s.alg {
+        published
+    } else {
+        let activated = current.activated_at.unwrap_or(current.created_at);
+        activated.saturating_add(s.interval).max(published)
+    }
+}
+
+/// The steps due at `now` for `set`, and when to look again.
+pub fn plan(set: &KeySet, lifetimes: &Lifetimes, s: &Schedule, now: i64) -> Plan {
+    let mut p = Plan::default();
+    let current = set.current();
+
+    // At most one `next` key: the newest of the realm's algorithm. Others never signed.
+    let keep = set
+        .keys
+        .iter()
+        .filter(|k| k.state == KeyState::Next && k.alg == s.alg)
+        .max_by(|a, b| (a.created_at, &a.kid).cmp(&(b.created_at, &b.kid)));
+    for k in set.keys.iter().filter(|k| k.state == KeyState::Next) {
+        if keep.is_none_or(|n| n.kid != k.kid) {
+            p.steps.push(Step::Remove { kid: k.kid.clone(), reason: Removal::Superseded });
+        }
+    }
+
+    match (current, keep) {
+        (None, Some(n)) => p.steps.push(Step::Promote { kid: n.kid.clone() }),
+        (None, None) => p.steps.push(Step::Create { alg: s.alg, state: KeyState::Current, activate_at: now }),
+        (Some(c), Some(n)) => {
+            let at = promotion_time(c, n, s);
+            if now >= at {
+                p.steps.push(Step::Promote { kid: n.kid.clone() });
+                p.steps.push(Step::Retire { kid: c.kid.clone() });
+            } else {
+                p.wake_at = earliest(p.wake_at, at);
+                p.rotation_at = Some(at);
+                if n.activated_at != Some(at) {
+                    p.steps.push(Step::Reschedule { kid: n.kid.clone(), activate_at: at });
+                }
+            }
+        }
+        (Some(c), None) => {
+            let activated = c.activated_at.unwrap_or(c.created_at);
+            let (create_at, activate_at) = if c.alg != s.alg {
+                (now, now.saturating_add(s.propagation))
+            } else {
+                let due = activated.saturating_add(s.interval);
+                (due.saturating_sub(s.propagation), due.max(now.saturating_add(s.propagation)))
+            };
+            if now >= create_at {
+                p.steps.push(Step::Create { alg: s.alg, state: KeyState::Next, activate_at });
+                p.wake_at = earliest(p.wake_at, activate_at);
+                p.rotation_at = Some(activate_at);
+            } else {
+                p.wake_at = earliest(p.wake_at, create_at);
+                p.rotation_at = Some(activated.saturating_add(s.interval));
+            }
+        }
+    }
+
+    for k in &set.keys {
+        // Keys that can sign somewhere: the current one, and retired ones that lagging pods
+        // may still use.
+        let may_sign = match k.state {
+            KeyState::Current => true,
+            KeyState::Retired => k.retired_at.is_some_and(|t| now < t.saturating_add(s.propagation)),
+            KeyState::Next => false,
+        };
+        if may_sign && lifetimes.get(&k.kid).is_none_or(|&l| l < s.token_lifetime) {
+            p.steps.push(Step::RecordLifetime { kid: k.kid.clone(), seconds: s.token_lifetime });
+        }
+        if k.state != KeyState::Retired {
+            continue;
+        }
+        match removal_time(k, lifetimes, s) {
+            None => p.steps.push(Step::StampRetired { kid: k.kid.clone() }),
+            Some(at) if now >= at => {
+                p.steps.push(Step::Remove { kid: k.kid.clone(), reason: Removal::Expired });
+            }
+            Some(at) => p.wake_at = earliest(p.wake_at, at),
+        }
+    }
+    p
+}
+
+/// A visible change, for events and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Created { kid: String, alg: Alg, state: KeyState, activate_at: i64 },
+    Promoted { kid: String },
+    Retired { kid: String },
+    Removed { kid: String, reason: Removal },
+}
+
+/// Applies `steps` to the set at `now`. `generate(alg, state, now)` makes a new key with a fresh,
+/// unique kid.
+pub fn apply<E>(
+    set: &mut KeySet,
+    lifetimes: &mut Lifetimes,
+    steps: &[Step],
+    now: i64,
+    generate: &mut impl FnMut(Alg, KeyState, i64) -> Result<KeyEntry, E>,
+) -> Result<Vec<Change>, E> {
+    let mut changes = Vec::new();
+    for step in steps {
+        match step {
+            Step::Create { alg, state, activate_at } => {
+                let mut k = generate(*alg, *state, now)?;
+                k.state = *state;
+                k.created_at = now;
+                k.activated_at = Some(*activate_at);
+                k.retired_at = None;
+                changes.push(Change::Created {
+                    kid: k.kid.clone(),
+                    alg: *alg,
+                    state: *state,
+                    activate_at: *activate_at,
+                });
+                set.keys.push(k);
+            }
+            Step::Promote { kid } => {
+                if let Some(k) = set.keys.iter_mut().find(|k| &k.kid == kid) {
+                    k.state = KeyState::Current;
+                    k.activated_at = Some(now);
+                    changes.push(Change::Promoted { kid: kid.clone() });
+                }
+            }
+            Step::Retire { kid } => {
+                if let Some(k) = set.keys.iter_mut().find(|k| &k.kid == kid) {
+                    k.state = KeyState::Retired;
+                    k.retired_at = Some(now);
+                    changes.push(Change::Retired { kid: kid.clone() });
+                }
+            }
+            Step::Remove { kid, reason } => {
+                set.keys.retain(|k| &k.kid != kid);
+                lifetimes.remove(kid);
+                changes.push(Change::Removed { kid: kid.clone(), reason: *reason });
+            }
+            Step::Reschedule { kid, activate_at } => {
+                if let Some(k) = set.keys.iter_mut().find(|k| &k.kid == kid) {
+                    k.activated_at = Some(*activate_at);
+                }
+            }
+            Step::StampRetired { kid } => {
+                if let Some(k) = set.keys.iter_mut().find(|k| &k.kid == kid) {
+                    k.retired_at = Some(now);
+                }
+            }
+            Step::RecordLifetime { kid, seconds } => {
+                let l = lifetimes.entry(kid.clone()).or_insert(0);
+                *l = (*l).max(*seconds);
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// The result of [`converge`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub changes: Vec<Change>,
+    /// True when the set or the lifetimes changed (they must be written).
+    pub modified: bool,
+    pub wake_at: Option<i64>,
+    pub rotation_at: Option<i64>,
+}
+
+/// Plans and applies until nothing is due at `now`.
+pub fn converge<E>(
+    set: &mut KeySet,
+    lifetimes: &mut Lifetimes,
+    s: &Schedule,
+    now: i64,
+    generate: &mut impl FnMut(Alg, KeyState, i64) -> Result<KeyEntry, E>,
+) -> Result<Outcome, E> {
+    let mut out = Outcome::default();
+    let before = lifetimes.len();
+    lifetimes.retain(|kid, _| set.get(kid).is_some());
+    out.modified = lifetimes.len() != before;
+    // Each round strictly advances the state (create → promote → retire → remove); a handful
+    // of rounds always settles.
+    for _ in 0..8 {
+        let p = plan(set, lifetimes, s, now);
+        if p.steps.is_empty() {
+            out.wake_at = p.wake_at;
+            out.rotation_at = p.rotation_at;
+            return Ok(out);
+        }
+        out.changes.extend(apply(set, lifetimes, &p.steps, now, generate)?);
+        out.modified = true;
+    }
+    out.wake_at = Some(now);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use authrealm_contract::keyset::KEYSET_VERSION;
+
+    const S: Schedule = Schedule { alg: Alg::ES256, interval: 100, propagation: 10, token_lifetime: 30 };
+
+    fn key(kid: &str, state: KeyState, created: i64, activated: Option<i64>, retired: Option<i64>) -> KeyEntry {
+        KeyEntry {
+            kid: kid.into(),
+            alg: Alg::ES256,
+            state,
+            created_at: created,
+            activated_at: activated,
+            retired_at: retired,
+            public_jwk: None,
+            private_key_pem: None,
+            secret: None,
+        }
+    }
+    fn set(keys: Vec<KeyEntry>) -> KeySet {
+        KeySet { version: KEYSET_VERSION.into(), keys }
+    }
+    fn lt(pairs: &[(&str, i64)]) -> Lifetimes {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+    use KeyState::{Current, Next, Retired};
+
+    #[test]
+    fn schedule_table() {
+        let rec = |kid: &str| Step::RecordLifetime { kid: kid.into(), seconds: 30 };
+        struct Case {
+            name: &'static str,
+            keys: Vec<KeyEntry>,
+            lifetimes: Lifetimes,
+            schedule: Schedule,
+            now: i64,
+            steps: Vec<Step>,
+            wake_at: Option<i64>,
+            rotation_at: Option<i64>,
+        }
+        let cases = vec![
+            Case {
+                name: "empty set: create a current key now",
+                keys: vec![],
+                lifetimes: lt(&[]),
+                schedule: S,
+                now: 1000,
+                steps: vec![Step::Create { alg: Alg::ES256, state: Current, activate_at: 1000 }],
+                wake_at: None,
+                rotation_at: None,
+            },
+            Case {
+                name: "fresh current key: nothing to do until A + I - P",
+                keys: vec![key("a", Current, 1000, Some(1000), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1001,
+                steps: vec![],
+                wake_at: Some(1090),
+                rotation_at: Some(1100),
+            },
+            Case {
+                name: "current key without a recorded lifetime gets one",
+                keys: vec![key("a", Current, 1000, Some(1000), None)],
+                lifetimes: lt(&[("a", 20)]),
+                schedule: S,
+                now: 1001,
+                steps: vec![rec("a")],
+                wake_at: Some(1090),
+                rotation_at: Some(1100),
+            },
+            Case {
+                name: "A + I - P: publish the successor as next, due at A + I",
+                keys: vec![key("a", Current, 1000, Some(1000), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1090,
+                steps: vec![Step::Create { alg: Alg::ES256, state: Next, activate_at: 1100 }],
+                wake_at: Some(1100),
+                rotation_at: Some(1100),
+            },
+            Case {
+                name: "operator was down: the successor still gets a full propagation delay",
+                keys: vec![key("a", Current, 1000, Some(1000), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1500,
+                steps: vec![Step::Create { alg: Alg::ES256, state: Next, activate_at: 1510 }],
+                wake_at: Some(1510),
+                rotation_at: Some(1510),
+            },
+            Case {
+                name: "next published, not yet due",
+                keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1095,
+                steps: vec![],
+                wake_at: Some(1100),
+                rotation_at: Some(1100),
+            },
+            Case {
+                name: "due: promote next, retire current",
+                keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1100,
+                steps: vec![Step::Promote { kid: "b".into() }, Step::Retire { kid: "a".into() }],
+                wake_at: None,
+                rotation_at: None,
+            },
+            Case {
+                name: "next created late is not promoted before it propagated",
+                keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1098, Some(1100), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1100,
+                steps: vec![Step::Reschedule { kid: "b".into(), activate_at: 1108 }],
+                wake_at: Some(1108),
+                rotation_at: Some(1108),
+            },
+            Case {
+                name: "retired key kept until retired + P + lifetime",
+                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 30), ("b", 30)]),
+                schedule: S,
+                now: 1139,
+                steps: vec![],
+                wake_at: Some(1140),
+                rotation_at: Some(1200),
+            },
+            Case {
+                name: "retired key removed at retired + P + lifetime",
+                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 30), ("b", 30)]),
+                schedule: S,
+                now: 1140,
+                steps: vec![Step::Remove { kid: "a".into(), reason: Removal::Expired }],
+                wake_at: Some(1190),
+                rotation_at: Some(1200),
+            },
+            Case {
+                name: "a longer recorded lifetime keeps a retired key longer after the TTL was lowered",
+                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 80), ("b", 30)]),
+                schedule: S,
+                now: 1140,
+                steps: vec![],
+                wake_at: Some(1190),
+                rotation_at: Some(1200),
+            },
+            Case {
+                name: "a raised TTL is recorded for the retired key while lagging pods may still sign with it",
+                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 10), ("b", 10)]),
+                schedule: S,
+                now: 1105,
+                steps: vec![rec("a"), rec("b")],
+                wake_at: Some(1140),
+                rotation_at: Some(1200),
+            },
+            Case {
+                name: "retired key without retirement time is stamped, not removed",
+                keys: vec![key("a", Retired, 0, Some(0), None), key("b", Current, 1090, Some(1100), None)],
+                lifetimes: lt(&[("b", 30)]),
+                schedule: S,
+                now: 5000,
+                steps: vec![
+                    Step::Create { alg: Alg::ES256, state: Next, activate_at: 5010 },
+                    Step::StampRetired { kid: "a".into() },
+                ],
+                wake_at: Some(5010),
+                rotation_at: Some(5010),
+            },
+            Case {
+                name: "algorithm change: new chain starts now, signs after P",
+                keys: vec![key("a", Current, 1000, Some(1000), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: Schedule { alg: Alg::EdDSA, ..S },
+                now: 1020,
+                steps: vec![Step::Create { alg: Alg::EdDSA, state: Next, activate_at: 1030 }],
+                wake_at: Some(1030),
+                rotation_at: Some(1030),
+            },
+            Case {
+                name: "algorithm change: a next key of the old algorithm is superseded",
+                keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: Schedule { alg: Alg::EdDSA, ..S },
+                now: 1095,
+                steps: vec![
+                    Step::Remove { kid: "b".into(), reason: Removal::Superseded },
+                    Step::Create { alg: Alg::EdDSA, state: Next, activate_at: 1105 },
+                ],
+                wake_at: Some(1105),
+                rotation_at: Some(1105),
+            },
+            Case {
+                name: "two next keys: the newest stays",
+                keys: vec![
+                    key("a", Current, 1000, Some(1000), None),
+                    key("b", Next, 1090, Some(1100), None),
+                    key("c", Next, 1091, Some(1100), None),
+                ],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1095,
+                steps: vec![
+                    Step::Remove { kid: "b".into(), reason: Removal::Superseded },
+                    Step::Reschedule { kid: "c".into(), activate_at: 1101 },
+                ],
+                wake_at: Some(1101),
+                rotation_at: Some(1101),
+            },
+            Case {
+                name: "no current key but a next one: promote it at once",
+                keys: vec![key("b", Next, 1090, Some(1100), None), key("a", Retired, 900, Some(900), Some(1000))],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1091,
+                steps: vec![
+                    Step::Promote { kid: "b".into() },
+                    Step::Remove { kid: "a".into(), reason: Removal::Expired },
+                ],
+                wake_at: None,
+                rotation_at: None,
+            },
+        ];
+        for c in cases {
+            let p = plan(&set(c.keys), &c.lifetimes, &c.schedule, c.now);
+            assert_eq!(p.steps, c.steps, "{}", c.name);
+            assert_eq!(p.wake_at, c.wake_at, "{} (wake_at)", c.name);
+            assert_eq!(p.rotation_at, c.rotation_at, "{} (rotation_at)", c.name);
+        }
+    }
+
+    fn fake_generator() -> impl FnMut(Alg, KeyState, i64) -> Result<KeyEntry, ()> {
+        let mut n = 0;
+        move |alg, state, now| {
+            n += 1;
+            Ok(KeyEntry { alg, ..key(&format!("k{n}"), state, now, None, None) })
+        }
+    }
+
+    #[test]
+    fn converge_bootstraps_and_is_idempotent() {
+        let mut s = KeySet::empty();
+        let mut l = Lifetimes::new();
+        let mut g = fake_generator();
+        let out = converge(&mut s, &mut l, &S, 1000, &mut g).unwrap();
+        assert_eq!(
+            out.changes,
+            vec![Change::Created { kid: "k1".into(), alg: Alg::ES256, state: Current, activate_at: 1000 }]
+        );
+        assert!(out.modified);
+        assert_eq!((out.wake_at, out.rotation_at), (Some(1090), Some(1100)));
+        assert_eq!(l.get("k1"), Some(&30));
+        let again = converge(&mut s, &mut l, &S, 1000, &mut g).unwrap();
+        assert!(!again.modified && again.changes.is_empty());
+        // A restarted operator computes the same plan from the same set: no new key.
+        let later = converge(&mut s, &mut l, &S, 1050, &mut g).unwrap();
+        assert!(!later.modified);
+    }
+
+    #[test]
+    fn converge_drops_lifetimes_of_unknown_keys() {
+        let mut s = set(vec![key("a", Current, 1000, Some(1000), None)]);
+        let mut l = lt(&[("a", 30), ("gone", 30)]);
+        let out = converge(&mut s, &mut l, &S, 1001, &mut fake_generator()).unwrap();
+        assert!(out.modified && out.changes.is_empty());
+        assert_eq!(l, lt(&[("a", 30)]));
+    }
+
+    /// Runs the operator's schedule over simulated time, reconciling at every wake-up (and at
+    /// random extra moments, with random outages), and checks the two promises the schedule
+    /// makes to pods whose copy of the key set lags by up to P:
+    ///  1. a key signs only after every verifier has it;
+    ///  2. every token a pod can have signed verifies everywhere until it expires.
+    #[test]
+    fn simulated_rotation_never_strands_a_token() {
+        for (seed, schedule) in [
+            (1u64, S),
+            (2, Schedule { alg: Alg::ES256, interval: 7, propagation: 2, token_lifetime: 5 }),
+            (3, Schedule { alg: Alg::ES256, interval: 5, propagation: 4, token_lifetime: 5 }),
+            (4, Schedule { alg: Alg::HS256, interval: 3, propagation: 1, token_lifetime: 1 }),
+        ] {
+            let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let mut next_rand = move |m: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % m
+            };
+            let horizon = 40 * schedule.interval;
+            let p = schedule.propagation;
+            let mut s = KeySet::empty();
+            let mut l = Lifetimes::new();
+            let mut g = fake_generator();
+            // history[t] = the published set after the operator's work at second t.
+            let mut history: Vec<Vec<(String, KeyState)>> = Vec::new();
+            let mut wake = 0i64;
+            let mut created = 0;
+            for t in 0..horizon {
+                let outage = next_rand(50) == 0;
+                if !outage && (t >= wake || next_rand(4) == 0) {
+                    let out = converge(&mut s, &mut l, &schedule, t, &mut g).unwrap();
+                    created += out.changes.iter().filter(|c| matches!(c, Change::Created { .. })).count();
+                    wake = out.wake_at.unwrap_or(t + 1);
+                }
+                history.push(s.keys.iter().map(|k| (k.kid.clone(), k.state)).collect());
+            }
+            assert!(created >= 30, "seed {seed}: only {created} keys created in {horizon}s");
+            let has = |t: i64, kid: &str| t < 0 || history[t as usize].iter().any(|(k, _)| k == kid);
+            for t in 0..horizon {
+                for d in 0..=p {
+                    // A pod lagging by d signs at t with the current key of the set at t - d.
+                    let seen = t - d;
+                    if seen < 0 {
+                        continue;
+                    }
+                    let Some((kid, _)) = history[seen as usize].iter().find(|(_, st)| *st == Current) else { continue };
+                    for u in t..=(t + schedule.token_lifetime).min(horizon - 1) {
+                        for d2 in 0..=p {
+                            // Any verifier, lagging by d2, checks the token at u (before
+                            // the first reconcile there were no pods with tokens).
+                            assert!(
+                                has(u - d2, kid),
+                                "seed {seed}: token signed at {t} by {kid} (pod lag {d}) unknown at {u} to a verifier lagging {d2}"
+                            );
+                        }
+                    }
+                }
+            }
+            // At most one current key and at most one next key at every moment.
+            for ks in &history {
+                assert!(ks.iter().filter(|(_, st)| *st == Current).count() <= 1);
+                assert!(ks.iter().filter(|(_, st)| *st == Next).count() <= 1);
+            }
+        }
+    }
+}
