@@ -1,0 +1,117 @@
+//! Webhook metrics. Label values are fixed strings (outcomes, reasons, certificate kinds), never
+//! names of pods, realms or namespaces.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Outcome of one admission review.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The sidecar was added.
+    Injected,
+    /// Admitted unchanged (opt-out, not opted in, already injected, or a warned skip).
+    Skipped,
+    /// Refused by policy (unknown or unready realm, invalid label or annotation, conflicts).
+    Denied,
+    /// The webhook could not decide (API lookup failed, malformed review); the Pod was refused.
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Injected => "injected",
+            Outcome::Skipped => "skipped",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `injected`, `skipped`, `denied`, `error`.
+    pub outcome: &'static str,
+    /// Skip/deny reason (`PodOptOut`, `RealmNotFound`, …), the role for injections
+    /// (`verifier`, `issuer`), or the error kind.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabels {
+    /// `ca` (a CA promotion or a new CA chain) or `serving` (a new serving certificate).
+    pub kind: &'static str,
+}
+
+/// The webhook's metrics. Cloning shares the underlying values.
+#[derive(Clone, Debug)]
+pub struct WebhookMetrics {
+    pub admissions: Family<AdmissionLabels, Counter>,
+    pub duration: Histogram,
+    /// Certificates this replica generated (self-managed mode).
+    pub cert_rotations: Family<CertLabels, Counter>,
+    /// Serving certificates this replica loaded into its TLS listener.
+    pub cert_reloads: Counter,
+    /// `notAfter` (Unix seconds) of the serving certificate in use.
+    pub cert_expiry: Gauge,
+}
+
+impl Default for WebhookMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WebhookMetrics {
+    pub fn new() -> Self {
+        WebhookMetrics {
+            admissions: Family::default(),
+            // 0.5 ms … ~8 s
+            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            cert_rotations: Family::default(),
+            cert_reloads: Counter::default(),
+            cert_expiry: Gauge::default(),
+        }
+    }
+
+    /// Registers every metric under `<prefix of registry>_webhook_…`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("webhook");
+        r.register("admissions", "Pod admission reviews by outcome and reason", self.admissions.clone());
+        r.register(
+            "admission_duration_seconds",
+            "Time to answer an admission review, lookups included",
+            self.duration.clone(),
+        );
+        r.register("cert_rotations", "Webhook certificates generated, by kind", self.cert_rotations.clone());
+        r.register("cert_reloads", "Serving certificates loaded into the TLS listener", self.cert_reloads.clone());
+        r.register(
+            "cert_expiry_timestamp_seconds",
+            "notAfter of the serving certificate in use",
+            self.cert_expiry.clone(),
+        );
+    }
+
+    /// Text exposition of these metrics alone, prefixed `authrealm_operator_webhook_`.
+    pub fn encode(&self) -> String {
+        let mut registry = Registry::with_prefix("authrealm_operator");
+        self.register(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String");
+        out
+    }
+
+    /// The count of one (outcome, reason) pair.
+    pub fn admission(&self, outcome: Outcome, reason: &'static str) -> u64 {
+        self.admissions.get_or_create(&AdmissionLabels { outcome: outcome.as_str(), reason }).get()
+    }
+
+    /// Counts one admission.
+    pub fn admissions_inc(&self, outcome: Outcome, reason: &'static str) {
+        self.admissions.get_or_create(&AdmissionLabels { outcome: outcome.as_str(), reason }).inc();
+    }
+}

@@ -1,0 +1,318 @@
+//! One AdmissionReview: gather the facts (the Pod, its Namespace's labels, its AuthRealm), call
+//! [`decide`], build the patch with [`mutate`], and record the outcome (metrics, events).
+//!
+//! Lookups that fail refuse the Pod (the same outcome as `failurePolicy: Fail` when the webhook
+//! is down): an opted-in Pod never starts unprotected because the API server hiccuped.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::{Client, Resource};
+
+use super::REALM_LABEL;
+use super::decide::{Decision, DecisionInput, UnreadyRealmPolicy, decide};
+use super::metrics::{Outcome, WebhookMetrics};
+use super::mutate::{already_injected, mutate};
+use super::realm::{SidecarDefaults, realm_state, sidecar_plan};
+use crate::crd::AuthRealm;
+use crate::events::REPORTING_CONTROLLER;
+
+/// Event reasons of the webhook.
+pub mod reason {
+    pub const INJECTED: &str = "Injected";
+    pub const INJECTION_SKIPPED: &str = "InjectionSkipped";
+    pub const INJECTION_DENIED: &str = "InjectionDenied";
+}
+
+/// How long one lookup (Namespace, AuthRealm) may take before the Pod is refused.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Answers admission reviews.
+#[derive(Clone)]
+pub struct Reviewer {
+    client: Client,
+    defaults: SidecarDefaults,
+    policy: UnreadyRealmPolicy,
+    metrics: WebhookMetrics,
+    instance: String,
+}
+
+/// What the review did, for metrics and events.
+struct Verdict {
+    response: AdmissionResponse,
+    outcome: Outcome,
+    reason: &'static str,
+    event: Option<EventSpec>,
+}
+
+/// An event to record about an admission.
+struct EventSpec {
+    reason: &'static str,
+    note: String,
+    warning: bool,
+}
+
+fn refuse(response: AdmissionResponse, message: String) -> AdmissionResponse {
+    let mut r = response.deny(message);
+    r.result.code = 403;
+    r.result.reason = "Forbidden".into();
+    r
+}
+
+impl Reviewer {
+    pub fn new(
+        client: Client,
+        defaults: SidecarDefaults,
+        policy: UnreadyRealmPolicy,
+        metrics: WebhookMetrics,
+        instance: String,
+    ) -> Self {
+        Reviewer { client, defaults, policy, metrics, instance: instance.chars().take(128).collect() }
+    }
+
+    /// Answers one HTTP body holding an AdmissionReview; returns the response body.
+    pub async fn review_json(&self, body: &[u8]) -> Vec<u8> {
+        let started = Instant::now();
+        let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.admissions_inc(Outcome::Error, "BadRequest");
+                return serde_json::to_vec(
+                    &AdmissionResponse::invalid(format!("authrealm: not an AdmissionReview: {e}")).into_review(),
+                )
+                .expect("review serialises");
+            }
+        };
+        let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.admissions_inc(Outcome::Error, "BadRequest");
+                return serde_json::to_vec(&AdmissionResponse::invalid(format!("authrealm: {e}")).into_review())
+                    .expect("review serialises");
+            }
+        };
+        let response = self.review(&request).await;
+        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        serde_json::to_vec(&response.into_review()).expect("review serialises")
+    }
+
+    /// Answers one admission request.
+    pub async fn review(&self, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
+        let (verdict, realm) = self.verdict(req).await;
+        self.metrics.admissions_inc(verdict.outcome, verdict.reason);
+        if let Some(event) = verdict.event
+            && !req.dry_run
+        {
+            let this = self.clone();
+            let ns = req.namespace.clone().unwrap_or_default();
+            let pod_name = pod_display_name(req);
+            let regarding = realm.map(|r| r.object_ref(&()));
+            tokio::spawn(async move { this.publish(&ns, &pod_name, regarding, event).await });
+        }
+        verdict.response
+    }
+
+    /// The verdict, and the AuthRealm when it was found.
+    async fn verdict(&self, req: &AdmissionRequest<DynamicObject>) -> (Verdict, Option<AuthRealm>) {
+        let base = AdmissionResponse::from(req);
+        let is_pod_create = req.kind.group.is_empty()
+            && req.kind.kind == "Pod"
+            && req.operation == Operation::Create
+            && req.sub_resource.is_none();
+        let pod: Option<Pod> = if is_pod_create {
+            match req.object.as_ref().map(|o| serde_json::to_value(o).and_then(serde_json::from_value::<Pod>)) {
+                Some(Ok(p)) => Some(p),
+                Some(Err(e)) => {
+                    let verdict = Verdict {
+                        response: refuse(base, format!("authrealm: cannot read the pod: {e}")),
+                        outcome: Outcome::Error,
+                        reason: "BadRequest",
+                        event: None,
+                    };
+                    return (verdict, None);
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        let empty = Default::default();
+        let ns = req.namespace.clone().unwrap_or_default();
+        let labels = pod.as_ref().and_then(|p| p.metadata.labels.as_ref()).unwrap_or(&empty);
+        let annotations = pod.as_ref().and_then(|p| p.metadata.annotations.as_ref()).unwrap_or(&empty);
+        let realm_name = labels.get(REALM_LABEL).cloned();
+
+        // Lookups only for pods that opted in (the objectSelector sends only those anyway).
+        let (mut ns_labels, mut realm) = (Default::default(), None);
+        if pod.is_some()
+            && let Some(name) = &realm_name
+        {
+            let namespaces: Api<Namespace> = Api::all(self.client.clone());
+            let realms: Api<AuthRealm> = Api::namespaced(self.client.clone(), &ns);
+            let valid_name = authrealm_contract::config::is_dns1123_subdomain(name);
+            let (ns_res, realm_res) =
+                tokio::join!(tokio::time::timeout(LOOKUP_TIMEOUT, namespaces.get_opt(&ns)), async {
+                    if valid_name {
+                        tokio::time::timeout(LOOKUP_TIMEOUT, realms.get_opt(name)).await
+                    } else {
+                        Ok(Ok(None))
+                    }
+                });
+            let failed = |what: String, e: String| {
+                let verdict = Verdict {
+                    response: refuse(
+                        base.clone(),
+                        format!("authrealm: cannot look up {what} to decide on sidecar injection: {e}; retry"),
+                    ),
+                    outcome: Outcome::Error,
+                    reason: "LookupFailed",
+                    event: None,
+                };
+                (verdict, None)
+            };
+            match ns_res {
+                Ok(Ok(n)) => ns_labels = n.and_then(|n| n.metadata.labels).unwrap_or_default(),
+                Ok(Err(e)) => return failed(format!("Namespace {ns}"), e.to_string()),
+                Err(_) => return failed(format!("Namespace {ns}"), "timed out".into()),
+            }
+            match realm_res {
+                Ok(Ok(r)) => realm = r,
+                Ok(Err(e)) => return failed(format!("AuthRealm {ns}/{name}"), e.to_string()),
+                Err(_) => return failed(format!("AuthRealm {ns}/{name}"), "timed out".into()),
+            }
+        }
+        let state = realm_state(realm.as_ref());
+        let decision = decide(&DecisionInput {
+            pod_create: pod.is_some(),
+            namespace: &ns,
+            namespace_labels: &ns_labels,
+            pod_labels: labels,
+            pod_annotations: annotations,
+            host_network: pod.as_ref().and_then(|p| p.spec.as_ref()).and_then(|s| s.host_network).unwrap_or(false),
+            already_injected: pod.as_ref().is_some_and(already_injected),
+            realm: &state,
+            policy: self.policy,
+        });
+        let pod_name = format!("{ns}/{}", pod_display_name(req));
+        let verdict = match decision {
+            Decision::Inject { realm: _, role } => {
+                let (Some(pod), Some(realm)) = (pod.as_ref(), realm.as_ref()) else {
+                    unreachable!("decide injects only a pod of a Ready realm");
+                };
+                let plan = sidecar_plan(realm, role, &self.defaults);
+                match mutate(pod, &plan) {
+                    Ok(patch) if patch.0.is_empty() => {
+                        Verdict { response: base, outcome: Outcome::Skipped, reason: "AlreadyInjected", event: None }
+                    }
+                    Ok(patch) => {
+                        let mut response = base.with_patch(patch).expect("patch serialises");
+                        response
+                            .audit_annotations
+                            .insert("injected".into(), format!("{}/{}", plan.realm, role.as_str()));
+                        Verdict {
+                            response,
+                            outcome: Outcome::Injected,
+                            reason: role.as_str(),
+                            event: Some(EventSpec {
+                                reason: reason::INJECTED,
+                                note: format!("Injected the authrealm sidecar ({}) into Pod {pod_name}", role.as_str()),
+                                warning: false,
+                            }),
+                        }
+                    }
+                    Err(e) => {
+                        let message = format!("authrealm: cannot inject the sidecar of realm {}: {e}", plan.realm);
+                        Verdict {
+                            response: refuse(base, message.clone()),
+                            outcome: Outcome::Denied,
+                            reason: "Conflict",
+                            event: Some(EventSpec {
+                                reason: reason::INJECTION_DENIED,
+                                note: format!("Pod {pod_name}: {message}"),
+                                warning: true,
+                            }),
+                        }
+                    }
+                }
+            }
+            Decision::Skip { reason: why, warning } => {
+                let event = (!why.is_silent()).then(|| {
+                    let note = match &warning {
+                        Some(w) => format!("Pod {pod_name}: {w}"),
+                        None => format!("Pod {pod_name} not injected: {}", why.as_str()),
+                    };
+                    EventSpec { reason: reason::INJECTION_SKIPPED, note, warning: warning.is_some() }
+                });
+                let mut response = base;
+                response.warnings = warning.map(|w| vec![w]);
+                Verdict { response, outcome: Outcome::Skipped, reason: why.as_str(), event }
+            }
+            Decision::Deny { reason: why, message } => Verdict {
+                response: refuse(base, message.clone()),
+                outcome: Outcome::Denied,
+                reason: why.as_str(),
+                event: Some(EventSpec {
+                    reason: reason::INJECTION_DENIED,
+                    note: format!("Pod {pod_name}: {message}"),
+                    warning: true,
+                }),
+            },
+        };
+        (verdict, realm)
+    }
+
+    /// Records an event about a Pod on its AuthRealm when that exists (so `kubectl describe
+    /// authrealm` lists what the injector did), else on the Pod (which does not exist yet at
+    /// admission: the event shows in `kubectl get events`). Failures are logged only.
+    async fn publish(&self, ns: &str, pod_name: &str, regarding: Option<ObjectReference>, event: EventSpec) {
+        let regarding = regarding.unwrap_or_else(|| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(ns.to_owned()),
+            name: Some(pod_name.to_owned()),
+            ..ObjectReference::default()
+        });
+        let now = Timestamp::now();
+        let base = regarding.name.clone().unwrap_or_default();
+        let base = base.trim_end_matches(['-', '.', '*']);
+        let ev = Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{}.{:x}", if base.is_empty() { "pod" } else { base }, now.as_nanosecond())),
+                namespace: Some(ns.to_owned()),
+                ..ObjectMeta::default()
+            },
+            action: Some("Admit".into()),
+            reason: Some(event.reason.into()),
+            note: Some(event.note.chars().take(1000).collect()),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(regarding),
+            reporting_controller: Some(REPORTING_CONTROLLER.into()),
+            reporting_instance: Some(self.instance.clone()),
+            type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
+            ..Event::default()
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), ns);
+        if let Err(e) = api.create(&PostParams::default(), &ev).await {
+            tracing::warn!(namespace = %ns, reason = event.reason, error = %e, "failed to publish webhook event");
+        }
+    }
+}
+
+/// The pod's name, or its generateName followed by `*` when the name is not assigned yet.
+fn pod_display_name(req: &AdmissionRequest<DynamicObject>) -> String {
+    if !req.name.is_empty() {
+        return req.name.clone();
+    }
+    let meta = req.object.as_ref().map(|o| o.meta());
+    match meta {
+        Some(m) if m.name.as_deref().is_some_and(|n| !n.is_empty()) => m.name.clone().unwrap_or_default(),
+        Some(m) => format!("{}*", m.generate_name.clone().unwrap_or_default()),
+        None => "(unknown)".into(),
+    }
+}
