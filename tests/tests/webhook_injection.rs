@@ -1,0 +1,238 @@
+//! Sidecar injection through a real kube-apiserver: the API server calls the operator's webhook
+//! (running in this process on 127.0.0.1, trusted through the caBundle it publishes itself) for
+//! every Pod created in these tests.
+
+mod webhook_support;
+
+use std::time::{Duration, Instant};
+
+use authrealm_operator::webhook::metrics::Outcome;
+use authrealm_operator::webhook::{STATUS_ANNOTATION, UnreadyRealmPolicy};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, PostParams};
+use webhook_support::{Fixture, app_pod, eventually, keys_volume, mounted_secrets, sidecar_count};
+
+fn status_message(body: &serde_json::Value) -> String {
+    body["message"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_pods_get_the_sidecar_exactly_once_and_opt_outs_win() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let fx = Fixture::start(|_| {}).await?;
+    eprintln!("fixture ready after {:.1?}", started.elapsed());
+    let ns = fx.namespace("inject").await?;
+    fx.create_realm(&ns, "demo", None, true).await?;
+    let pods = fx.pods(&ns);
+    let pp = PostParams::default();
+
+    // A labelled Pod comes back with the sidecar, once, as a native sidecar.
+    let web = pods.create(&pp, &app_pod("web", "demo", &[])).await?;
+    assert_eq!(sidecar_count(&web), 1, "labelled pod injected exactly once");
+    let spec = web.spec.as_ref().unwrap();
+    let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(sidecar.image.as_deref(), Some("authrealm-sidecar:test"));
+    let ports: Vec<_> =
+        sidecar.ports.iter().flatten().map(|p| (p.name.clone().unwrap_or_default(), p.container_port)).collect();
+    assert!(ports.contains(&("authrealm".into(), 8443)), "public port named for Services: {ports:?}");
+    let env = sidecar.env.as_ref().unwrap();
+    let password = env.iter().find(|e| e.name == "AUTHREALM_REDIS_PASSWORD").expect("password env");
+    let key_ref = password.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).unwrap();
+    assert_eq!((key_ref.name.as_str(), key_ref.key.as_str()), ("redis-auth", "password"));
+    assert!(password.value.is_none(), "the password is never inlined");
+    assert_eq!(spec.containers.len(), 1, "app containers untouched");
+    let status = web.metadata.annotations.as_ref().and_then(|a| a.get(STATUS_ANNOTATION)).expect("status annotation");
+    assert!(status.contains(r#""role":"verifier""#) && status.contains(r#""realm":"demo""#), "{status}");
+    // Verify-only: the public key set, and no Secret at all.
+    assert_eq!(keys_volume(&web), Some(("configMap", "demo-jwks".to_owned())));
+    assert!(mounted_secrets(&web).is_empty(), "{:?}", mounted_secrets(&web));
+
+    // An issuer Pod gets the private key set.
+    let login = pods.create(&pp, &app_pod("login", "demo", &[("authrealm.dev/role", "issuer")])).await?;
+    assert_eq!(sidecar_count(&login), 1);
+    assert_eq!(keys_volume(&login), Some(("secret", "demo-signing-keys".to_owned())));
+
+    // An HMAC realm has no public keys: every pod mounts the (secret) key set.
+    fx.create_realm(&ns, "shared", Some("HS256"), true).await?;
+    let hmac = pods.create(&pp, &app_pod("hmac", "shared", &[])).await?;
+    assert_eq!(keys_volume(&hmac), Some(("secret", "shared-signing-keys".to_owned())));
+
+    // An unlabelled Pod is untouched (the objectSelector keeps it away from the webhook).
+    let plain_in = app_pod("plain", "", &[]);
+    let plain = pods.create(&pp, &plain_in).await?;
+    assert_eq!(sidecar_count(&plain), 0);
+    assert!(plain.spec.as_ref().unwrap().init_containers.is_none());
+    assert!(plain.metadata.annotations.as_ref().is_none_or(|a| !a.contains_key(STATUS_ANNOTATION)));
+
+    // Opt-outs win: the pod annotation…
+    let opted_out = pods.create(&pp, &app_pod("opted-out", "demo", &[("authrealm.dev/inject", "false")])).await?;
+    assert_eq!(sidecar_count(&opted_out), 0);
+    // …even with an invalid role annotation that would otherwise be refused…
+    let opted_out2 = pods
+        .create(
+            &pp,
+            &app_pod(
+                "opted-out-2",
+                "nonexistent",
+                &[("authrealm.dev/inject", "false"), ("authrealm.dev/role", "admin")],
+            ),
+        )
+        .await?;
+    assert_eq!(sidecar_count(&opted_out2), 0);
+    // …and the namespace label.
+    let off_ns = fx.namespace_with("optout", &[("authrealm.dev/injection", "disabled")]).await?;
+    fx.create_realm(&off_ns, "demo", None, true).await?;
+    let off = fx.pods(&off_ns).create(&pp, &app_pod("web", "demo", &[])).await?;
+    assert_eq!(sidecar_count(&off), 0);
+
+    // Reinvocation: a Pod that already carries the sidecar goes through unchanged.
+    let before = fx.metrics.admission(Outcome::Skipped, "AlreadyInjected");
+    let mut again: Pod = web.clone();
+    again.metadata = kube::api::ObjectMeta {
+        name: Some("web-again".into()),
+        labels: web.metadata.labels.clone(),
+        annotations: web.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    let again = pods.create(&pp, &again).await?;
+    assert_eq!(sidecar_count(&again), 1, "no second sidecar");
+    assert_eq!(again.spec.as_ref().unwrap().init_containers, web.spec.as_ref().unwrap().init_containers);
+    assert_eq!(again.spec.as_ref().unwrap().volumes, web.spec.as_ref().unwrap().volumes);
+    assert_eq!(
+        fx.metrics.admission(Outcome::Skipped, "AlreadyInjected"),
+        before + 1,
+        "the webhook was called and chose to change nothing"
+    );
+
+    // A realm that does not exist: refused, with a message naming it (default policy deny).
+    let r = fx.create_pod_raw(&ns, &app_pod("lost", "nope", &[])).await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let msg = status_message(&r.body);
+    assert!(msg.contains(&format!("AuthRealm {ns}/nope does not exist")), "{msg}");
+    assert!(pods.get_opt("lost").await?.is_none());
+
+    // A realm that is not Ready: refused, with the reason.
+    fx.create_realm(&ns, "down", None, false).await?;
+    let r = fx.create_pod_raw(&ns, &app_pod("down", "down", &[])).await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let msg = status_message(&r.body);
+    assert!(msg.contains("is not Ready") && msg.contains("RedisUnreachable"), "{msg}");
+
+    // A mistyped role: refused rather than silently verify-only.
+    let r = fx.create_pod_raw(&ns, &app_pod("typo", "demo", &[("authrealm.dev/role", "Issuer")])).await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(status_message(&r.body).contains("authrealm.dev/role"), "{}", r.body);
+
+    // hostNetwork: left alone, with a warning to the client.
+    let mut host = app_pod("host", "demo", &[]);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let r = fx.create_pod_raw(&ns, &host).await?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let created: Pod = serde_json::from_value(r.body)?;
+    assert_eq!(sidecar_count(&created), 0);
+    assert!(r.warnings.iter().any(|w| w.contains("hostNetwork") && w.contains("NOT protected")), "{:?}", r.warnings);
+
+    // Metrics by outcome.
+    assert!(fx.metrics.admission(Outcome::Injected, "verifier") >= 1);
+    assert_eq!(fx.metrics.admission(Outcome::Injected, "issuer"), 2);
+    assert_eq!(fx.metrics.admission(Outcome::Denied, "RealmNotFound"), 1);
+    assert_eq!(fx.metrics.admission(Outcome::Denied, "RealmNotReady"), 1);
+    let text = fx.metrics.encode();
+    assert!(text.contains("authrealm_operator_webhook_admission_duration_seconds_count"), "{text}");
+
+    // Events on the realm: Injected, and the denial.
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), &ns);
+    let found = eventually("Injected and InjectionDenied events", Duration::from_secs(10), || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            let reasons: Vec<(String, String, String)> = list
+                .items
+                .iter()
+                .map(|e| {
+                    (
+                        e.reason.clone().unwrap_or_default(),
+                        e.regarding.as_ref().and_then(|r| r.kind.clone()).unwrap_or_default(),
+                        e.note.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let injected =
+                reasons.iter().any(|(r, kind, note)| r == "Injected" && kind == "AuthRealm" && note.contains("/web"));
+            let denied = reasons.iter().any(|(r, _, note)| r == "InjectionDenied" && note.contains("nope"));
+            Ok((injected && denied).then_some(reasons))
+        }
+    })
+    .await?;
+    eprintln!("events: {found:?}");
+    eprintln!("test took {:.1?}", started.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warn_policy_admits_a_pod_of_an_unknown_realm_unprotected_with_a_warning() -> anyhow::Result<()> {
+    let fx = Fixture::start(|c| c.unready_realm_policy = UnreadyRealmPolicy::Warn).await?;
+    let ns = fx.namespace("warn").await?;
+    let r = fx.create_pod_raw(&ns, &app_pod("lost", "nope", &[])).await?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let created: Pod = serde_json::from_value(r.body)?;
+    assert_eq!(sidecar_count(&created), 0);
+    assert!(
+        r.warnings.iter().any(|w| w.contains("does not exist") && w.contains("admitted WITHOUT the sidecar")),
+        "never silently unprotected: {:?}",
+        r.warnings
+    );
+    assert_eq!(fx.metrics.admission(Outcome::Skipped, "RealmNotFound"), 1);
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), &ns);
+    eventually("an InjectionSkipped warning event", Duration::from_secs(10), || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("InjectionSkipped") && e.type_.as_deref() == Some("Warning"))
+                .then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_pod_is_admitted_where_the_restricted_pod_security_standard_is_enforced() -> anyhow::Result<()> {
+    let fx = Fixture::start(|_| {}).await?;
+    let ns = fx
+        .namespace_with(
+            "restricted",
+            &[
+                ("pod-security.kubernetes.io/enforce", "restricted"),
+                ("pod-security.kubernetes.io/enforce-version", "latest"),
+            ],
+        )
+        .await?;
+    fx.create_realm(&ns, "demo", None, true).await?;
+
+    // Control: the namespace really enforces `restricted` (a pod without a securityContext is
+    // refused).
+    let mut loose = app_pod("loose", "", &[]);
+    let spec = loose.spec.as_mut().unwrap();
+    spec.security_context = None;
+    spec.containers[0].security_context = None;
+    let r = fx.create_pod_raw(&ns, &loose).await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(status_message(&r.body).contains("violates PodSecurity"), "{}", r.body);
+
+    // The injected sidecar passes PodSecurity (which runs after the mutating webhooks), both as
+    // verifier and as issuer.
+    for (name, annotations) in [("web", vec![]), ("login", vec![("authrealm.dev/role", "issuer")])] {
+        let r = fx.create_pod_raw(&ns, &app_pod(name, "demo", &annotations)).await?;
+        assert_eq!(r.status, 201, "{name}: {}", r.body);
+        assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
+        let pod: Pod = serde_json::from_value(r.body)?;
+        assert_eq!(sidecar_count(&pod), 1, "{name}");
+    }
+    Ok(())
+}
