@@ -18,10 +18,9 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
-use kube::discovery::{Discovery, Scope};
-use webhook_support::{app_pod, create_pod_raw, create_realm, eventually, sidecar_count};
+use kube::api::{Api, PostParams};
+use kube::discovery::Discovery;
+use webhook_support::{app_pod, apply_document, create_pod_raw, create_realm, documents, eventually, sidecar_count};
 
 const RELEASE: &str = "authrealm";
 const NAMESPACE: &str = "authrealm-system";
@@ -79,17 +78,6 @@ fn render(sets: &[&str]) -> anyhow::Result<String> {
         cmd.args(["--set", s]);
     }
     run(&mut cmd)
-}
-
-fn documents(yaml: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut docs = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
 }
 
 const VARIANTS: &[(&str, &[&str])] = &[
@@ -202,24 +190,8 @@ fn rendered_chart_has_the_documented_safety_settings() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Server-side dry-run of one object (create or update), as `kubectl apply --server-side
-/// --dry-run=server` does.
 async fn dry_run_apply(client: &kube::Client, discovery: &Discovery, doc: &serde_json::Value) -> anyhow::Result<()> {
-    let obj: DynamicObject = serde_json::from_value(doc.clone())?;
-    let types = obj.types.clone().context("object without apiVersion/kind")?;
-    let gvk = GroupVersionKind::try_from(&types)?;
-    let (ar, caps) = discovery.resolve_gvk(&gvk).with_context(|| format!("the API server does not serve {gvk:?}"))?;
-    let api: Api<DynamicObject> = match caps.scope {
-        Scope::Namespaced => {
-            Api::namespaced_with(client.clone(), obj.metadata.namespace.as_deref().unwrap_or(NAMESPACE), &ar)
-        }
-        Scope::Cluster => Api::all_with(client.clone(), &ar),
-    };
-    let name = obj.metadata.name.clone().context("object without a name")?;
-    api.patch(&name, &PatchParams::apply("authrealm-chart-test").dry_run(), &Patch::Apply(&obj))
-        .await
-        .with_context(|| format!("server-side dry-run of {} {name}", gvk.kind))?;
-    Ok(())
+    apply_document(client, discovery, doc, NAMESPACE, true).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -324,3 +324,48 @@ pub async fn create_pod_raw(client: &Client, ns: &str, pod: &Pod) -> anyhow::Res
     let bytes = http_body_util::BodyExt::collect(resp.into_body()).await?.to_bytes();
     Ok(RawResponse { status, warnings, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) })
 }
+
+/// The documents of a multi-document YAML file (empty documents skipped).
+pub fn documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v: Value = serde::Deserialize::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+/// Server-side apply of one object (as `kubectl apply --server-side [--dry-run=server]`);
+/// namespaced objects without a namespace go to `default_ns`.
+pub async fn apply_document(
+    client: &Client,
+    discovery: &kube::discovery::Discovery,
+    doc: &Value,
+    default_ns: &str,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use kube::api::DynamicObject;
+    use kube::core::GroupVersionKind;
+    use kube::discovery::Scope;
+    let obj: DynamicObject = serde_json::from_value(doc.clone())?;
+    let types = obj.types.clone().context("object without apiVersion/kind")?;
+    let gvk = GroupVersionKind::try_from(&types)?;
+    let (ar, caps) = discovery.resolve_gvk(&gvk).with_context(|| format!("the API server does not serve {gvk:?}"))?;
+    let api: Api<DynamicObject> = match caps.scope {
+        Scope::Namespaced => {
+            Api::namespaced_with(client.clone(), obj.metadata.namespace.as_deref().unwrap_or(default_ns), &ar)
+        }
+        Scope::Cluster => Api::all_with(client.clone(), &ar),
+    };
+    let name = obj.metadata.name.clone().context("object without a name")?;
+    let mut pp = PatchParams::apply("authrealm-tests");
+    if dry_run {
+        pp = pp.dry_run();
+    }
+    api.patch(&name, &pp, &Patch::Apply(&obj))
+        .await
+        .with_context(|| format!("server-side apply (dry run: {dry_run}) of {} {name}", gvk.kind))?;
+    Ok(())
+}
