@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// Longest time a realm deletion waits for its session purge.
     #[arg(long, env = "AUTHREALM_PURGE_TIMEOUT", default_value = "5m")]
     pub purge_timeout: String,
+    /// The sidecar-injection webhook (`--webhook-*`, `--sidecar-image*`).
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookConfig,
 }
 
 /// Validated settings of a run.
@@ -80,6 +83,8 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub settings: Settings,
     pub lease: Option<LeaseSettings>,
+    /// None when `--webhook-enabled=false`.
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 /// A flag that cannot be used, named.
@@ -157,7 +162,14 @@ impl RunArgs {
         } else {
             None
         };
-        Ok(Config { http_addr, settings, lease })
+        let webhook = match self.webhook.enabled {
+            true => {
+                self.webhook.check().map_err(|(flag, message)| ConfigError { flag, message })?;
+                Some(self.webhook.clone())
+            }
+            false => None,
+        };
+        Ok(Config { http_addr, settings, lease, webhook })
     }
 }
 
@@ -226,6 +238,18 @@ pub async fn run(cfg: Config) -> i32 {
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
     }
+    // The sidecar-injection webhook: every replica serves it, leader or not.
+    let webhook = match cfg.webhook.clone() {
+        None => None,
+        Some(w) => match crate::webhook::start_webhook(client.clone(), w, metrics.webhook.clone()).await {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("authrealm-operator: {e}");
+                return 1;
+            }
+        },
+    };
     health.set_ready(true);
 
     let settings = cfg.settings.clone();
@@ -246,6 +270,9 @@ pub async fn run(cfg: Config) -> i32 {
             .await
         }
     };
+    if let Some(handle) = webhook {
+        handle.shutdown().await;
+    }
     match result {
         Ok(()) => 0,
         Err(e) => {

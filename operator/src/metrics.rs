@@ -32,6 +32,8 @@ pub struct Metrics {
     pub key_events: Family<EventLabel, Counter>,
     /// 1 while this replica holds the leader lease (or runs without leader election).
     pub leader: Gauge,
+    /// The sidecar-injection webhook (`authrealm_operator_webhook_*`).
+    pub webhook: crate::webhook::WebhookMetrics,
 }
 
 impl Default for Metrics {
@@ -54,7 +56,9 @@ impl Metrics {
         r.register("key_events", "Key lifecycle changes and key-set recoveries", key_events.clone());
         let leader = Gauge::default();
         r.register("leader", "1 while this replica is the leader", leader.clone());
-        Metrics { registry: Arc::new(r), reconciles, errors, duration, key_events, leader }
+        let webhook = crate::webhook::WebhookMetrics::new();
+        webhook.register(&mut r);
+        Metrics { registry: Arc::new(r), reconciles, errors, duration, key_events, leader, webhook }
     }
 
     /// Text exposition format.

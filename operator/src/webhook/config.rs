@@ -29,21 +29,41 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Settings of the sidecar-injection webhook.
 #[derive(Clone, Debug, clap::Args)]
 pub struct WebhookConfig {
+    /// Serve the sidecar-injection webhook (every replica serves it, leader or not).
+    #[arg(id = "webhook-enabled", long = "webhook-enabled", env = "AUTHREALM_WEBHOOK_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+
     /// Address of the HTTPS listener the API server calls.
-    #[arg(long = "webhook-listen", env = "AUTHREALM_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    #[arg(
+        id = "webhook-listen",
+        long = "webhook-listen",
+        env = "AUTHREALM_WEBHOOK_LISTEN",
+        default_value = "0.0.0.0:9443"
+    )]
     pub listen: SocketAddr,
 
     /// Namespace of the webhook's TLS Secret (the operator's own namespace).
-    #[arg(long = "webhook-namespace", env = "POD_NAMESPACE", default_value = "authrealm-system")]
+    #[arg(
+        id = "webhook-namespace",
+        long = "webhook-namespace",
+        env = "POD_NAMESPACE",
+        default_value = "authrealm-system"
+    )]
     pub namespace: String,
 
     /// Secret holding the serving certificate (`tls.crt`, `tls.key`, `ca.crt`; in self-managed
     /// mode also the CA keys).
-    #[arg(long = "webhook-tls-secret", env = "AUTHREALM_WEBHOOK_TLS_SECRET", default_value = "authrealm-webhook-tls")]
+    #[arg(
+        id = "webhook-tls-secret",
+        long = "webhook-tls-secret",
+        env = "AUTHREALM_WEBHOOK_TLS_SECRET",
+        default_value = "authrealm-webhook-tls"
+    )]
     pub tls_secret: String,
 
     /// MutatingWebhookConfiguration whose `caBundle` the operator keeps current.
     #[arg(
+        id = "webhook-configuration",
         long = "webhook-configuration",
         env = "AUTHREALM_WEBHOOK_CONFIGURATION",
         default_value = "authrealm-sidecar-injector"
@@ -52,34 +72,51 @@ pub struct WebhookConfig {
 
     /// Service in front of the webhook; the serving certificate names `<service>.<namespace>.svc`
     /// (and `.svc.cluster.local`).
-    #[arg(long = "webhook-service", env = "AUTHREALM_WEBHOOK_SERVICE", default_value = "authrealm-webhook")]
+    #[arg(
+        id = "webhook-service",
+        long = "webhook-service",
+        env = "AUTHREALM_WEBHOOK_SERVICE",
+        default_value = "authrealm-webhook"
+    )]
     pub service_name: String,
 
     /// Extra DNS names or IP addresses for the serving certificate (comma-separated), e.g.
     /// `127.0.0.1` when the API server calls the webhook by URL.
-    #[arg(long = "webhook-extra-sans", env = "AUTHREALM_WEBHOOK_EXTRA_SANS", value_delimiter = ',')]
+    #[arg(
+        id = "webhook-extra-sans",
+        long = "webhook-extra-sans",
+        env = "AUTHREALM_WEBHOOK_EXTRA_SANS",
+        value_delimiter = ','
+    )]
     pub extra_sans: Vec<String>,
 
     /// Who provides the serving certificate.
-    #[arg(long = "webhook-cert-mode", env = "AUTHREALM_WEBHOOK_CERT_MODE", value_enum, default_value = "self-managed")]
+    #[arg(
+        id = "webhook-cert-mode",
+        long = "webhook-cert-mode",
+        env = "AUTHREALM_WEBHOOK_CERT_MODE",
+        value_enum,
+        default_value = "self-managed"
+    )]
     pub cert_mode: CertMode,
 
     /// How long a self-managed CA is current. A new CA is published in the caBundle one lifetime
     /// before it signs anything, so the API server always trusts the next CA in advance.
-    #[arg(long = "webhook-ca-lifetime", env = "AUTHREALM_WEBHOOK_CA_LIFETIME", default_value = "8760h", value_parser = parse_duration)]
+    #[arg(id = "webhook-ca-lifetime", long = "webhook-ca-lifetime", env = "AUTHREALM_WEBHOOK_CA_LIFETIME", default_value = "8760h", value_parser = parse_duration)]
     pub ca_lifetime: Duration,
 
     /// Lifetime of a self-managed serving certificate; it is replaced when a third of it is left.
-    #[arg(long = "webhook-cert-lifetime", env = "AUTHREALM_WEBHOOK_CERT_LIFETIME", default_value = "720h", value_parser = parse_duration)]
+    #[arg(id = "webhook-cert-lifetime", long = "webhook-cert-lifetime", env = "AUTHREALM_WEBHOOK_CERT_LIFETIME", default_value = "720h", value_parser = parse_duration)]
     pub cert_lifetime: Duration,
 
     /// How often the TLS Secret and the caBundle are checked.
-    #[arg(long = "webhook-cert-check-interval", env = "AUTHREALM_WEBHOOK_CERT_CHECK_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    #[arg(id = "webhook-cert-check-interval", long = "webhook-cert-check-interval", env = "AUTHREALM_WEBHOOK_CERT_CHECK_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub cert_check_interval: Duration,
 
     /// What happens to a Pod naming an AuthRealm that does not exist or is not Ready: `deny`
     /// (refuse it with a message) or `warn` (admit it without the sidecar, with a warning).
     #[arg(
+        id = "webhook-unready-realm-policy",
         long = "webhook-unready-realm-policy",
         env = "AUTHREALM_WEBHOOK_UNREADY_REALM_POLICY",
         value_enum,
@@ -88,15 +125,15 @@ pub struct WebhookConfig {
     pub unready_realm_policy: UnreadyRealmPolicy,
 
     /// Sidecar image for realms that do not set `spec.sidecar.image`.
-    #[arg(long = "sidecar-image", env = "AUTHREALM_SIDECAR_IMAGE", default_value = concat!("ghcr.io/authrealm/authrealm-sidecar:", env!("CARGO_PKG_VERSION")))]
+    #[arg(id = "sidecar-image", long = "sidecar-image", env = "AUTHREALM_SIDECAR_IMAGE", default_value = concat!("ghcr.io/authrealm/authrealm-sidecar:", env!("CARGO_PKG_VERSION")))]
     pub sidecar_image: String,
 
     /// imagePullPolicy of the injected sidecar (unset: the Kubernetes default).
-    #[arg(long = "sidecar-image-pull-policy", env = "AUTHREALM_SIDECAR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    #[arg(id = "sidecar-image-pull-policy", long = "sidecar-image-pull-policy", env = "AUTHREALM_SIDECAR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
     pub sidecar_image_pull_policy: Option<String>,
 
     /// `reportingInstance` of the webhook's events (the Pod name in a cluster).
-    #[arg(long = "webhook-instance", env = "POD_NAME", default_value = "authrealm-operator")]
+    #[arg(id = "webhook-instance", long = "webhook-instance", env = "POD_NAME", default_value = "authrealm-operator")]
     pub instance: String,
 }
 
@@ -105,6 +142,7 @@ impl WebhookConfig {
     /// out-of-cluster runs): listens on an ephemeral loopback port, certificate for 127.0.0.1.
     pub fn loopback(namespace: &str, configuration_name: &str) -> Self {
         WebhookConfig {
+            enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             namespace: namespace.into(),
             tls_secret: "authrealm-webhook-tls".into(),
@@ -122,24 +160,29 @@ impl WebhookConfig {
         }
     }
 
-    /// Checks that the settings fit together; the message names the flag.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks that the settings fit together: `Err((flag, message))` names the flag (without `--`).
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
         if self.cert_lifetime.is_zero() || self.ca_lifetime.is_zero() {
-            return Err("--webhook-cert-lifetime and --webhook-ca-lifetime must be longer than 0s".into());
+            return Err(("webhook-cert-lifetime", "must be longer than 0s, as must --webhook-ca-lifetime".into()));
         }
         if self.cert_lifetime > self.ca_lifetime {
-            return Err("--webhook-cert-lifetime must not be longer than --webhook-ca-lifetime".into());
+            return Err(("webhook-cert-lifetime", "must not be longer than --webhook-ca-lifetime".into()));
         }
         if self.cert_check_interval.is_zero() || self.cert_check_interval * 3 > self.cert_lifetime {
-            return Err(
-                "--webhook-cert-check-interval must be longer than 0s and at most a third of --webhook-cert-lifetime"
-                    .into(),
-            );
+            return Err((
+                "webhook-cert-check-interval",
+                "must be longer than 0s and at most a third of --webhook-cert-lifetime".into(),
+            ));
         }
         if self.sidecar_image.trim().is_empty() {
-            return Err("--sidecar-image must not be empty".into());
+            return Err(("sidecar-image", "must not be empty".into()));
         }
         Ok(())
+    }
+
+    /// [`check`](Self::check) as one message: `--flag: what is wrong`.
+    pub fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|(flag, message)| format!("--{flag}: {message}"))
     }
 
     /// Subject alternative names of the serving certificate, sorted and deduplicated.
