@@ -294,7 +294,11 @@ pub struct SidecarSpec {
     /// stripped first, so clients cannot spoof them. Claim names may be any Unicode string;
     /// header names must be HTTP tokens. Default: `sub` → `X-Auth-Subject`, `jti` → `X-Auth-Jti`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32, "x-kubernetes-validations" = claim_header_rules()))]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = {"type": "string", "maxLength": 128},
+        "x-kubernetes-validations" = claim_header_rules()
+    ))]
     pub claim_headers: BTreeMap<String, String>,
     /// CPU and memory of the sidecar container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -480,7 +484,7 @@ pub const ENDPOINT_PATTERN: &str = concat!(
 fn endpoint_rules() -> serde_json::Value {
     json!([
         {"rule": "size(self) > 0", "message": "redis.endpoints must list at least one host:port"},
-        {"rule": format!("self.all(e, e.matches('{ENDPOINT_PATTERN}'))"),
+        {"rule": format!("self.all(e, e.matches(r'{ENDPOINT_PATTERN}'))"),
          "message": "every redis endpoint must be host:port with a port between 1 and 65535, e.g. redis-0.redis:6379"},
     ])
 }
@@ -491,7 +495,7 @@ const HEADER_PATTERN: &str = r"^[-A-Za-z0-9!#$%&'*+.^_`|~]{1,128}$";
 fn claim_header_rules() -> serde_json::Value {
     json!([
         {"rule": "self.all(c, size(c) <= 256)", "message": "claim names are at most 256 characters"},
-        {"rule": format!("self.all(c, self[c].matches(\"{HEADER_PATTERN}\"))"),
+        {"rule": format!("self.all(c, self[c].matches(r\"{HEADER_PATTERN}\"))"),
          "message": "claimHeaders values must be HTTP header names (letters, digits and !#$%&'*+-.^_`|~, at most 128)"},
         {"rule": "self.all(c, !(self[c].lowerAscii() in ['authorization', 'host', 'cookie', 'content-length', 'transfer-encoding', 'connection', 'upgrade', 'te', 'trailer', 'proxy-authorization']))",
          "message": "claimHeaders must not target Authorization, Host, Cookie or hop-by-hop headers"},
