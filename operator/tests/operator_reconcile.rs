@@ -1,0 +1,298 @@
+//! Reconciling AuthRealms against a real kube-apiserver (and, for RedisReachable, a real
+//! six-node Redis Cluster): owned objects, status, key stability, Redis checks, bad specs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use authrealm_contract::{Alg, KeyState, SidecarConfig};
+use authrealm_operator::crd::AuthRealm;
+use authrealm_operator::render;
+use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
+use common::*;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realm_gets_keys_jwks_and_sidecar_config_with_owner_references() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("objects").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    let t0 = Instant::now();
+    let created = create_realm(&client, &ns, &realm("shop", stateless_spec())).await?;
+    let t1 = Instant::now();
+    let r = wait_condition(&client, &ns, "shop", "Ready", "True", None, Duration::from_secs(30)).await?;
+    // The first custom-resource create on a fresh API server is slow (~2 s, server side); the
+    // reconcile latency is measured from the moment the create returned.
+    eprintln!("create took {:?}; realm Ready {:?} after the create returned", t1 - t0, t1.elapsed());
+    let status = r.status.clone().unwrap();
+    assert_eq!(status.observed_generation, r.metadata.generation);
+    assert!(status.conditions.iter().all(|c| c.observed_generation == r.metadata.generation));
+    let types: Vec<_> = status.conditions.iter().map(|c| (c.type_.as_str(), c.status.as_str())).collect();
+    assert_eq!(types, [("Ready", "True"), ("KeysReady", "True"), ("RedisReachable", "True"), ("KeysIntact", "True")]);
+    let kid = status.current_kid.clone().unwrap();
+    assert_eq!(status.key_count, Some(1));
+    assert!(status.next_rotation_time.is_some());
+
+    let uid = created.uid().unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let secret = secrets.get("shop-signing-keys").await?;
+    let jwks = cms.get("shop-jwks").await?;
+    let config = cms.get("shop-sidecar").await?;
+    for meta in [&secret.metadata, &jwks.metadata, &config.metadata] {
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("AuthRealm", "shop", uid.as_str()));
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(meta.labels.as_ref().unwrap()["authrealm.dev/realm"], "shop");
+    }
+    // Every object is owned by the one field manager.
+    for mf in [&secret.metadata.managed_fields, &jwks.metadata.managed_fields, &config.metadata.managed_fields] {
+        assert!(mf.iter().flatten().all(|m| m.manager.as_deref() == Some(render::MANAGER)), "{mf:?}");
+    }
+
+    // The Secret holds the full key set, the JWKS the public half; the sidecar config is the contract type.
+    let full = secret_keyset(&client, &ns, "shop").await.unwrap();
+    assert_eq!(full.current().unwrap().kid, kid);
+    assert_eq!(full.current().unwrap().alg, Alg::ES256);
+    assert!(full.has_private_material());
+    let public = jwks_keyset(&client, &ns, "shop").await.unwrap();
+    assert_eq!(public, full.public_only());
+    let jwks_json: serde_json::Value = serde_json::from_str(&jwks.data.as_ref().unwrap()["jwks.json"])?;
+    assert_eq!(jwks_json["keys"][0]["kid"], kid.as_str());
+    assert!(!jwks.data.as_ref().unwrap()["jwks.json"].contains("\"d\""));
+    let cfg = SidecarConfig::from_json(config.data.as_ref().unwrap()["sidecar.json"].as_bytes())?;
+    assert_eq!((cfg.realm.as_str(), cfg.key_set_file.as_str()), ("shop", render::KEY_SET_FILE));
+    assert_eq!(cfg.issuer, "https://auth.example.test");
+
+    // A Normal event for the first key.
+    let evs = events(&client, &ns, "shop").await;
+    assert!(evs.iter().any(|(r, n)| r == "KeyCreated" && n.contains(&kid)), "{evs:?}");
+
+    // Spec change that does not need new keys: same key; the config follows.
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    api.patch(
+        "shop",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"audiences": ["app", "admin"], "tokenTtl": "5m"}})),
+    )
+    .await?;
+    let cfg = wait_for("config with two audiences", Duration::from_secs(30), || {
+        let cms = cms.clone();
+        async move {
+            let cm = cms.get("shop-sidecar").await.ok()?;
+            let cfg = SidecarConfig::from_json(cm.data?["sidecar.json"].as_bytes()).ok()?;
+            (cfg.audiences.len() == 2).then_some(cfg)
+        }
+    })
+    .await?;
+    assert_eq!(cfg.token_ttl_seconds, 300);
+    let r = wait_condition(&client, &ns, "shop", "Ready", "True", None, Duration::from_secs(30)).await?;
+    wait_for("observedGeneration 2", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { (api.get("shop").await.ok()?.status?.observed_generation == Some(2)).then_some(()) }
+    })
+    .await?;
+    assert_eq!(r.status.unwrap().current_kid.as_deref(), Some(kid.as_str()));
+    assert_eq!(secret_keyset(&client, &ns, "shop").await.unwrap(), full, "keys changed on an audience change");
+
+    // An operator restart (fresh process state) does not regenerate anything.
+    op.stop().await?;
+    let op = InProcess::start(client.clone(), &ns);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(secret_keyset(&client, &ns, "shop").await.unwrap(), full, "keys changed on restart");
+    assert!(op.metrics.encode().contains("authrealm_operator_reconciles_total"));
+    op.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn algorithm_change_starts_a_new_chain_with_the_same_overlap() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("alg").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    let mut spec = stateless_spec();
+    spec["keyRotation"] = json!({"interval": "1h", "propagationDelay": "3s"});
+    create_realm(&client, &ns, &realm("alg", spec)).await?;
+    let r = wait_condition(&client, &ns, "alg", "Ready", "True", None, Duration::from_secs(30)).await?;
+    let old = r.status.unwrap().current_kid.unwrap();
+
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    let changed = Instant::now();
+    api.patch("alg", &PatchParams::default(), &Patch::Merge(json!({"spec": {"algorithm": "EdDSA"}}))).await?;
+    // Published first as next (old key still signing) …
+    let set = wait_for("EdDSA key as next", Duration::from_secs(10), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let s = jwks_keyset(&client, &ns, "alg").await?;
+            s.keys.iter().any(|k| k.alg == Alg::EdDSA && k.state == KeyState::Next).then_some(s)
+        }
+    })
+    .await?;
+    assert_eq!(set.current().unwrap().kid, old);
+    // … then current after the propagation delay, the old key retired (still published).
+    let set = wait_for("EdDSA key current", Duration::from_secs(15), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let s = jwks_keyset(&client, &ns, "alg").await?;
+            (s.current()?.alg == Alg::EdDSA).then_some(s)
+        }
+    })
+    .await?;
+    let waited = changed.elapsed();
+    assert!(waited >= Duration::from_secs(2), "new key signed after only {waited:?}");
+    assert_eq!(set.get(&old).unwrap().state, KeyState::Retired);
+    assert_eq!(set.keys.len(), 2);
+    op.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_the_api_server_accepts_is_reported_not_crash_looped() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("badspec").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    // Lower-case methods pass the schema but not the sidecar's config checks; serverName is not
+    // supported by the sidecar's Redis client.
+    let mut bad = stateless_spec();
+    bad["sidecar"] = json!({"publicRoutes": [{"path": "/health", "methods": ["get"]}]});
+    create_realm(&client, &ns, &realm("bad", bad)).await?;
+    create_realm(&client, &ns, &realm("good", stateless_spec())).await?;
+    let r = wait_condition(&client, &ns, "bad", "Ready", "False", Some("InvalidSpec"), Duration::from_secs(30)).await?;
+    let msg = &r.status.unwrap().conditions[0].message;
+    assert!(msg.contains("publicRoutes[0].methods"), "{msg}");
+    wait_condition(&client, &ns, "good", "Ready", "True", None, Duration::from_secs(30)).await?;
+    assert!(secret_keyset(&client, &ns, "bad").await.is_none(), "keys created for an invalid spec");
+    let evs = events(&client, &ns, "bad").await;
+    assert_eq!(evs.iter().filter(|(r, _)| r == "InvalidSpec").count(), 1, "{evs:?}");
+    // No error backoff storm: reconciles of the bad realm are not failures.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!op.metrics.encode().contains("authrealm_operator_reconcile_errors_total{"), "{}", op.metrics.encode());
+
+    // Fixing the spec makes it Ready.
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    api.patch(
+        "bad",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"sidecar": {"publicRoutes": [{"path": "/health", "methods": ["GET"]}]}}})),
+    )
+    .await?;
+    wait_condition(&client, &ns, "bad", "Ready", "True", None, Duration::from_secs(30)).await?;
+    op.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reachable_comes_from_a_real_cluster_check_with_the_realms_credentials() -> anyhow::Result<()> {
+    let cluster =
+        tokio::task::spawn_blocking(|| RedisCluster::start(RedisClusterOptions::with_password("s3cret-pw"))).await??;
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("redis").await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    for (name, pw) in [("redis-auth", "s3cret-pw"), ("redis-wrong", "not-the-password")] {
+        secrets
+            .create(
+                &PostParams::default(),
+                &Secret {
+                    metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+                    data: Some(BTreeMap::from([("password".to_owned(), ByteString(pw.as_bytes().to_vec()))])),
+                    ..Secret::default()
+                },
+            )
+            .await?;
+    }
+    let op = InProcess::start(client.clone(), &ns);
+    let spec = json!({
+        "issuer": "https://auth.example.test",
+        "audiences": ["app"],
+        "redis": {"endpoints": &cluster.seeds()[..2], "credentials": {"secretName": "redis-auth"}},
+    });
+    create_realm(&client, &ns, &realm("sessions", spec)).await?;
+    let r =
+        wait_condition(&client, &ns, "sessions", "RedisReachable", "True", Some("ClusterOk"), Duration::from_secs(30))
+            .await?;
+    assert!(r.status.as_ref().unwrap().conditions[0].status == "True", "Ready should be True");
+    // The password never reaches the sidecar config.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cfg = cms.get("sessions-sidecar").await?.data.unwrap()["sidecar.json"].clone();
+    assert!(!cfg.contains("s3cret-pw"));
+    assert!(cfg.contains(&cluster.seeds()[0]));
+
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    // A wrong password.
+    api.patch(
+        "sessions",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"redis": {"credentials": {"secretName": "redis-wrong"}}}})),
+    )
+    .await?;
+    let r = wait_condition(
+        &client,
+        &ns,
+        "sessions",
+        "RedisReachable",
+        "False",
+        Some("AuthenticationFailed"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let st = r.status.unwrap();
+    assert_eq!((st.conditions[0].type_.as_str(), st.conditions[0].status.as_str()), ("Ready", "False"));
+    assert_eq!(st.conditions[0].reason, "AuthenticationFailed");
+    assert!(!st.conditions.iter().any(|c| c.message.contains("not-the-password")));
+    // A missing Secret.
+    api.patch(
+        "sessions",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"redis": {"credentials": {"secretName": "nope"}}}})),
+    )
+    .await?;
+    wait_condition(
+        &client,
+        &ns,
+        "sessions",
+        "RedisReachable",
+        "False",
+        Some("CredentialsMissing"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    // A dead port.
+    let dead = format!("127.0.0.1:{}", free_port());
+    api.patch(
+        "sessions",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"redis": {"endpoints": [dead], "credentials": {"secretName": "redis-auth"}}}})),
+    )
+    .await?;
+    let r = wait_condition(&client, &ns, "sessions", "Ready", "False", Some("Unreachable"), Duration::from_secs(30))
+        .await?;
+    assert!(r.status.unwrap().conditions[2].message.contains(&dead));
+    // Back to the cluster: Ready again, keys unchanged throughout.
+    let kid = secret_keyset(&client, &ns, "sessions").await.unwrap().current().map(|k| k.kid.clone());
+    api.patch(
+        "sessions",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"redis": {"endpoints": &cluster.seeds()[..1]}}})),
+    )
+    .await?;
+    let r = wait_condition(&client, &ns, "sessions", "Ready", "True", None, Duration::from_secs(30)).await?;
+    assert_eq!(r.status.unwrap().current_kid, kid);
+    let evs = events(&client, &ns, "sessions").await;
+    assert!(evs.iter().any(|(r, _)| r == "RedisUnreachable"), "{evs:?}");
+    assert!(evs.iter().any(|(r, _)| r == "RedisReachable"), "{evs:?}");
+    op.stop().await?;
+    drop(cluster);
+    Ok(())
+}
