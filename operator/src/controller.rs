@@ -454,8 +454,13 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
     }
     let mut set = decision.set;
     let mut lifetimes = decision.lifetimes;
-    let outcome = rotation::converge(&mut set, &mut lifetimes, &resolved.schedule, now, &mut new_key)
+    let republished = rotation::restart_unpublished(&mut set, published.as_ref(), now);
+    if !republished.is_empty() {
+        tracing::warn!(realm = %name, namespace = %ns, kids = ?republished, "next key(s) missing from the JWKS: publication clock restarted");
+    }
+    let mut outcome = rotation::converge(&mut set, &mut lifetimes, &resolved.schedule, now, &mut new_key)
         .map_err(|source| Error::KeyGen { namespace: ns.clone(), name: name.clone(), source })?;
+    outcome.modified |= !republished.is_empty();
     set.validate().map_err(|e| Error::InvalidKeySet {
         namespace: ns.clone(),
         name: name.clone(),

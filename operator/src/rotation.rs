@@ -16,8 +16,8 @@
 //! * It is promoted to `current` at `max(previous activation + I, created + P)`; the previous
 //!   current key is retired at the same moment.
 //! * Pods that have not yet seen the promotion still sign with the retired key for up to P, and
-//!   those tokens are accepted for L = longest token TTL + clock leeway. So a retired key is
-//!   removed at `retired + P + L`. L is the largest value in effect while the key could sign
+//!   those tokens are accepted for L = longest token TTL + clock leeway (inclusive). So a retired
+//!   key is removed at `retired + P + L + 1s`. L is the largest value in effect while the key could sign
 //!   (recorded per key, see [`Lifetimes`]), so shortening the TTL never drops a key early.
 //! * Changing the algorithm starts a new chain at once: a key of the new algorithm is created
 //!   `next`, promoted after P, and the old key retires like any other.
@@ -105,11 +105,12 @@ fn earliest(a: Option<i64>, b: i64) -> Option<i64> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
-/// When a retired key may be removed.
+/// When a retired key may be removed: the first second at which no token it can have signed
+/// is valid any more (`exp` is inclusive: a token is valid while `now <= exp + leeway`).
 pub fn removal_time(key: &KeyEntry, lifetimes: &Lifetimes, s: &Schedule) -> Option<i64> {
     let retired = key.retired_at?;
     let bound = lifetimes.get(&key.kid).copied().unwrap_or(0).max(s.token_lifetime);
-    Some(retired.saturating_add(s.propagation).saturating_add(bound))
+    Some(retired.saturating_add(s.propagation).saturating_add(bound).saturating_add(1))
 }
 
 /// When `next` will replace `current`.
@@ -198,6 +199,22 @@ pub fn plan(set: &KeySet, lifetimes: &Lifetimes, s: &Schedule, now: i64) -> Plan
         }
     }
     p
+}
+
+/// A `next` key is only published once verify-only pods can get it, i.e. once it is in the
+/// JWKS ConfigMap (`published`), not merely in the keys Secret. If the operator died between
+/// writing the two, the key's publication clock restarts now, so it still gets a full
+/// propagation delay before it signs. (HMAC keys are never in the JWKS: every pod of an HMAC
+/// realm mounts the Secret, so for them the Secret is the publication.) Returns the kids reset.
+pub fn restart_unpublished(set: &mut KeySet, published: Option<&KeySet>, now: i64) -> Vec<String> {
+    let mut reset = Vec::new();
+    for k in set.keys.iter_mut().filter(|k| k.state == KeyState::Next && !k.alg.is_symmetric()) {
+        if published.is_none_or(|p| p.get(&k.kid).is_none()) && k.created_at < now {
+            k.created_at = now;
+            reset.push(k.kid.clone());
+        }
+    }
+    reset
 }
 
 /// A visible change, for events and logs.
@@ -434,21 +451,21 @@ mod tests {
                 rotation_at: Some(1108),
             },
             Case {
-                name: "retired key kept until retired + P + lifetime",
-                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
-                lifetimes: lt(&[("a", 30), ("b", 30)]),
-                schedule: S,
-                now: 1139,
-                steps: vec![],
-                wake_at: Some(1140),
-                rotation_at: Some(1200),
-            },
-            Case {
-                name: "retired key removed at retired + P + lifetime",
+                name: "retired key kept until retired + P + lifetime (inclusive)",
                 keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
                 lifetimes: lt(&[("a", 30), ("b", 30)]),
                 schedule: S,
                 now: 1140,
+                steps: vec![],
+                wake_at: Some(1141),
+                rotation_at: Some(1200),
+            },
+            Case {
+                name: "retired key removed one second after retired + P + lifetime",
+                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 30), ("b", 30)]),
+                schedule: S,
+                now: 1141,
                 steps: vec![Step::Remove { kid: "a".into(), reason: Removal::Expired }],
                 wake_at: Some(1190),
                 rotation_at: Some(1200),
@@ -470,7 +487,7 @@ mod tests {
                 schedule: S,
                 now: 1105,
                 steps: vec![rec("a"), rec("b")],
-                wake_at: Some(1140),
+                wake_at: Some(1141),
                 rotation_at: Some(1200),
             },
             Case {
@@ -546,6 +563,23 @@ mod tests {
             assert_eq!(p.wake_at, c.wake_at, "{} (wake_at)", c.name);
             assert_eq!(p.rotation_at, c.rotation_at, "{} (rotation_at)", c.name);
         }
+    }
+
+    #[test]
+    fn a_next_key_missing_from_the_jwks_restarts_its_publication_clock() {
+        let mut s = set(vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)]);
+        let published_without_b = set(vec![key("a", Current, 1000, Some(1000), None)]);
+        // Published: nothing changes.
+        let mut same = s.clone();
+        assert!(restart_unpublished(&mut same, Some(&s.clone()), 1099).is_empty());
+        // Not published: the clock restarts and the promotion moves to now + P.
+        assert_eq!(restart_unpublished(&mut s, Some(&published_without_b), 1099), ["b"]);
+        assert_eq!(s.get("b").unwrap().created_at, 1099);
+        let p = plan(&s, &lt(&[("a", 30)]), &S, 1100);
+        assert_eq!(p.rotation_at, Some(1109));
+        // HMAC keys are published by the Secret itself.
+        let mut h = set(vec![KeyEntry { alg: Alg::HS256, ..key("h", Next, 1090, None, None) }]);
+        assert!(restart_unpublished(&mut h, None, 1099).is_empty());
     }
 
     fn fake_generator() -> impl FnMut(Alg, KeyState, i64) -> Result<KeyEntry, ()> {
