@@ -1,0 +1,169 @@
+//! A user deletes or edits the keys Secret (or the JWKS) by hand: the documented recovery
+//! happens, with a Warning event and the KeysIntact condition, and live tokens keep verifying.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use authrealm_contract::{KeyState, SessionMode};
+use authrealm_operator::crd::AuthRealm;
+use authrealm_sidecar::keys::KeyRing;
+use authrealm_sidecar::token::{Policy, mint, validate};
+use common::*;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
+
+fn policy() -> Policy {
+    Policy {
+        issuer: "https://auth.example.test".into(),
+        audiences: vec!["app".into()],
+        algorithms: vec![],
+        leeway: 0,
+        max_token_bytes: 8192,
+        required_claims: vec![],
+        session_mode: SessionMode::Stateless,
+    }
+}
+
+async fn edit_secret_data(client: &kube::Client, ns: &str, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let mut s = secrets.get(name).await?;
+    s.data = Some(BTreeMap::from([("keyset.json".to_owned(), ByteString(bytes.to_vec()))]));
+    // A plain update, as `kubectl edit` does (another field manager).
+    secrets.replace(name, &Default::default(), &s).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_or_edited_keys_secret_is_restored_from_the_operators_copy() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("restore").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    create_realm(&client, &ns, &realm("keys", stateless_spec())).await?;
+    wait_condition(&client, &ns, "keys", "Ready", "True", None, Duration::from_secs(30)).await?;
+    let original = secret_keyset(&client, &ns, "keys").await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    // Deleted: recreated with the very same keys.
+    secrets.delete("keys-signing-keys", &DeleteParams::default()).await?;
+    let r =
+        wait_condition(&client, &ns, "keys", "KeysIntact", "False", Some("SecretRestored"), Duration::from_secs(30))
+            .await?;
+    assert_eq!(secret_keyset(&client, &ns, "keys").await.unwrap(), original);
+    let st = r.status.unwrap();
+    assert_eq!(st.conditions[0].status, "True", "a restored Secret does not make the realm unready");
+    assert!(st.conditions[3].message.contains("was deleted"), "{}", st.conditions[3].message);
+
+    // Edited (a key replaced by another valid key under the same kid): restored.
+    let mut swapped = original.clone();
+    let kid = swapped.keys[0].kid.clone();
+    swapped.keys[0] = authrealm_contract::keygen::generate(swapped.keys[0].alg, &kid, 0, KeyState::Current)?;
+    edit_secret_data(&client, &ns, "keys-signing-keys", swapped.to_json_pretty().as_bytes()).await?;
+    wait_for("edited Secret restored", Duration::from_secs(30), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        let original = original.clone();
+        async move { (secret_keyset(&client, &ns, "keys").await? == original).then_some(()) }
+    })
+    .await?;
+    // Garbage: restored.
+    edit_secret_data(&client, &ns, "keys-signing-keys", b"{\"not\": \"a key set\"}").await?;
+    wait_for("garbage Secret restored", Duration::from_secs(30), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        let original = original.clone();
+        async move { (secret_keyset(&client, &ns, "keys").await? == original).then_some(()) }
+    })
+    .await?;
+    let evs = events(&client, &ns, "keys").await;
+    let restored: Vec<_> = evs.iter().filter(|(r, _)| r == "KeysSecretRestored").collect();
+    assert!(restored.len() >= 3, "{evs:?}");
+    assert!(restored.iter().any(|(_, n)| n.contains("was edited")), "{restored:?}");
+
+    // The JWKS edited by hand is rewritten from the key set.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    cms.patch("keys-jwks", &PatchParams::default(), &Patch::Merge(json!({"data": {"jwks.json": "{\"keys\":[]}"}})))
+        .await?;
+    wait_for("JWKS restored", Duration::from_secs(30), || {
+        let cms = cms.clone();
+        async move {
+            let cm = cms.get("keys-jwks").await.ok()?;
+            cm.data?.get("jwks.json")?.contains("\"kid\"").then_some(())
+        }
+    })
+    .await?;
+    op.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_lost_while_the_operator_was_down_keep_live_tokens_verifying() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("lost").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    let mut spec = stateless_spec();
+    spec["tokenTtl"] = json!("6s");
+    spec["clockLeeway"] = json!("0s");
+    spec["keyRotation"] = json!({"interval": "10s", "propagationDelay": "2s"});
+    create_realm(&client, &ns, &realm("lost", spec)).await?;
+    wait_condition(&client, &ns, "lost", "Ready", "True", None, Duration::from_secs(30)).await?;
+    let original = secret_keyset(&client, &ns, "lost").await.unwrap();
+    let old_kid = original.current().unwrap().kid.clone();
+    let token = mint(
+        &KeyRing::from_set(&original, [0; 32])?,
+        "https://auth.example.test",
+        "bob",
+        json!("app"),
+        Default::default(),
+        unix_now(),
+        6,
+    )?;
+
+    // The operator is down (its copy gone with it) while the Secret is deleted.
+    op.stop().await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets.delete("lost-signing-keys", &DeleteParams::default()).await?;
+    let op = InProcess::start(client.clone(), &ns);
+    let r =
+        wait_condition(&client, &ns, "lost", "KeysIntact", "False", Some("KeysLost"), Duration::from_secs(30)).await?;
+    let st = r.status.unwrap();
+    assert_eq!(st.conditions[0].status, "True", "a new key signs at once");
+    let recovered = secret_keyset(&client, &ns, "lost").await.unwrap();
+    let new_kid = recovered.current().unwrap().kid.clone();
+    assert_ne!(new_kid, old_kid, "a lost private key cannot come back");
+    let old = recovered.get(&old_kid).expect("old public key kept");
+    assert_eq!(old.state, KeyState::Retired);
+    assert!(old.private_key_pem.is_none());
+    assert_eq!(old.public_jwk, original.get(&old_kid).unwrap().public_jwk, "the old kid keeps its public key");
+
+    // The token signed by the lost key still verifies with the published JWKS until it expires.
+    let public = jwks_keyset(&client, &ns, "lost").await.unwrap();
+    assert!(public.get(&old_kid).is_some());
+    validate(&token.token, &KeyRing::from_set(&public, [0; 32])?, &policy(), unix_now())
+        .map_err(|e| anyhow::anyhow!("token of the lost key rejected: {e:?}"))?;
+    let evs = events(&client, &ns, "lost").await;
+    assert!(evs.iter().any(|(r, n)| r == "SigningKeysLost" && n.contains("kept as retired")), "{evs:?}");
+
+    // KeysIntact clears at the next key promotion.
+    let r =
+        wait_condition(&client, &ns, "lost", "KeysIntact", "True", Some("Verified"), Duration::from_secs(30)).await?;
+    let cur = r.status.unwrap().current_kid.unwrap();
+    assert_ne!(cur, new_kid, "KeysIntact should clear only with a promotion");
+    // The lost key leaves once its tokens have expired.
+    wait_for("old key removed", Duration::from_secs(30), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        let old_kid = old_kid.clone();
+        async move { secret_keyset(&client, &ns, "lost").await?.get(&old_kid).is_none().then_some(()) }
+    })
+    .await?;
+    op.stop().await?;
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    assert!(api.get("lost").await?.status.unwrap().conditions.iter().all(|c| c.status == "True"));
+    Ok(())
+}
