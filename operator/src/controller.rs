@@ -18,7 +18,7 @@ use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -28,7 +28,7 @@ use crate::conditions::{self, Cond, Status, reason};
 use crate::crd::{AuthRealm, AuthRealmStatus, KeyStatus};
 use crate::events::{self, Publisher, Severity};
 use crate::metrics::{EventLabel, KindLabel, Metrics};
-use crate::recovery::{self, Cached, Recovery, RecoveryKind};
+use crate::recovery::{self, Cached, Incident, Recovery, RecoveryKind};
 use crate::redis_check::{self, CheckError, Connect};
 use crate::render::{self, MANAGER, RedisTarget, Resolved};
 use crate::rotation::{self, Change, Lifetimes, Removal};
@@ -303,30 +303,21 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
         ),
         None => Cond::new(conditions::KEYS_READY, Status::False, reason::KEY_WRITE_FAILED, "no current key"),
     };
-    let promoted = keys.changes.iter().any(|c| matches!(c, Change::Promoted { .. }));
-    let intact = match &keys.recovery {
-        Some(r) => Cond::new(
-            conditions::KEYS_INTACT,
-            Status::False,
-            match r.kind {
-                RecoveryKind::Restored => reason::SECRET_RESTORED,
-                RecoveryKind::Adopted => reason::SECRET_EDIT_ADOPTED,
-                RecoveryKind::Lost => reason::KEYS_LOST,
-            },
-            format!("{} (at {}; cleared by the next key promotion)", r.message, rfc3339(now)),
-        ),
-        None => {
-            let verified = Cond::new(
-                conditions::KEYS_INTACT,
-                Status::True,
-                reason::VERIFIED,
-                "the keys Secret holds what the operator wrote",
-            );
-            match conditions::find(&old.conditions, conditions::KEYS_INTACT) {
-                Some(c) if c.status == "False" && !promoted => keep_or(&old, conditions::KEYS_INTACT, verified),
-                _ => verified,
-            }
+    // From the Secret's incident annotation (read fresh), not from the possibly stale status.
+    let intact = match &keys.incident {
+        Some(i) => {
+            let reason = [reason::SECRET_RESTORED, reason::SECRET_EDIT_ADOPTED, reason::KEYS_LOST]
+                .into_iter()
+                .find(|r| *r == i.reason)
+                .unwrap_or(reason::SECRET_RESTORED);
+            Cond::new(conditions::KEYS_INTACT, Status::False, reason, i.message.clone())
         }
+        None => Cond::new(
+            conditions::KEYS_INTACT,
+            Status::True,
+            reason::VERIFIED,
+            "the keys Secret holds what the operator wrote",
+        ),
     };
 
     let status = AuthRealmStatus {
@@ -410,6 +401,8 @@ fn key_statuses(set: &KeySet, lifetimes: &Lifetimes, resolved: &Resolved) -> Vec
 struct KeySync {
     set: KeySet,
     lifetimes: Lifetimes,
+    /// The last recovery, until the next promotion (drives `KeysIntact`).
+    incident: Option<Incident>,
     changes: Vec<Change>,
     recovery: Option<Recovery>,
     wake_at: Option<i64>,
@@ -467,14 +460,40 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
         message: e.to_string(),
     })?;
 
-    let desired = render::signing_keys_secret(realm, &set, &lifetimes, None);
+    // The incident record: a new recovery replaces it, a promotion clears it.
+    let promoted = outcome.changes.iter().any(|c| matches!(c, Change::Promoted { .. }));
+    let previous_incident = if trusted { Incident::from_secret(secret.as_ref()) } else { None };
+    let incident = match &decision.recovery {
+        Some(r) => Some(Incident {
+            reason: match r.kind {
+                RecoveryKind::Restored => reason::SECRET_RESTORED,
+                RecoveryKind::Adopted => reason::SECRET_EDIT_ADOPTED,
+                RecoveryKind::Lost => reason::KEYS_LOST,
+            }
+            .to_owned(),
+            message: format!("{} (at {}; cleared by the next key promotion)", r.message, rfc3339(now)),
+        }),
+        None if promoted => None,
+        None => previous_incident.clone(),
+    };
+    let desired = render::signing_keys_secret(realm, &set, &lifetimes, incident.as_ref(), None);
     let write_err = |source| Error::Write { kind: "Secret", namespace: ns.clone(), name: secret_name.clone(), source };
     match &secret {
         None => {
-            let pp = PostParams { field_manager: Some(MANAGER.to_owned()), ..PostParams::default() };
-            secrets.create(&pp, &desired).await.map_err(write_err)?;
+            // Created by apply too (not POST), so that the field manager owns every field as
+            // Apply and can later drop one (the incident annotation). Two creators at once
+            // would need two leaders; updates below are conditional on the version read.
+            secrets
+                .patch(&secret_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+                .await
+                .map_err(write_err)?;
         }
-        Some(existing) if !trusted || outcome.modified || !metadata_matches(&existing.metadata, &desired.metadata) => {
+        Some(existing)
+            if !trusted
+                || outcome.modified
+                || incident != previous_incident
+                || !metadata_matches(&existing.metadata, &desired.metadata) =>
+        {
             // Conditional on the version read: a concurrent writer makes this fail (409) and the
             // reconcile is retried from a fresh read.
             let mut desired = desired;
@@ -502,6 +521,7 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
     Ok(KeySync {
         set,
         lifetimes,
+        incident,
         changes: outcome.changes,
         recovery: decision.recovery,
         wake_at: outcome.wake_at,

@@ -49,6 +49,23 @@ pub struct Cached {
     pub lifetimes: Lifetimes,
 }
 
+/// The last recovery of a realm's key set, kept as an annotation on the keys Secret (read fresh
+/// on every reconcile) until the next key promotion.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Incident {
+    /// The `KeysIntact` reason.
+    pub reason: String,
+    pub message: String,
+}
+
+impl Incident {
+    /// The incident recorded on a Secret, if any.
+    pub fn from_secret(secret: Option<&Secret>) -> Option<Incident> {
+        let raw = secret?.metadata.annotations.as_ref()?.get(crate::render::ANN_KEYS_INCIDENT)?;
+        serde_json::from_str(raw).ok()
+    }
+}
+
 /// Kinds of recovery (the `KeysIntact` reasons).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoveryKind {

@@ -15,6 +15,7 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::crd::{AuthRealm, AuthRealmSpec, GoDuration, RedisCredentials, RedisTlsSpec};
+use crate::recovery::Incident;
 use crate::rotation::{Lifetimes, Schedule};
 
 /// The one field manager of every server-side apply.
@@ -51,6 +52,9 @@ pub const ANN_KEYSET_SHA256: &str = "authrealm.dev/keyset-sha256";
 /// JSON map kid → seconds: the longest token lifetime (max TTL + leeway) in effect while the key
 /// could sign. Decides when a retired key may be removed.
 pub const ANN_TOKEN_LIFETIMES: &str = "authrealm.dev/token-lifetimes";
+/// JSON `{"reason": …, "message": …}` of the last recovery of the key set (deleted or edited
+/// Secret); removed by the next key promotion. The `KeysIntact` condition is derived from it.
+pub const ANN_KEYS_INCIDENT: &str = "authrealm.dev/keys-incident";
 
 pub fn signing_keys_name(realm: &str) -> String {
     format!("{realm}-signing-keys")
@@ -274,15 +278,20 @@ pub fn signing_keys_secret(
     realm: &AuthRealm,
     set: &KeySet,
     lifetimes: &Lifetimes,
+    incident: Option<&Incident>,
     resource_version: Option<String>,
 ) -> Secret {
     let bytes = keyset_bytes(set);
     let mut m = meta(realm, signing_keys_name(&realm.name_any()), "signing-keys");
     m.resource_version = resource_version;
-    m.annotations = Some(BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (ANN_KEYSET_SHA256.to_owned(), sha256_hex(&bytes)),
         (ANN_TOKEN_LIFETIMES.to_owned(), serde_json::to_string(lifetimes).expect("map serialises")),
-    ]));
+    ]);
+    if let Some(i) = incident {
+        annotations.insert(ANN_KEYS_INCIDENT.to_owned(), serde_json::to_string(i).expect("incident serialises"));
+    }
+    m.annotations = Some(annotations);
     Secret {
         metadata: m,
         type_: Some("Opaque".into()),
@@ -441,7 +450,7 @@ mod tests {
             ..KeySet::empty()
         };
         let lifetimes = Lifetimes::from([("k1".to_owned(), 930)]);
-        let s = signing_keys_secret(&realm, &set, &lifetimes, Some("42".into()));
+        let s = signing_keys_secret(&realm, &set, &lifetimes, None, Some("42".into()));
         let bytes = &s.data.as_ref().unwrap()[KEYSET_KEY].0;
         let ann = s.metadata.annotations.as_ref().unwrap();
         assert_eq!(ann[ANN_KEYSET_SHA256], sha256_hex(bytes));
