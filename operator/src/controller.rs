@@ -328,9 +328,9 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
         key_count: Some(keys.set.keys.len() as i32),
         keys: key_statuses(&keys.set, &keys.lifetimes, &resolved),
     };
-    if realm.status.as_ref() != Some(&status) {
-        write_status(&api, &name, &ns, &status).await?;
-    }
+    // Always applied: the cached object may be stale, and an unchanged apply is a no-op on the
+    // server (no new resourceVersion, no watch event).
+    write_status(&api, &name, &ns, &status).await?;
 
     // Requeue at the next rotation event, and at least every Redis check interval.
     let mut next = keys.wake_at.map(|t| Duration::from_millis((t * 1000 - now_ms).max(0) as u64 + 50));
