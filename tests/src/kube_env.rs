@@ -78,11 +78,7 @@ pub struct KubeEnvOptions {
 
 impl Default for KubeEnvOptions {
     fn default() -> Self {
-        Self {
-            controller_manager: false,
-            extra_apiserver_args: Vec::new(),
-            startup_timeout: Duration::from_secs(60),
-        }
+        Self { controller_manager: false, extra_apiserver_args: Vec::new(), startup_timeout: Duration::from_secs(60) }
     }
 }
 
@@ -100,10 +96,7 @@ pub struct KubeEnv {
 
 impl std::fmt::Debug for KubeEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeEnv")
-            .field("server_url", &self.server_url)
-            .field("dir", &self.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("KubeEnv").field("server_url", &self.server_url).field("dir", &self.dir).finish_non_exhaustive()
     }
 }
 
@@ -111,18 +104,15 @@ impl KubeEnv {
     /// Starts etcd and kube-apiserver (and kube-controller-manager if asked) on free loopback ports
     /// and waits until the API server reports `/readyz`. Builds the binaries first if needed.
     pub async fn start(opts: KubeEnvOptions) -> anyhow::Result<KubeEnv> {
-        let bin_dir = tokio::task::spawn_blocking(Self::bin_dir)
-            .await
-            .context("control-plane build task panicked")??;
+        let bin_dir =
+            tokio::task::spawn_blocking(Self::bin_dir).await.context("control-plane build task panicked")??;
         // Free ports are found by binding port 0 and releasing it, so another process can grab one
         // in between; a start that fails because an address is in use is retried with new ports.
         let mut attempt = 1;
         loop {
             match Self::start_once(&bin_dir, &opts).await {
                 Ok(env) => return Ok(env),
-                Err(err)
-                    if attempt < 3 && format!("{err:#}").contains("address already in use") =>
-                {
+                Err(err) if attempt < 3 && format!("{err:#}").contains("address already in use") => {
                     eprintln!("kube_env: port clash, retrying: {err:#}");
                     attempt += 1;
                 }
@@ -151,10 +141,8 @@ impl KubeEnv {
         // --- etcd ---
         let (etcd_client, etcd_peer, apiserver_port) = {
             let listeners = [bind_loopback()?, bind_loopback()?, bind_loopback()?];
-            let ports: Vec<u16> = listeners
-                .iter()
-                .map(|l| l.local_addr().map(|a| a.port()))
-                .collect::<Result<_, _>>()?;
+            let ports: Vec<u16> =
+                listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
             (ports[0], ports[1], ports[2])
         };
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -199,10 +187,7 @@ impl KubeEnv {
             "--authorization-mode=RBAC".into(),
             format!("--service-account-issuer={}/", env.server_url),
             format!("--service-account-key-file={}", pki.sa_pub.display()),
-            format!(
-                "--service-account-signing-key-file={}",
-                pki.sa_key.display()
-            ),
+            format!("--service-account-signing-key-file={}", pki.sa_key.display()),
             "--profiling=false".into(),
         ];
         if !opts.controller_manager {
@@ -218,20 +203,11 @@ impl KubeEnv {
             let client = client.clone();
             async move {
                 let req = http::Request::get("/readyz").body(Vec::new()).ok()?;
-                client
-                    .request_text(req)
-                    .await
-                    .ok()
-                    .filter(|body| body.trim() == "ok")
-                    .map(|_| ())
+                client.request_text(req).await.ok().filter(|body| body.trim() == "ok").map(|_| ())
             }
         })
         .await?;
-        eprintln!(
-            "kube_env: kube-apiserver ready at {} after {:.1?}",
-            env.server_url,
-            started.elapsed()
-        );
+        eprintln!("kube_env: kube-apiserver ready at {} after {:.1?}", env.server_url, started.elapsed());
 
         // --- kube-controller-manager ---
         if opts.controller_manager {
@@ -244,10 +220,7 @@ impl KubeEnv {
                     "--leader-elect=false".into(),
                     "--controllers=*".into(),
                     format!("--root-ca-file={}", pki.ca_cert.display()),
-                    format!(
-                        "--service-account-private-key-file={}",
-                        pki.sa_key.display()
-                    ),
+                    format!("--service-account-private-key-file={}", pki.sa_key.display()),
                     format!("--cluster-signing-cert-file={}", pki.ca_cert.display()),
                     format!("--cluster-signing-key-file={}", pki.ca_key.display()),
                     "--use-service-account-credentials=false".into(),
@@ -259,19 +232,12 @@ impl KubeEnv {
             )?;
             // The ServiceAccount controller creating `default/default` proves the controllers run.
             let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-            env.wait_until(
-                "kube-controller-manager (default ServiceAccount)",
-                opts.startup_timeout,
-                || {
-                    let sas = sas.clone();
-                    async move { sas.get_opt("default").await.ok().flatten().map(|_| ()) }
-                },
-            )
+            env.wait_until("kube-controller-manager (default ServiceAccount)", opts.startup_timeout, || {
+                let sas = sas.clone();
+                async move { sas.get_opt("default").await.ok().flatten().map(|_| ()) }
+            })
             .await?;
-            eprintln!(
-                "kube_env: kube-controller-manager running after {:.1?}",
-                started.elapsed()
-            );
+            eprintln!("kube_env: kube-controller-manager running after {:.1?}", started.elapsed());
         }
         env.startup = started.elapsed();
         Ok(env)
@@ -284,10 +250,7 @@ impl KubeEnv {
     /// directory as its last line of output. The result is memoised for the process.
     pub fn bin_dir() -> anyhow::Result<PathBuf> {
         static BIN_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-        BIN_DIR
-            .get_or_init(|| locate_bin_dir().map_err(|e| format!("{e:#}")))
-            .clone()
-            .map_err(|e| anyhow!(e))
+        BIN_DIR.get_or_init(|| locate_bin_dir().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
     }
 
     /// Path of the admin kubeconfig (client certificate in `system:masters`, data inlined), usable
@@ -299,8 +262,7 @@ impl KubeEnv {
     /// A new admin client for this API server.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
         Ok(kube::Client::try_from(config)?)
     }
 
@@ -319,25 +281,16 @@ impl KubeEnv {
     pub async fn create_namespace(&self, name: &str) -> anyhow::Result<Namespace> {
         let api: Api<Namespace> = Api::all(self.client().await?);
         let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.to_owned()),
-                ..ObjectMeta::default()
-            },
+            metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
             ..Namespace::default()
         };
-        api.create(&PostParams::default(), &ns)
-            .await
-            .with_context(|| format!("creating namespace {name}"))
+        api.create(&PostParams::default(), &ns).await.with_context(|| format!("creating namespace {name}"))
     }
 
     /// Creates a namespace with a unique name starting with `prefix` and returns its name.
     pub async fn create_temp_namespace(&self, prefix: &str) -> anyhow::Result<String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         self.create_namespace(&name).await?;
         Ok(name)
     }
@@ -393,37 +346,21 @@ impl KubeEnv {
 
     /// Polls `probe` every 100 ms until it yields `Some`, failing early when a child exits and
     /// after `timeout`, with the tails of all logs in the error.
-    async fn wait_until<F, Fut>(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        probe: F,
-    ) -> anyhow::Result<()>
+    async fn wait_until<F, Fut>(&mut self, what: &str, timeout: Duration, probe: F) -> anyhow::Result<()>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Option<()>>,
     {
         let deadline = Instant::now() + timeout;
         loop {
-            if tokio::time::timeout(Duration::from_secs(5), probe())
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-            {
+            if tokio::time::timeout(Duration::from_secs(5), probe()).await.ok().flatten().is_some() {
                 return Ok(());
             }
             if let Some((name, status)) = self.exited()? {
-                bail!(
-                    "{name} exited ({status}) while waiting for {what}\n{}",
-                    self.log_tails()
-                );
+                bail!("{name} exited ({status}) while waiting for {what}\n{}", self.log_tails());
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "timed out after {timeout:?} waiting for {what}\n{}",
-                    self.log_tails()
-                );
+                bail!("timed out after {timeout:?} waiting for {what}\n{}", self.log_tails());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -568,18 +505,11 @@ fn bind_loopback() -> anyhow::Result<TcpListener> {
 /// A minimal HTTP/1.0 GET against `127.0.0.1:port`, returning the body on a 200.
 async fn http_get_loopback(port: u16, path: &str) -> anyhow::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
-        .await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "{head}"
-    );
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{head}");
     Ok(body.to_owned())
 }
 
@@ -651,29 +581,10 @@ impl Pki {
              DNS:kubernetes.default.svc.cluster.local\n\
              extendedKeyUsage=serverAuth\n",
         )?;
-        pki.issue(
-            "admin",
-            "/O=system:masters/CN=authrealm-admin",
-            "extendedKeyUsage=clientAuth\n",
-        )?;
+        pki.issue("admin", "/O=system:masters/CN=authrealm-admin", "extendedKeyUsage=clientAuth\n")?;
         // Service-account token signing key: RSA, the algorithm every consumer supports.
-        openssl(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            path_str(&pki.sa_key)?,
-        ])?;
-        openssl(&[
-            "pkey",
-            "-in",
-            path_str(&pki.sa_key)?,
-            "-pubout",
-            "-out",
-            path_str(&pki.sa_pub)?,
-        ])?;
+        openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", path_str(&pki.sa_key)?])?;
+        openssl(&["pkey", "-in", path_str(&pki.sa_key)?, "-pubout", "-out", path_str(&pki.sa_pub)?])?;
         Ok(pki)
     }
 
@@ -730,8 +641,7 @@ impl Pki {
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
-    path.to_str()
-        .with_context(|| format!("non-UTF-8 path {}", path.display()))
+    path.to_str().with_context(|| format!("non-UTF-8 path {}", path.display()))
 }
 
 fn openssl(args: &[&str]) -> anyhow::Result<()> {

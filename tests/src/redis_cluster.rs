@@ -54,20 +54,14 @@ pub struct RedisClusterOptions {
 
 impl Default for RedisClusterOptions {
     fn default() -> Self {
-        Self {
-            password: None,
-            node_timeout_ms: 2000,
-        }
+        Self { password: None, node_timeout_ms: 2000 }
     }
 }
 
 impl RedisClusterOptions {
     /// Default options with a password.
     pub fn with_password(password: impl Into<String>) -> Self {
-        Self {
-            password: Some(password.into()),
-            ..Self::default()
-        }
+        Self { password: Some(password.into()), ..Self::default() }
     }
 }
 
@@ -88,10 +82,7 @@ pub struct NodeInfo {
 
 impl NodeInfo {
     pub fn port(&self) -> u16 {
-        self.addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(0)
+        self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
     }
 
     pub fn is_master(&self) -> bool {
@@ -112,10 +103,7 @@ impl NodeInfo {
     }
 
     pub fn slot_count(&self) -> u32 {
-        self.slots
-            .iter()
-            .map(|r| u32::from(*r.end()) - u32::from(*r.start()) + 1)
-            .sum()
+        self.slots.iter().map(|r| u32::from(*r.end()) - u32::from(*r.start()) + 1).sum()
     }
 
     pub fn owns_slot(&self, slot: u16) -> bool {
@@ -153,39 +141,21 @@ fn parse_view(text: &str) -> Result<View> {
             bail!("malformed CLUSTER NODES line: {line:?}");
         }
         // ip:port@cport[,hostname]
-        let addr = fields[1]
-            .split(['@', ','])
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let addr = fields[1].split(['@', ',']).next().unwrap_or_default().to_string();
         if fields[2].split(',').any(|f| f == "myself") {
             me = Some(nodes.len());
         }
-        let flags = fields[2]
-            .split(',')
-            .filter(|f| *f != "myself")
-            .map(str::to_string)
-            .collect();
+        let flags = fields[2].split(',').filter(|f| *f != "myself").map(str::to_string).collect();
         let master_id = (fields[3] != "-").then(|| fields[3].to_string());
         let mut slots = Vec::new();
         for s in fields[8..].iter().filter(|s| !s.starts_with('[')) {
             let (a, b) = s.split_once('-').unwrap_or((s, s));
-            let a: u16 = a
-                .parse()
-                .with_context(|| format!("bad slot {s:?} in {line:?}"))?;
-            let b: u16 = b
-                .parse()
-                .with_context(|| format!("bad slot {s:?} in {line:?}"))?;
+            let a: u16 = a.parse().with_context(|| format!("bad slot {s:?} in {line:?}"))?;
+            let b: u16 = b.parse().with_context(|| format!("bad slot {s:?} in {line:?}"))?;
             slots.push(a..=b);
         }
         slots.sort_by_key(|r| *r.start());
-        nodes.push(NodeInfo {
-            id: fields[0].to_string(),
-            addr,
-            flags,
-            master_id,
-            slots,
-        });
+        nodes.push(NodeInfo { id: fields[0].to_string(), addr, flags, master_id, slots });
     }
     let me = me.ok_or_else(|| anyhow!("no `myself` entry in CLUSTER NODES: {text:?}"))?;
     Ok(View { nodes, me })
@@ -210,11 +180,7 @@ pub fn crc16_xmodem(data: &[u8]) -> u16 {
     for &byte in data {
         crc ^= u16::from(byte) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
         }
     }
     crc
@@ -260,10 +226,7 @@ struct AttemptError {
 
 impl<E: Into<anyhow::Error>> From<E> for AttemptError {
     fn from(e: E) -> Self {
-        AttemptError {
-            retry: false,
-            err: e.into(),
-        }
+        AttemptError { retry: false, err: e.into() }
     }
 }
 
@@ -274,12 +237,7 @@ impl RedisCluster {
     pub fn start(opts: RedisClusterOptions) -> Result<Self> {
         check_binaries()?;
         let root = make_temp_dir()?;
-        let mut cluster = RedisCluster {
-            opts,
-            root,
-            nodes: Vec::new(),
-            killed: HashMap::new(),
-        };
+        let mut cluster = RedisCluster { opts, root, nodes: Vec::new(), killed: HashMap::new() };
         let mut errors = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
             let base = pick_base_port()?;
@@ -290,20 +248,14 @@ impl RedisCluster {
                     for node in cluster.nodes.drain(..) {
                         let _ = fs::remove_dir_all(&node.dir);
                     }
-                    errors.push(format!(
-                        "attempt {attempt} (ports {base}..{}): {err:#}",
-                        base + NODES as u16 - 1
-                    ));
+                    errors.push(format!("attempt {attempt} (ports {base}..{}): {err:#}", base + NODES as u16 - 1));
                     if !retry {
                         break;
                     }
                 }
             }
         }
-        Err(anyhow!(
-            "could not start a Redis Cluster:\n{}",
-            errors.join("\n")
-        ))
+        Err(anyhow!("could not start a Redis Cluster:\n{}", errors.join("\n")))
     }
 
     fn try_start(&mut self, base: u16) -> Result<(), AttemptError> {
@@ -313,13 +265,7 @@ impl RedisCluster {
             let dir = self.root.join(port.to_string());
             fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let log = dir.join("redis.log");
-            let mut node = Node {
-                port,
-                dir,
-                log,
-                id: String::new(),
-                child: None,
-            };
+            let mut node = Node { port, dir, log, id: String::new(), child: None };
             node.child = Some(self.spawn(&node)?);
             self.nodes.push(node);
         }
@@ -335,9 +281,7 @@ impl RedisCluster {
         create.extend(self.seeds());
         create.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
         let create: Vec<&str> = create.iter().map(String::as_str).collect();
-        let out = self
-            .run_cli(&create, Duration::from_secs(60))
-            .map_err(|err| AttemptError { retry: true, err })?;
+        let out = self.run_cli(&create, Duration::from_secs(60)).map_err(|err| AttemptError { retry: true, err })?;
         let _ = fs::write(self.root.join("cluster-create.log"), &out.stdout);
         if !out.status.success() || out.stdout.contains("[ERR]") {
             return Err(AttemptError {
@@ -431,11 +375,7 @@ impl RedisCluster {
 
     /// Addresses of the nodes whose process is running.
     pub fn live_addrs(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(Node::addr)
-            .collect()
+        self.nodes.iter().filter(|n| n.child.is_some()).map(Node::addr).collect()
     }
 
     pub fn password(&self) -> Option<&str> {
@@ -473,9 +413,7 @@ impl RedisCluster {
     }
 
     fn cli_inner(&self, addr: &str, cluster: bool, args: &[&str]) -> Result<String> {
-        let (host, port) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| anyhow!("address {addr:?} is not HOST:PORT"))?;
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow!("address {addr:?} is not HOST:PORT"))?;
         let mut full = vec!["-e", "-h", host, "-p", port];
         if cluster {
             full.push("-c");
@@ -516,9 +454,7 @@ impl RedisCluster {
     }
 
     fn is_live(&self, addr: &str) -> bool {
-        self.nodes
-            .iter()
-            .any(|n| n.addr() == addr && n.child.is_some())
+        self.nodes.iter().any(|n| n.addr() == addr && n.child.is_some())
     }
 
     fn view(&self, addr: &str) -> Result<View> {
@@ -540,11 +476,8 @@ impl RedisCluster {
     /// Current masters: nodes flagged `master`, not `fail`, serving at least one slot; sorted by
     /// their first slot. (Replicas can briefly show up as slot-less masters right after creation.)
     pub fn masters(&self) -> Result<Vec<NodeInfo>> {
-        let mut masters: Vec<NodeInfo> = self
-            .nodes()?
-            .into_iter()
-            .filter(|n| n.is_master() && !n.is_failed() && !n.slots.is_empty())
-            .collect();
+        let mut masters: Vec<NodeInfo> =
+            self.nodes()?.into_iter().filter(|n| n.is_master() && !n.is_failed() && !n.slots.is_empty()).collect();
         masters.sort_by_key(|n| n.slots.first().map(|r| *r.start()));
         Ok(masters)
     }
@@ -573,10 +506,7 @@ impl RedisCluster {
         if info.get("role").map(String::as_str) != Some("master") {
             bail!("{master_addr} is not a master: {info:?}");
         }
-        replica_lines(&info)
-            .iter()
-            .map(|r| Ok(self.view(&format!("{HOST}:{}", r.port))?.me().clone()))
-            .collect()
+        replica_lines(&info).iter().map(|r| Ok(self.view(&format!("{HOST}:{}", r.port))?.me().clone())).collect()
     }
 
     /// SIGKILLs the node at `addr` (and reaps it). Its role, slots and replicas are recorded first
@@ -587,23 +517,10 @@ impl RedisCluster {
             bail!("{addr} is not running");
         }
         let me = self.view(addr).ok().map(|v| v.me().clone());
-        let replica_addrs = self
-            .replicas_of(addr)
-            .map(|v| v.into_iter().map(|n| n.addr).collect())
-            .unwrap_or_default();
+        let replica_addrs = self.replicas_of(addr).map(|v| v.into_iter().map(|n| n.addr).collect()).unwrap_or_default();
         let killed = match me {
-            Some(me) => Killed {
-                id: me.id.clone(),
-                was_master: me.is_master(),
-                slots: me.slots,
-                replica_addrs,
-            },
-            None => Killed {
-                id: self.nodes[i].id.clone(),
-                was_master: false,
-                slots: Vec::new(),
-                replica_addrs,
-            },
+            Some(me) => Killed { id: me.id.clone(), was_master: me.is_master(), slots: me.slots, replica_addrs },
+            None => Killed { id: self.nodes[i].id.clone(), was_master: false, slots: Vec::new(), replica_addrs },
         };
         let mut child = self.nodes[i].child.take().expect("checked above");
         let killed_result = child.kill();
@@ -678,23 +595,15 @@ impl RedisCluster {
         if let Some((first_addr, first)) = views.first() {
             let first_map = slot_map(&first.nodes);
             for (range, id) in &first_map {
-                let addr = first
-                    .nodes
-                    .iter()
-                    .find(|n| &n.id == id)
-                    .map(|n| n.addr.as_str());
+                let addr = first.nodes.iter().find(|n| &n.id == id).map(|n| n.addr.as_str());
                 if !addr.is_some_and(|a| self.is_live(a)) {
-                    problems.push(format!(
-                        "{first_addr}: slots {range:?} served by {id} ({addr:?}), not running"
-                    ));
+                    problems.push(format!("{first_addr}: slots {range:?} served by {id} ({addr:?}), not running"));
                 }
             }
             for (addr, view) in &views[1..] {
                 let map = slot_map(&view.nodes);
                 if map != first_map {
-                    problems.push(format!(
-                        "{addr} and {first_addr} disagree on slot owners: {map:?} vs {first_map:?}"
-                    ));
+                    problems.push(format!("{addr} and {first_addr} disagree on slot owners: {map:?} vs {first_map:?}"));
                 }
             }
         }
@@ -723,11 +632,7 @@ impl RedisCluster {
     /// Waits until replication is settled on every live node: each replica has
     /// `master_link_status:up` and no sync in progress, and its master lists it `state=online`.
     /// With `Some(n)`: also exactly [`MASTERS`] masters with exactly `n` connected replicas each.
-    pub fn wait_replication(
-        &self,
-        timeout: Duration,
-        replicas_per_master: Option<usize>,
-    ) -> Result<()> {
+    pub fn wait_replication(&self, timeout: Duration, replicas_per_master: Option<usize>) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let problems = self.replication_problems(replicas_per_master);
@@ -761,10 +666,7 @@ impl RedisCluster {
             match info.get("role").map(String::as_str) {
                 Some("master") => {
                     masters += 1;
-                    let connected: usize = info
-                        .get("connected_slaves")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
+                    let connected: usize = info.get("connected_slaves").and_then(|v| v.parse().ok()).unwrap_or(0);
                     let replicas = replica_lines(info);
                     if let Some(want) = replicas_per_master
                         && connected != want
@@ -793,9 +695,7 @@ impl RedisCluster {
                     );
                     let my_port = addr.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
                     let online = infos.get(&master).is_some_and(|m| {
-                        replica_lines(m)
-                            .iter()
-                            .any(|r| r.port.to_string() == my_port && r.state == "online")
+                        replica_lines(m).iter().any(|r| r.port.to_string() == my_port && r.state == "online")
                     });
                     if !online {
                         problems.push(format!("{addr}: not yet online at its master {master}"));
@@ -852,25 +752,16 @@ impl RedisCluster {
             };
             for range in &killed.slots {
                 for slot in [*range.start(), *range.end()] {
-                    let Some(o) = view
-                        .iter()
-                        .find(|n| n.is_master() && !n.is_failed() && n.owns_slot(slot))
-                    else {
+                    let Some(o) = view.iter().find(|n| n.is_master() && !n.is_failed() && n.owns_slot(slot)) else {
                         return (None, format!("{addr} sees no live master for slot {slot}"));
                     };
                     if o.id == killed.id {
-                        return (
-                            None,
-                            format!("{addr} still sees the killed node own slot {slot}"),
-                        );
+                        return (None, format!("{addr} still sees the killed node own slot {slot}"));
                     }
                     match &owner {
                         None => owner = Some(o.clone()),
                         Some(prev) if prev.id != o.id => {
-                            return (
-                                None,
-                                format!("owners disagree: {} vs {}", prev.addr, o.addr),
-                            );
+                            return (None, format!("owners disagree: {} vs {}", prev.addr, o.addr));
                         }
                         Some(_) => {}
                     }
@@ -897,11 +788,7 @@ impl RedisCluster {
         for addr in addrs {
             if let Ok(i) = self.index(addr) {
                 let node = &self.nodes[i];
-                let state = if self.is_live(addr) {
-                    ""
-                } else {
-                    ", not running"
-                };
+                let state = if self.is_live(addr) { "" } else { ", not running" };
                 out.push_str(&format!(
                     "--- {addr} ({}{state}) log {}:\n{}\n",
                     node.id,
@@ -926,10 +813,7 @@ impl RedisCluster {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         if thread::panicking() && !self.nodes.is_empty() {
-            eprintln!(
-                "RedisCluster dropped during a panic; node logs:\n{}",
-                self.log_tails(&self.seeds())
-            );
+            eprintln!("RedisCluster dropped during a panic; node logs:\n{}", self.log_tails(&self.seeds()));
         }
         self.stop_all();
         if std::env::var_os("AUTHREALM_KEEP_REDIS").is_some_and(|v| !v.is_empty() && v != "0") {
@@ -1008,16 +892,14 @@ fn replica_lines(info: &HashMap<String, String>) -> Vec<ReplicaLine> {
     let mut lines: Vec<(&String, &String)> = info
         .iter()
         .filter(|(k, _)| {
-            k.strip_prefix("slave")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            k.strip_prefix("slave").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         })
         .collect();
     lines.sort();
     lines
         .into_iter()
         .map(|(_, v)| {
-            let fields: HashMap<&str, &str> =
-                v.split(',').filter_map(|f| f.split_once('=')).collect();
+            let fields: HashMap<&str, &str> = v.split(',').filter_map(|f| f.split_once('=')).collect();
             ReplicaLine {
                 port: fields.get("port").and_then(|p| p.parse().ok()).unwrap_or(0),
                 state: fields.get("state").unwrap_or(&"?").to_string(),
@@ -1049,9 +931,7 @@ fn check_binaries() -> Result<()> {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            bail!(
-                "`{bin}` not found on PATH; run hack/install-deps.sh (installs redis-server, redis-tools)"
-            );
+            bail!("`{bin}` not found on PATH; run hack/install-deps.sh (installs redis-server, redis-tools)");
         }
     }
     Ok(())
@@ -1061,12 +941,7 @@ fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.finish()
 }
 
@@ -1098,10 +973,7 @@ fn pick_base_port() -> Result<u16> {
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(32768);
     let (lo, hi) = if ephemeral_low >= 22000 {
-        (
-            10000u32,
-            ephemeral_low - u32::from(BUS_OFFSET) - NODES as u32,
-        )
+        (10000u32, ephemeral_low - u32::from(BUS_OFFSET) - NODES as u32)
     } else {
         (20000, 30000)
     };
@@ -1159,10 +1031,7 @@ mod tests {
 
     #[test]
     fn key_slot_hash_tags() {
-        assert_eq!(
-            key_slot(b"{user1000}.following"),
-            key_slot(b"{user1000}.followers")
-        );
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"{user1000}.followers"));
         assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
         // Only the first {...} counts.
         assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
@@ -1188,10 +1057,7 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
         assert_eq!(nodes[0].addr, "127.0.0.1:30004");
         assert_eq!(nodes[0].port(), 30004);
         assert!(nodes[0].is_replica());
-        assert_eq!(
-            nodes[0].master_id.as_deref(),
-            Some("e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca")
-        );
+        assert_eq!(nodes[0].master_id.as_deref(), Some("e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca"));
         assert_eq!(nodes[3].flags, vec!["master"]);
         assert_eq!(nodes[3].slots, vec![0..=5460]);
         assert_eq!(nodes[3].slot_count(), 5461);

@@ -48,45 +48,26 @@ fn check_key_slots(cluster: &RedisCluster) {
 }
 
 fn run(opts: RedisClusterOptions) {
-    let label = if opts.password.is_some() {
-        "with password"
-    } else {
-        "without password"
-    };
+    let label = if opts.password.is_some() { "with password" } else { "without password" };
     let t0 = Instant::now();
     let mut cluster = RedisCluster::start(opts).expect("start cluster");
-    println!(
-        "[{label}] cluster ready in {:?}: {:?}",
-        t0.elapsed(),
-        cluster.seeds()
-    );
+    println!("[{label}] cluster ready in {:?}: {:?}", t0.elapsed(), cluster.seeds());
 
     check_topology(&cluster);
     check_key_slots(&cluster);
 
     // Routing through redis-cli -c from any node.
     let seeds = cluster.seeds();
-    for (i, key) in ["alpha", "beta", "gamma", "delta", "{t}1", "{t}2"]
-        .iter()
-        .enumerate()
-    {
+    for (i, key) in ["alpha", "beta", "gamma", "delta", "{t}1", "{t}2"].iter().enumerate() {
         let value = format!("v{i}");
         let entry = &seeds[i % seeds.len()];
-        assert_eq!(
-            cluster.cli_cluster(entry, &["SET", key, &value]).unwrap(),
-            "OK"
-        );
+        assert_eq!(cluster.cli_cluster(entry, &["SET", key, &value]).unwrap(), "OK");
         let other = &seeds[(i + 3) % seeds.len()];
         assert_eq!(cluster.cli_cluster(other, &["GET", key]).unwrap(), value);
     }
     // Plain cli against the wrong node gets MOVED, which -e turns into an error.
     let owner = cluster.master_for_key(b"alpha").unwrap();
-    let wrong = cluster
-        .masters()
-        .unwrap()
-        .into_iter()
-        .find(|m| m.id != owner.id)
-        .unwrap();
+    let wrong = cluster.masters().unwrap().into_iter().find(|m| m.id != owner.id).unwrap();
     assert_eq!(cluster.cli(&owner.addr, &["GET", "alpha"]).unwrap(), "v0");
     let err = cluster.cli(&wrong.addr, &["GET", "alpha"]).unwrap_err();
     assert!(format!("{err:#}").contains("MOVED"), "{err:#}");
@@ -94,26 +75,13 @@ fn run(opts: RedisClusterOptions) {
     // Write to the victim's slots and make sure its replica has it.
     let victim = cluster.master_for_slot(0).unwrap();
     let replica = cluster.replicas_of(&victim.addr).unwrap().remove(0);
-    let key = (0..)
-        .map(|i| format!("before-kill-{i}"))
-        .find(|k| victim.owns_slot(key_slot(k.as_bytes())))
-        .unwrap();
-    assert_eq!(
-        cluster
-            .cli(&victim.addr, &["SET", &key, "survives"])
-            .unwrap(),
-        "OK"
-    );
-    assert_eq!(
-        cluster.cli(&victim.addr, &["WAIT", "1", "1000"]).unwrap(),
-        "1"
-    );
+    let key = (0..).map(|i| format!("before-kill-{i}")).find(|k| victim.owns_slot(key_slot(k.as_bytes()))).unwrap();
+    assert_eq!(cluster.cli(&victim.addr, &["SET", &key, "survives"]).unwrap(), "OK");
+    assert_eq!(cluster.cli(&victim.addr, &["WAIT", "1", "1000"]).unwrap(), "1");
 
     let t_kill = Instant::now();
     cluster.kill(&victim.addr).expect("kill");
-    let promoted = cluster
-        .wait_failover(&victim.addr, Duration::from_secs(30))
-        .expect("failover");
+    let promoted = cluster.wait_failover(&victim.addr, Duration::from_secs(30)).expect("failover");
     let failover = t_kill.elapsed();
     println!(
         "[{label}] failover of {} -> {} took {failover:?} (node timeout {} ms)",
@@ -127,47 +95,24 @@ fn run(opts: RedisClusterOptions) {
     cluster.wait_healthy(Duration::from_secs(10)).unwrap();
     assert_eq!(cluster.masters().unwrap().len(), MASTERS);
     assert_eq!(cluster.master_for_slot(0).unwrap().id, promoted.id);
-    assert_eq!(
-        cluster.cli(&promoted.addr, &["GET", &key]).unwrap(),
-        "survives"
-    );
-    assert_eq!(
-        cluster.cli_cluster(&seeds[1], &["GET", &key]).unwrap(),
-        "survives"
-    );
-    for (i, k) in ["alpha", "beta", "gamma", "delta", "{t}1", "{t}2"]
-        .iter()
-        .enumerate()
-    {
+    assert_eq!(cluster.cli(&promoted.addr, &["GET", &key]).unwrap(), "survives");
+    assert_eq!(cluster.cli_cluster(&seeds[1], &["GET", &key]).unwrap(), "survives");
+    for (i, k) in ["alpha", "beta", "gamma", "delta", "{t}1", "{t}2"].iter().enumerate() {
         let entry = cluster.live_addrs()[0].clone();
-        assert_eq!(
-            cluster.cli_cluster(&entry, &["GET", k]).unwrap(),
-            format!("v{i}")
-        );
+        assert_eq!(cluster.cli_cluster(&entry, &["GET", k]).unwrap(), format!("v{i}"));
     }
 
     // Bring the old master back: it rejoins as a replica of the promoted node.
     let t_restart = Instant::now();
     cluster.restart(&victim.addr).expect("restart");
-    cluster
-        .wait_healthy(Duration::from_secs(30))
-        .expect("healthy after restart");
-    cluster
-        .wait_replication(Duration::from_secs(30), Some(1))
-        .expect("replication after restart");
+    cluster.wait_healthy(Duration::from_secs(30)).expect("healthy after restart");
+    cluster.wait_replication(Duration::from_secs(30), Some(1)).expect("replication after restart");
     let back = cluster.replicas_of(&promoted.addr).unwrap();
-    println!(
-        "[{label}] old master {} back as replica in {:?}",
-        victim.addr,
-        t_restart.elapsed()
-    );
+    println!("[{label}] old master {} back as replica in {:?}", victim.addr, t_restart.elapsed());
     assert_eq!(back.len(), 1, "{back:#?}");
     assert_eq!(back[0].addr, victim.addr);
     assert_eq!(back[0].id, victim.id);
-    assert_eq!(
-        cluster.cli(&victim.addr, &["ROLE"]).unwrap().lines().next(),
-        Some("slave")
-    );
+    assert_eq!(cluster.cli(&victim.addr, &["ROLE"]).unwrap().lines().next(), Some("slave"));
     check_topology(&cluster);
 }
 
@@ -192,8 +137,7 @@ fn cluster_with_password() {
         .arg("PING")
         .output()
         .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("NOAUTH"), "{text}");
     assert_eq!(cluster.cli(addr, &["PING"]).unwrap(), "PONG");
 }
