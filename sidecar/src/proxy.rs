@@ -132,7 +132,15 @@ enum Auth {
 
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
     let path = req.uri().path();
-    if app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
+    // Dot segments and encoded '.' or '/' could make a public prefix reach a private path
+    // after the app normalises it: such paths never count as public.
+    let lower = path.to_ascii_lowercase();
+    let ambiguous = lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || path.contains('\\')
+        || path.split('/').any(|seg| seg == "." || seg == "..");
+    if !ambiguous && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
     }
