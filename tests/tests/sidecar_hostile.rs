@@ -297,6 +297,12 @@ async fn hostile_tokens_and_requests_are_rejected() {
     let seen = upstream.seen();
     assert!(seen[0].headers.keys().all(|k| !k.as_str().replace('_', "-").eq_ignore_ascii_case("x-auth-subject")));
 
+    // A public prefix cannot be used to reach a private path through dot segments.
+    for path in ["/public/../secret", "/public/%2e%2e/secret", "/public/..%2fsecret", "/public/./x"] {
+        let r = s.request(s.public, "GET", path, &[], Default::default()).await.unwrap();
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+
     // Reasons are visible to operators in metrics (never to clients).
     let m = s.metrics().await.unwrap();
     for reason in
