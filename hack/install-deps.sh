@@ -12,10 +12,11 @@ declare -A PKG_FOR=(
     [redis-server]=redis-server
     [redis-cli]=redis-tools
     [openssl]=openssl
+    [shellcheck]=shellcheck
 )
 
 missing=()
-for cmd in redis-server redis-cli openssl; do
+for cmd in redis-server redis-cli openssl shellcheck; do
     if ! command -v "$cmd" >/dev/null 2>&1; then
         missing+=("${PKG_FOR[$cmd]}")
     fi
@@ -43,7 +44,7 @@ echo "install-deps: installing ${missing[*]}"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
 
-for cmd in redis-server redis-cli openssl; do
+for cmd in redis-server redis-cli openssl shellcheck; do
     if ! command -v "$cmd" >/dev/null 2>&1; then
         echo "install-deps: '$cmd' still missing after installing ${missing[*]}" >&2
         exit 1
