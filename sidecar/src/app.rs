@@ -169,26 +169,31 @@ impl App {
                 }
             };
             let mut backoff = Duration::from_millis(200);
-            let conn = loop {
-                match tokio::time::timeout(
-                    Duration::from_millis(redis_cfg.connect_timeout_ms * 3),
-                    client.get_async_connection(),
-                )
-                .await
-                {
-                    Ok(Ok(c)) => break c,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to redis cluster yet")
-                    }
-                    Err(_) => tracing::warn!(
+            let connect = || async {
+                // Two multiplexed connections: one for per-request reads, one for writes and their
+                // WAITs (see SessionStore), so a WAIT never holds up request checks.
+                let limit = Duration::from_millis(redis_cfg.connect_timeout_ms * 3);
+                let reader = tokio::time::timeout(limit, client.get_async_connection()).await;
+                let writer = tokio::time::timeout(limit, client.get_async_connection()).await;
+                match (reader, writer) {
+                    (Ok(Ok(r)), Ok(Ok(w))) => Ok((r, w)),
+                    (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e.to_string()),
+                    _ => Err("connecting to redis cluster timed out".to_string()),
+                }
+            };
+            let (conn, writer) = loop {
+                match connect().await {
+                    Ok(pair) => break pair,
+                    Err(e) => tracing::warn!(
+                        error = %e,
                         retry_in_ms = backoff.as_millis() as u64,
-                        "connecting to redis cluster timed out"
+                        "cannot connect to redis cluster yet"
                     ),
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             };
-            let store = SessionStore::new(conn, &redis_cfg, &app.cfg.realm, app.cfg.session_mode);
+            let store = SessionStore::new(conn, writer, &redis_cfg, &app.cfg.realm, app.cfg.session_mode);
             let _ = app.sessions.set(store);
             loop {
                 let store = app.sessions().expect("set above");

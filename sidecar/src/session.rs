@@ -138,6 +138,14 @@ impl Durability {
     pub fn acknowledged(&self) -> bool {
         self.replicas_confirmed >= self.replicas_required as i64
     }
+
+    /// The weaker of two confirmations (a write that touched two masters).
+    pub fn min(self, other: Durability) -> Durability {
+        Durability {
+            replicas_confirmed: self.replicas_confirmed.min(other.replicas_confirmed),
+            replicas_required: self.replicas_required.max(other.replicas_required),
+        }
+    }
 }
 
 const MINT_SCRIPT: &str = r#"
@@ -179,7 +187,13 @@ return redis.call('DEL', KEYS[2])
 /// The realm's session store.
 #[derive(Clone)]
 pub struct SessionStore {
+    /// Per-request reads (EXISTS/MGET, locator GET, PING).
     conn: ClusterConnection,
+    /// Writes and their `WAIT`s. Redis blocks the connection a `WAIT` arrives on until replicas
+    /// confirm or the wait times out, and `WAIT` only counts writes made on that same connection;
+    /// keeping writes apart means a slow or frozen replica delays revocations, never the checks
+    /// of every other request routed to that master.
+    writer: ClusterConnection,
     pub layout: KeyLayout,
     mode: SessionMode,
     timeout: Duration,
@@ -227,9 +241,16 @@ pub fn build_client(cfg: &RedisConfig) -> Result<redis::cluster::ClusterClient, 
 }
 
 impl SessionStore {
-    pub fn new(conn: ClusterConnection, cfg: &RedisConfig, realm: &str, mode: SessionMode) -> Self {
+    pub fn new(
+        conn: ClusterConnection,
+        writer: ClusterConnection,
+        cfg: &RedisConfig,
+        realm: &str,
+        mode: SessionMode,
+    ) -> Self {
         SessionStore {
             conn,
+            writer,
             layout: KeyLayout::new(&cfg.key_prefix, realm),
             mode,
             timeout: Duration::from_millis(cfg.command_timeout_ms),
@@ -290,7 +311,7 @@ impl SessionStore {
         if self.wait_replicas == 0 {
             return Ok(Durability { replicas_confirmed: 0, replicas_required: 0 });
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.writer.clone();
         let mut cmd = Cmd::new();
         cmd.arg("WAIT").arg(self.wait_replicas).arg(self.wait_timeout_ms);
         let route =
@@ -306,17 +327,18 @@ impl SessionStore {
     /// Register a freshly minted token. In `single` mode this replaces (revokes) every
     /// earlier token of the subject. Returns how many earlier sessions were replaced.
     pub async fn register(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(i64, Durability), StoreError> {
-        let mut conn = self.conn.clone();
         let ttl_ms = ((exp - now).max(1) * 1000) as u64;
-        // The locator lets DELETE /v1/tokens/{jti} find the subject.
+        // The locator lets DELETE /v1/tokens/{jti} find the subject. It lives in the jti's slot,
+        // usually on another master than the subject's records, so both writes are WAITed for:
+        // a token whose locator were lost in a failover could no longer be revoked by jti.
         let loc = self.layout.locator(jti);
-        self.bounded(
-            self.write_limit(),
-            redis::cmd("SET").arg(&loc).arg(format!("{exp} {sub}")).arg("PX").arg(ttl_ms).query_async::<()>(&mut conn),
-        )
-        .await?;
+        let mut locator_conn = self.writer.clone();
+        let mut set_locator = redis::cmd("SET");
+        set_locator.arg(&loc).arg(format!("{exp} {sub}")).arg("PX").arg(ttl_ms);
+        let locator = self.bounded(self.write_limit(), set_locator.query_async::<()>(&mut locator_conn));
         match self.mode {
             SessionMode::Single | SessionMode::Multi => {
+                let mut conn = self.writer.clone();
                 let idx = self.layout.index(sub);
                 let rec = self.layout.token(sub, jti);
                 let single = if self.mode == SessionMode::Single { "1" } else { "0" };
@@ -329,11 +351,13 @@ impl SessionStore {
                     .arg(now)
                     .arg(single)
                     .arg(self.layout.token_prefix(sub));
-                let replaced: i64 = self.bounded(self.write_limit(), inv.invoke_async(&mut conn)).await?;
-                let d = self.wait_for_replicas(&rec).await?;
-                Ok((replaced, d))
+                let session = self.bounded(self.write_limit(), inv.invoke_async::<i64>(&mut conn));
+                let ((), replaced) = tokio::try_join!(locator, session)?;
+                let (a, b) = tokio::try_join!(self.wait_for_replicas(&rec), self.wait_for_replicas(&loc))?;
+                Ok((replaced, a.min(b)))
             }
             _ => {
+                locator.await?;
                 let d = self.wait_for_replicas(&loc).await?;
                 Ok((0, d))
             }
@@ -357,7 +381,7 @@ impl SessionStore {
 
     /// Revoke one token. `exp` bounds how long a denylist entry must live.
     pub async fn revoke(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(bool, Durability), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.writer.clone();
         match self.mode {
             SessionMode::Stateless => Ok((false, Durability { replicas_confirmed: 0, replicas_required: 0 })),
             SessionMode::Single | SessionMode::Multi => {
@@ -386,7 +410,7 @@ impl SessionStore {
 
     /// Revoke every token of a subject ("log out everywhere").
     pub async fn revoke_subject(&self, sub: &str, now: i64, cutoff_ttl: i64) -> Result<(i64, Durability), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.writer.clone();
         match self.mode {
             SessionMode::Stateless => Ok((0, Durability { replicas_confirmed: 0, replicas_required: 0 })),
             SessionMode::Single | SessionMode::Multi => {

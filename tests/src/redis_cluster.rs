@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 /// Number of hash slots in a Redis Cluster.
 pub const SLOTS: u32 = 16384;
@@ -527,6 +527,26 @@ impl RedisCluster {
         child.wait().with_context(|| format!("reaping {addr}"))?;
         killed_result.with_context(|| format!("killing {addr}"))?;
         self.killed.insert(addr.to_string(), killed);
+        Ok(())
+    }
+
+    /// Freezes the node at `addr` with SIGSTOP: its sockets stay open but it answers nothing (a
+    /// hung or partitioned node, unlike [`kill`](Self::kill)). Undo with [`resume`](Self::resume);
+    /// a node still stopped when the cluster is dropped is killed as usual.
+    pub fn pause(&self, addr: &str) -> Result<()> {
+        self.signal(addr, "-STOP")
+    }
+
+    /// Continues a node frozen by [`pause`](Self::pause) (SIGCONT).
+    pub fn resume(&self, addr: &str) -> Result<()> {
+        self.signal(addr, "-CONT")
+    }
+
+    fn signal(&self, addr: &str, sig: &str) -> Result<()> {
+        let i = self.index(addr)?;
+        let pid = self.nodes[i].child.as_ref().with_context(|| format!("{addr} is not running"))?.id();
+        let status = Command::new("kill").arg(sig).arg(pid.to_string()).status().context("running kill")?;
+        ensure!(status.success(), "kill {sig} {pid} ({addr}) failed: {status}");
         Ok(())
     }
 

@@ -230,3 +230,136 @@ async fn unreachable_cluster_closed_and_open_policies() {
     assert_eq!(closed.get("/x", Some(minted["access_token"].as_str().unwrap())).await.unwrap().status, StatusCode::OK);
     assert_eq!(closed.get("/x", Some(&token)).await.unwrap().status, StatusCode::UNAUTHORIZED, "unknown session");
 }
+
+/// `WAIT` blocks the Redis connection it is sent on until replicas confirm or the timeout passes.
+/// With a replica frozen, a revocation waits the full `waitTimeoutMs` — that must slow down only the
+/// revocation, never the per-request session checks of other users on the same master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_slows_revocations_but_not_requests() {
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let keys = key_set();
+    let mut cfg = test_config("frozen", Some(cluster.seeds()));
+    {
+        let r = cfg.redis.as_mut().unwrap();
+        r.command_timeout_ms = 300;
+        r.wait_timeout_ms = 1500; // WAIT outlasts the per-request timeout several times over
+    }
+    let prefix = cfg.redis.as_ref().unwrap().key_prefix.clone();
+    let s = Sidecar::start(cfg, &keys, upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+
+    // Subjects whose records live on the same master as "reader-0".
+    let master = cluster.master_for_slot(subject_slot(&prefix, "frozen", "reader-0")).unwrap();
+    let same_master = |sub: &str| master.owns_slot(subject_slot(&prefix, "frozen", sub));
+    let readers: Vec<String> = (0..200).map(|i| format!("reader-{i}")).filter(|s| same_master(s)).take(5).collect();
+    let victim = (0..200).map(|i| format!("victim-{i}")).find(|s| same_master(s)).unwrap();
+    let mut reader_tokens = Vec::new();
+    for r in &readers {
+        reader_tokens.push(s.mint(r).await.unwrap()["access_token"].as_str().unwrap().to_string());
+    }
+    let victim_token = s.mint(&victim).await.unwrap()["access_token"].as_str().unwrap().to_string();
+    assert_eq!(s.get("/x", Some(&victim_token)).await.unwrap().status, StatusCode::OK);
+
+    let replicas = cluster.replicas_of(&master.addr).unwrap();
+    assert!(!replicas.is_empty());
+    for r in &replicas {
+        cluster.pause(&r.addr).unwrap();
+    }
+    let revoke = async {
+        let started = Instant::now();
+        let r = s.issuer_call("DELETE", &format!("/v1/subjects/{victim}/tokens"), None).await.unwrap();
+        (r, started.elapsed())
+    };
+    let load = async {
+        // Give the revocation a head start so its WAIT is in flight, then keep checking tokens of
+        // other users on that master for as long as the WAIT can last.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let until = Instant::now() + Duration::from_millis(1600);
+        let mut statuses: HashMap<StatusCode, u32> = HashMap::new();
+        while Instant::now() < until {
+            for t in &reader_tokens {
+                *statuses.entry(s.get("/x", Some(t)).await.unwrap().status).or_default() += 1;
+            }
+        }
+        statuses
+    };
+    let ((revoked, took), statuses) = tokio::join!(revoke, load);
+    for r in &replicas {
+        cluster.resume(&r.addr).unwrap();
+    }
+    println!(
+        "revocation with frozen replica: {} after {took:?}; reader statuses meanwhile {statuses:?}",
+        revoked.status
+    );
+
+    // The revocation could not be confirmed by a replica, and says so...
+    assert_eq!(revoked.status, StatusCode::SERVICE_UNAVAILABLE, "{revoked:?}");
+    assert_eq!(revoked.json()["error"], "not_replicated");
+    assert_eq!(revoked.json()["replicas_confirmed"], 0);
+    assert!(took >= Duration::from_millis(1400), "WAIT should have run to its timeout, took {took:?}");
+    // ...while everyone else on that master was served normally the whole time.
+    assert!(statuses.get(&StatusCode::OK).copied().unwrap_or(0) >= 5, "{statuses:?}");
+    assert_eq!(statuses.len(), 1, "requests failed while a revocation waited for replicas: {statuses:?}");
+    // The revocation itself took effect on the master at once.
+    assert_eq!(s.get("/x", Some(&victim_token)).await.unwrap().status, StatusCode::UNAUTHORIZED);
+}
+
+/// A minted token's jti locator (what `DELETE /v1/tokens/{jti}` looks up) lives in the jti's own
+/// slot, usually on another master than the subject's session. A mint is acknowledged only when
+/// a replica holds both: a locator lost in a failover would make that token un-revocable by jti.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mint_is_acknowledged_only_when_its_jti_locator_is_replicated_too() {
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let mut cfg = test_config("locator", Some(cluster.seeds()));
+    cfg.redis.as_mut().unwrap().wait_timeout_ms = 300;
+    let prefix = cfg.redis.as_ref().unwrap().key_prefix.clone();
+    let s = Sidecar::start(cfg, &key_set(), upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+
+    // The subject's records on one master; freeze the replica of a different master.
+    let home = cluster.master_for_slot(subject_slot(&prefix, "locator", "alice")).unwrap();
+    let other = cluster.masters().unwrap().into_iter().find(|m| m.addr != home.addr).unwrap();
+    let frozen = cluster.replicas_of(&other.addr).unwrap();
+    for r in &frozen {
+        cluster.pause(&r.addr).unwrap();
+    }
+    let locator_slot = |jti: &str| {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(jti);
+        key_slot(format!("{prefix}{{locator:j:{b64}}}:loc").as_bytes())
+    };
+    let (mut acknowledged, mut refused) = (Vec::new(), 0);
+    for _ in 0..40 {
+        let r = s.issuer_call("POST", "/v1/tokens", Some(json!({"subject": "alice"}))).await.unwrap();
+        match r.status {
+            StatusCode::CREATED => acknowledged.push(r.json()["jti"].as_str().unwrap().to_string()),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(r.json()["error"], "not_replicated", "{r:?}");
+                refused += 1;
+            }
+            other => panic!("unexpected mint answer {other}: {r:?}"),
+        }
+        if refused >= 2 && acknowledged.len() >= 2 {
+            break;
+        }
+    }
+    for r in &frozen {
+        cluster.resume(&r.addr).unwrap();
+    }
+    println!(
+        "mints with {}'s replica frozen: {} acknowledged, {refused} not_replicated",
+        other.addr,
+        acknowledged.len()
+    );
+    for jti in &acknowledged {
+        assert!(
+            !other.owns_slot(locator_slot(jti)),
+            "mint of {jti} was acknowledged although its locator is on the master whose replica is frozen"
+        );
+    }
+    assert!(refused >= 1, "no mint had its locator on the frozen replica's master in 40 tries");
+    assert!(!acknowledged.is_empty(), "mints whose keys all had live replicas must be acknowledged");
+}
