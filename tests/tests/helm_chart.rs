@@ -172,7 +172,7 @@ fn rendered_chart_has_the_documented_safety_settings() -> anyhow::Result<()> {
     let mwc = find("MutatingWebhookConfiguration")?;
     let wh = &mwc["webhooks"][0];
     assert_eq!(wh["failurePolicy"], "Fail");
-    assert_eq!(wh["sideEffects"], "None");
+    assert_eq!(wh["sideEffects"], "NoneOnDryRun");
     assert_eq!(wh["timeoutSeconds"], 10);
     assert_eq!(
         wh["objectSelector"]["matchExpressions"][0],
@@ -309,7 +309,7 @@ async fn helm_install_succeeds_and_the_charts_webhook_configuration_injects_pods
 
     // Operator down (failurePolicy Fail): opted-in pods are held back, every other pod is admitted.
     webhook.shutdown().await;
-    let r = create_pod_raw(&client, &app_ns, &app_pod("held", "demo", &[])).await?;
+    let r = create_pod_raw(&client, &app_ns, &app_pod("held", "demo", &[]), false).await?;
     assert_eq!(r.status, 500, "an opted-in pod must not start unprotected: {}", r.body);
     assert!(r.body["message"].as_str().unwrap_or_default().contains("failed calling webhook"), "{}", r.body);
     let plain = pods.create(&PostParams::default(), &app_pod("plain", "", &[])).await?;

@@ -175,6 +175,10 @@ async fn labelled_pods_get_the_sidecar_exactly_once_and_opt_outs_win() -> anyhow
 async fn warn_policy_admits_a_pod_of_an_unknown_realm_unprotected_with_a_warning() -> anyhow::Result<()> {
     let fx = Fixture::start(|c| c.unready_realm_policy = UnreadyRealmPolicy::Warn).await?;
     let ns = fx.namespace("warn").await?;
+    // A dry run gets the same answer and warning, but records no event (sideEffects: NoneOnDryRun).
+    let dry = fx.create_pod_dry_run(&ns, &app_pod("ghost", "nope", &[])).await?;
+    assert_eq!(dry.status, 201, "{}", dry.body);
+    assert!(dry.warnings.iter().any(|w| w.contains("admitted WITHOUT the sidecar")), "{:?}", dry.warnings);
     let r = fx.create_pod_raw(&ns, &app_pod("lost", "nope", &[])).await?;
     assert_eq!(r.status, 201, "{}", r.body);
     let created: Pod = serde_json::from_value(r.body)?;
@@ -184,7 +188,7 @@ async fn warn_policy_admits_a_pod_of_an_unknown_realm_unprotected_with_a_warning
         "never silently unprotected: {:?}",
         r.warnings
     );
-    assert_eq!(fx.metrics.admission(Outcome::Skipped, "RealmNotFound"), 1);
+    assert_eq!(fx.metrics.admission(Outcome::Skipped, "RealmNotFound"), 2, "the dry run and the real create");
     let events: Api<Event> = Api::namespaced(fx.client.clone(), &ns);
     eventually("an InjectionSkipped warning event", Duration::from_secs(10), || {
         let events = events.clone();
@@ -198,6 +202,16 @@ async fn warn_policy_admits_a_pod_of_an_unknown_realm_unprotected_with_a_warning
         }
     })
     .await?;
+    // The dry run's event would have been sent first; give a straggler time anyway.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let about: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|e| e.regarding.as_ref()?.name.clone())
+        .collect();
+    assert_eq!(about, ["lost"], "events recorded only for the stored pod");
     Ok(())
 }
 

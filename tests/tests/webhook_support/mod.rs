@@ -48,7 +48,7 @@ pub fn webhook_configuration(url: &str) -> MutatingWebhookConfiguration {
                 "scope": "Namespaced",
             }],
             "failurePolicy": "Fail",
-            "sideEffects": "None",
+            "sideEffects": "NoneOnDryRun",
             "timeoutSeconds": 10,
             "reinvocationPolicy": "IfNeeded",
             "matchPolicy": "Equivalent",
@@ -178,7 +178,12 @@ impl Fixture {
 
     /// See [`create_pod_raw`].
     pub async fn create_pod_raw(&self, ns: &str, pod: &Pod) -> anyhow::Result<RawResponse> {
-        create_pod_raw(&self.client, ns, pod).await
+        create_pod_raw(&self.client, ns, pod, false).await
+    }
+
+    /// `POST …/pods?dryRun=All`: admission runs (webhooks see `dryRun: true`), nothing is stored.
+    pub async fn create_pod_dry_run(&self, ns: &str, pod: &Pod) -> anyhow::Result<RawResponse> {
+        create_pod_raw(&self.client, ns, pod, true).await
     }
 }
 
@@ -313,8 +318,9 @@ pub async fn create_realm(
 
 /// Creates a Pod through the API server and returns the HTTP status, the `Warning` headers and
 /// the body (the created Pod or a Status).
-pub async fn create_pod_raw(client: &Client, ns: &str, pod: &Pod) -> anyhow::Result<RawResponse> {
-    let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods"))
+pub async fn create_pod_raw(client: &Client, ns: &str, pod: &Pod, dry_run: bool) -> anyhow::Result<RawResponse> {
+    let query = if dry_run { "?dryRun=All" } else { "" };
+    let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods{query}"))
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(serde_json::to_vec(pod)?)?;
     let resp = client.send(req.map(Into::into)).await?;
