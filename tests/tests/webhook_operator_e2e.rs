@@ -85,10 +85,20 @@ async fn operator_binary_reconciles_a_realm_and_injects_its_pods() -> anyhow::Re
         .output()?;
     ensure!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
 
+    // The operator runs with exactly the chart's RBAC: its kubeconfig impersonates the chart's
+    // ServiceAccount (the API server adds the ServiceAccount groups), so a verb missing from the
+    // chart's roles fails here as it would in a cluster.
+    let mut kubeconfig: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(env.kubeconfig_path())?)?;
+    for user in kubeconfig["users"].as_array_mut().context("kubeconfig users")? {
+        user["user"]["as"] = format!("system:serviceaccount:{NAMESPACE}:authrealm").into();
+    }
+    let operator_kubeconfig = env.dir().join("operator-as-chart-sa.kubeconfig");
+    std::fs::write(&operator_kubeconfig, serde_yaml_ng::to_string(&kubeconfig)?)?;
+
     // The operator with the settings the chart's Deployment passes, plus a loopback listener.
     let log = env.dir().join("operator.log");
     let child = Command::new(&bin)
-        .env("KUBECONFIG", env.kubeconfig_path())
+        .env("KUBECONFIG", &operator_kubeconfig)
         .env("RUST_LOG", "info")
         .env("POD_NAME", "operator-0")
         .env("POD_NAMESPACE", NAMESPACE)
