@@ -67,6 +67,7 @@ pub struct PublicRoute {
     pub path_match: PathMatch,
     /// HTTP methods this route applies to (upper case); empty means every method.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 32), pattern(r"^[A-Z]+$")))]
     pub methods: Vec<String>,
 }
 

@@ -67,8 +67,14 @@ pub struct AuthRealmSpec {
     /// a token's `alg` header never selects the verifier. Changing it starts a new key chain:
     /// a key of the new algorithm is published, signs after `keyRotation.propagationDelay`, and
     /// the old key is retired like any other. HMAC algorithms (HS*) have no public half: every
-    /// pod of an HMAC realm, verifiers included, must mount the private key set.
+    /// pod of an HMAC realm, verifiers included, must mount the private key set. So a change
+    /// between an HMAC and an asymmetric algorithm is refused: running verifier pods mount the
+    /// other key object and would reject the new chain's tokens; create a new realm instead.
     #[serde(default = "default_alg")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.startsWith('HS') == oldSelf.startsWith('HS')",
+         "message": "algorithm cannot change between HMAC (HS*) and asymmetric algorithms: running pods mount different key objects for each; create a new AuthRealm instead"}
+    ]))]
     pub algorithm: Alg,
 
     /// Default lifetime of tokens minted by issuer pods, as a duration (`15m`, `1h`).
@@ -235,15 +241,19 @@ pub struct RedisCredentials {
 /// TLS settings for Redis.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.serverName)",
+     "message": "redis.tls.serverName is not supported yet: the sidecar's Redis client verifies each node's certificate against the host it dials; use endpoint host names that match the certificates"}
+]))]
 pub struct RedisTlsSpec {
     /// Secret (in the realm's namespace) with the PEM CA certificate(s) that sign the Redis
     /// servers' certificates; absent means the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<SecretKeyRef>,
-    /// Name checked against the servers' certificates. The current sidecar's Redis client
-    /// checks each node's certificate against the host it dials and cannot override it, so a
-    /// realm that sets this field is reported `InvalidSpec`; use endpoint host names that match
-    /// the certificates instead.
+    /// Reserved: a name to check the servers' certificates against. Not supported yet and
+    /// refused at apply time — the sidecar's Redis client checks each node's certificate
+    /// against the host it dials and cannot override it. Use endpoint host names that match
+    /// the certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub server_name: Option<String>,

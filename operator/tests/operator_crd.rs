@@ -59,6 +59,33 @@ async fn crd_applies_and_cel_rules_reject_bad_specs_with_their_messages() -> any
     assert_eq!(r.spec.redis.as_ref().unwrap().key_prefix, "ar:");
     assert_eq!(r.spec.sidecar.ports.public, 8443);
 
+    // Algorithm changes within a family start a new key chain; across HMAC/asymmetric they are
+    // refused (verifier pods mount the JWKS, which has no HMAC key, and vice versa).
+    let patch = |alg: &'static str| {
+        let api = api.clone();
+        async move {
+            let p = kube::api::Patch::Merge(json!({"spec": {"algorithm": alg}}));
+            api.patch("minimal", &kube::api::PatchParams::default(), &p).await
+        }
+    };
+    match patch("HS256").await {
+        Err(kube::Error::Api(s)) => {
+            assert!(s.message.contains("cannot change between HMAC (HS*) and asymmetric"), "{}", s.message)
+        }
+        other => panic!("ES256 -> HS256 must be refused, got {other:?}"),
+    }
+    assert_eq!(patch("EdDSA").await?.spec.algorithm.as_str(), "EdDSA");
+    let hmac = with(base(), &["algorithm"], json!("HS384"));
+    assert_eq!(try_create(&client, &ns, "hmac", hmac).await, None);
+    let hmac_api = api.clone();
+    let to_rsa = kube::api::Patch::Merge(json!({"spec": {"algorithm": "RS256"}}));
+    assert!(hmac_api.patch("hmac", &kube::api::PatchParams::default(), &to_rsa).await.is_err(), "HS384 -> RS256");
+    let to_hs512 = kube::api::Patch::Merge(json!({"spec": {"algorithm": "HS512"}}));
+    assert_eq!(
+        hmac_api.patch("hmac", &kube::api::PatchParams::default(), &to_hs512).await?.spec.algorithm.as_str(),
+        "HS512"
+    );
+
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         ("empty-audiences", with(base(), &["audiences"], json!([])), "at least one audience is required"),
         (
@@ -108,6 +135,20 @@ async fn crd_applies_and_cel_rules_reject_bad_specs_with_their_messages() -> any
         ),
         ("bad-alg", with(base(), &["algorithm"], json!("none")), "Unsupported value"),
         ("route", with(base(), &["sidecar"], json!({"publicRoutes": [{"path": "health"}]})), "must start with '/'"),
+        (
+            "route-method",
+            with(base(), &["sidecar"], json!({"publicRoutes": [{"path": "/login", "methods": ["post"]}]})),
+            "should match '^[A-Z]+$'",
+        ),
+        (
+            "tls-server-name",
+            with(
+                base(),
+                &["redis"],
+                json!({"endpoints": ["redis-0.redis:6379"], "tls": {"serverName": "redis.internal"}}),
+            ),
+            "redis.tls.serverName is not supported yet",
+        ),
     ];
     for (name, spec, message) in cases {
         let err = try_create(&client, &ns, name, spec).await.unwrap_or_else(|| panic!("{name}: accepted"));
