@@ -438,8 +438,8 @@ impl SidecarConfig {
                 if let Some(i) = r.endpoints.iter().position(|e| !is_host_port(e)) {
                     return Err(err(format!("redis.endpoints[{i}]"), "must be host:port"));
                 }
-                if r.key_prefix.len() > 128 || r.key_prefix.contains(['{', '}']) {
-                    return Err(err("redis.keyPrefix", "at most 128 bytes and no '{' or '}'"));
+                if r.key_prefix.len() > 256 || r.key_prefix.contains(['{', '}']) {
+                    return Err(err("redis.keyPrefix", "at most 256 bytes and no '{' or '}'"));
                 }
                 if r.command_timeout_ms == 0 || r.connect_timeout_ms == 0 {
                     return Err(err("redis.commandTimeoutMs", "timeouts must be > 0"));

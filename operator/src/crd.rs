@@ -176,6 +176,8 @@ pub struct RedisSpec {
     pub tls: Option<RedisTlsSpec>,
 
     /// Prefix of every key the realm writes (default `ar:`); at most 128 bytes, no `{` or `}`.
+    /// The realm's namespace is appended (`ar:<namespace>:`), so realms of the same name in
+    /// different namespaces can share a Redis Cluster without seeing each other's sessions.
     #[serde(default = "default_key_prefix")]
     #[schemars(length(max = 128))]
     pub key_prefix: String,

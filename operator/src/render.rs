@@ -172,6 +172,10 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
                      host it dials); use endpoint host names that match the servers' certificates",
                 ));
             }
+            // Realm names are unique only within a namespace while a Redis Cluster may be shared
+            // across namespaces: the namespace is part of every key, so `team-a/app` and
+            // `team-b/app` never see (or purge) each other's sessions.
+            let key_prefix = format!("{}{namespace}:", r.key_prefix);
             let wait_replicas =
                 u32::try_from(r.wait_replicas).map_err(|_| spec_err("redis.waitReplicas", "must be 0 to 5"))?;
             let connect_timeout_ms = millis("redis.connectTimeout", &r.connect_timeout)?;
@@ -183,7 +187,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
                     ca_file: t.ca_secret.as_ref().map(|_| REDIS_CA_FILE.to_owned()),
                     server_name: None,
                 }),
-                key_prefix: r.key_prefix.clone(),
+                key_prefix: key_prefix.clone(),
                 connect_timeout_ms,
                 command_timeout_ms: millis("redis.commandTimeout", &r.command_timeout)?,
                 wait_replicas,
@@ -193,7 +197,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
                 endpoints,
                 credentials: r.credentials.clone(),
                 tls: r.tls.clone(),
-                key_prefix: r.key_prefix.clone(),
+                key_prefix,
                 connect_timeout_ms,
                 purge_on_delete: r.purge_on_delete,
             };
@@ -363,6 +367,18 @@ mod tests {
         assert_eq!(r.redis.unwrap().credentials.unwrap().password_key, "password");
         // Round trip through the sidecar's own parser.
         SidecarConfig::from_json(c.to_json_pretty().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn same_named_realms_in_different_namespaces_use_disjoint_redis_keys() {
+        let a = resolve("app", "team-a", &spec(base())).unwrap();
+        let b = resolve("app", "team-b", &spec(base())).unwrap();
+        let (ca, cb) = (a.config.redis.unwrap(), b.config.redis.unwrap());
+        assert_eq!(ca.key_prefix, "ar:team-a:");
+        assert_eq!(cb.key_prefix, "ar:team-b:");
+        // The operator's purge (finalizer) scans with the same prefix the sidecars write with.
+        assert_eq!(a.redis.unwrap().key_prefix, ca.key_prefix);
+        assert_eq!(b.redis.unwrap().key_prefix, cb.key_prefix);
     }
 
     #[test]

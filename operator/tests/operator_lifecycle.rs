@@ -56,10 +56,13 @@ async fn deleting_a_realm_runs_the_purge_finalizer_and_owned_objects_go() -> any
     // Session records of both realms, spread over many slots (key layout of the sidecar).
     let mut mine = Vec::new();
     let mut theirs = Vec::new();
+    // Keys are `<keyPrefix><namespace>:{<realm>:…}`; a realm of the same name in another
+    // namespace sharing the cluster must be left alone.
     for i in 0..40 {
-        mine.push(format!("ar:{{purge:user{i}}}:t:jti{i}"));
-        mine.push(format!("ar:{{purge:j:jti{i}}}:loc"));
-        theirs.push(format!("ar:{{purge-other:user{i}}}:t:jti{i}"));
+        mine.push(format!("ar:{ns}:{{purge:user{i}}}:t:jti{i}"));
+        mine.push(format!("ar:{ns}:{{purge:j:jti{i}}}:loc"));
+        theirs.push(format!("ar:{ns}:{{purge-other:user{i}}}:t:jti{i}"));
+        theirs.push(format!("ar:elsewhere:{{purge:user{i}}}:t:jti{i}"));
     }
     let seed = cluster.seeds()[0].clone();
     for k in mine.iter().chain(&theirs) {
