@@ -10,10 +10,19 @@
 //! head with an invalid `Content-Length` instead, so hyper answers `400 Bad Request` and
 //! closes the connection. The app never sees the request.
 //!
-//! HTTP/2 (prior knowledge preface) and upgraded connections are passed through untouched.
+//! HTTP/2 (prior knowledge preface) and upgraded connections are passed through untouched. A
+//! connection counts as upgraded only once the sidecar has answered `101 Switching Protocols`
+//! (the server flips the flag given to [`Guarded::new`]); an `Upgrade` header alone changes
+//! nothing, so a refused upgrade cannot switch the guard off for the rest of the connection.
+//!
+//! A head ends where httparse (hyper's parser) says it does: a line end (`\n` or `\r\n`)
+//! followed by an empty line (`\n` or `\r\n`). The guard's head limit is set above hyper's
+//! buffer limit, so hyper has answered `431` before the guard would stop inspecting a head.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -44,7 +53,6 @@ enum State {
 pub enum HeadVerdict {
     Ok {
         body: BodyFraming,
-        upgrade: bool,
     },
     /// Both framing headers, or one of them repeated.
     Ambiguous,
@@ -69,14 +77,11 @@ pub fn inspect_head(head: &[u8]) -> HeadVerdict {
     }
     let mut cl: Vec<&[u8]> = vec![];
     let mut te: Vec<&[u8]> = vec![];
-    let mut upgrade = false;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             cl.push(h.value);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te.push(h.value);
-        } else if h.name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
         }
     }
     if cl.len() > 1 || te.len() > 1 || (!cl.is_empty() && !te.is_empty()) {
@@ -85,19 +90,19 @@ pub fn inspect_head(head: &[u8]) -> HeadVerdict {
     if let Some(v) = te.first() {
         let last = v.rsplit(|&b| b == b',').next().unwrap_or(b"");
         if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            return HeadVerdict::Ok { body: BodyFraming::Chunked, upgrade };
+            return HeadVerdict::Ok { body: BodyFraming::Chunked };
         }
         return HeadVerdict::Unknown;
     }
     if let Some(v) = cl.first() {
         return match std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
             Some(n) if v.iter().all(|b| b.is_ascii_digit() || *b == b' ' || *b == b'\t') => {
-                HeadVerdict::Ok { body: BodyFraming::Length(n), upgrade }
+                HeadVerdict::Ok { body: BodyFraming::Length(n) }
             }
             _ => HeadVerdict::Unknown,
         };
     }
-    HeadVerdict::Ok { body: BodyFraming::None, upgrade }
+    HeadVerdict::Ok { body: BodyFraming::None }
 }
 
 /// Incremental scanner: feed it bytes read from the client; it returns the bytes hyper
@@ -152,6 +157,14 @@ impl Scanner {
         }
     }
 
+    /// The server answered `101 Switching Protocols`: everything from here on (including bytes
+    /// already held back) belongs to the new protocol.
+    pub fn switch_protocols(&mut self, out: &mut BytesMut) {
+        if self.state != State::PassThrough {
+            self.pass_through(out);
+        }
+    }
+
     fn pass_through(&mut self, out: &mut BytesMut) {
         out.extend_from_slice(&self.buf);
         self.buf.clear();
@@ -174,23 +187,20 @@ impl Scanner {
                     return;
                 }
                 if self.buf.len() > self.max_head {
-                    // hyper answers 431 for an oversized head.
+                    // Larger than hyper's buffer (see `Guarded::new`): hyper answers 431.
                     return self.pass_through(out);
                 }
-                if self.buf.ends_with(b"\r\n\r\n") || self.buf.ends_with(b"\n\n") {
+                // "\n\r\n" also covers "\r\n\r\n"; httparse accepts bare LF line ends.
+                if self.buf.ends_with(b"\n\r\n") || self.buf.ends_with(b"\n\n") {
                     self.first = false;
                     match inspect_head(&self.buf) {
-                        HeadVerdict::Ok { body, upgrade } => {
+                        HeadVerdict::Ok { body } => {
                             out.extend_from_slice(&self.buf);
                             self.buf.clear();
-                            self.state = if upgrade {
-                                State::PassThrough
-                            } else {
-                                match body {
-                                    BodyFraming::None | BodyFraming::Length(0) => State::Head,
-                                    BodyFraming::Length(n) => State::Body(n),
-                                    BodyFraming::Chunked => State::ChunkSize,
-                                }
+                            self.state = match body {
+                                BodyFraming::None | BodyFraming::Length(0) => State::Head,
+                                BodyFraming::Length(n) => State::Body(n),
+                                BodyFraming::Chunked => State::ChunkSize,
                             };
                         }
                         HeadVerdict::Ambiguous => {
@@ -248,15 +258,20 @@ pub struct Guarded<T> {
     scanner: Scanner,
     ready: BytesMut,
     scratch: Box<[u8]>,
+    switched: Arc<AtomicBool>,
 }
 
 impl<T> Guarded<T> {
-    pub fn new(inner: T, max_head: usize) -> Self {
+    /// `max_head` must exceed hyper's read-buffer limit, so that hyper rejects an oversized head
+    /// (431) before the guard gives up inspecting it. `switched` is set by the server when it
+    /// answers `101 Switching Protocols` on this connection.
+    pub fn new(inner: T, max_head: usize, switched: Arc<AtomicBool>) -> Self {
         Guarded {
             inner,
             scanner: Scanner::new(max_head),
             ready: BytesMut::new(),
             scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
+            switched,
         }
     }
 
@@ -269,6 +284,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
+            if this.switched.load(Ordering::Acquire) {
+                this.scanner.switch_protocols(&mut this.ready);
+            }
             if !this.ready.is_empty() {
                 let n = this.ready.len().min(buf.remaining());
                 buf.put_slice(&this.ready[..n]);
@@ -375,12 +393,46 @@ GET /c HTTP/1.1\r\nHost: x\r\n\r\n";
     }
 
     #[test]
-    fn h2_preface_and_upgrades_pass_through() {
+    fn h2_preface_passes_through() {
         let mut raw = H2_PREFACE.to_vec();
         raw.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00");
         assert_eq!(run(&[&raw]), (raw.clone(), false));
-        let ws: &[u8] =
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello";
-        assert_eq!(run(&[ws]), (ws.to_vec(), false));
+    }
+
+    #[test]
+    fn upgrades_pass_through_only_after_101() {
+        let head: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let mut s = Scanner::new(8192);
+        let mut out = BytesMut::new();
+        s.feed(head, &mut out);
+        // Frames sent early are held back, not inspected as HTTP, until the server decides.
+        s.feed(b"\x81\x05hello", &mut out);
+        assert_eq!(&out[..], head);
+        s.switch_protocols(&mut out);
+        s.feed(b"\x81\x02hi", &mut out);
+        let mut want = head.to_vec();
+        want.extend_from_slice(b"\x81\x05hello\x81\x02hi");
+        assert_eq!(&out[..], &want[..]);
+        assert!(!s.poisoned());
+    }
+
+    #[test]
+    fn an_upgrade_header_alone_does_not_switch_the_guard_off() {
+        let raw: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\n\r\nPOST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let (out, poisoned) = run(&[raw]);
+        assert!(poisoned);
+        assert!(!out.windows(8).any(|w| w == b"/smuggle"));
+    }
+
+    #[test]
+    fn bare_lf_heads_are_inspected_too() {
+        for raw in [
+            &b"POST /smuggle HTTP/1.1\nHost: x\nContent-Length: 5\nTransfer-Encoding: chunked\n\r\n0\r\n\r\n"[..],
+            b"POST /smuggle HTTP/1.1\nHost: x\nContent-Length: 5\nTransfer-Encoding: chunked\n\n0\r\n\r\n",
+        ] {
+            let (out, poisoned) = run(&[raw]);
+            assert!(poisoned, "{}", String::from_utf8_lossy(raw));
+            assert!(out.starts_with(POISON_HEAD));
+        }
     }
 }
