@@ -55,6 +55,7 @@ async fn rotation_publishes_before_signing_and_keeps_every_key_until_its_tokens_
         max_token_bytes: 8192,
         required_claims: vec![],
         session_mode: SessionMode::Stateless,
+        max_lifetime: 3600,
     };
     // Per kid: (state or None = gone, first time seen in that state) from the JWKS.
     let mut timeline: BTreeMap<String, Vec<(Option<KeyState>, f64)>> = BTreeMap::new();

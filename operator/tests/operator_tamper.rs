@@ -25,6 +25,7 @@ fn policy() -> Policy {
         max_token_bytes: 8192,
         required_claims: vec![],
         session_mode: SessionMode::Stateless,
+        max_lifetime: 3600,
     }
 }
 

@@ -72,6 +72,7 @@ impl App {
             max_token_bytes: cfg.limits.max_token_bytes,
             required_claims: cfg.required_claims.clone(),
             session_mode: cfg.session_mode,
+            max_lifetime: cfg.max_token_ttl_seconds as i64,
         };
         let identity = cfg
             .identity_headers
@@ -193,7 +194,14 @@ impl App {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             };
-            let store = SessionStore::new(conn, writer, &redis_cfg, &app.cfg.realm, app.cfg.session_mode);
+            let store = SessionStore::new(
+                conn,
+                writer,
+                &redis_cfg,
+                &app.cfg.realm,
+                app.cfg.session_mode,
+                app.cfg.leeway_seconds,
+            );
             let _ = app.sessions.set(store);
             loop {
                 let store = app.sessions().expect("set above");

@@ -97,8 +97,11 @@ fn bad(app: &App, op: &'static str, status: StatusCode, code: &str, msg: &str) -
     json_error(status, code, msg)
 }
 
+/// Subjects and jtis: 1..512 bytes of visible ASCII (inner spaces allowed), so the app receives
+/// them in `X-Auth-Subject` / `X-Auth-Jti` exactly as they are keyed in Redis (OpenID Connect
+/// also limits `sub` to ASCII).
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_ID_BYTES && !s.chars().any(char::is_control)
+    !s.is_empty() && s.len() <= MAX_ID_BYTES && crate::token::header_safe(s)
 }
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, std::convert::Infallible> {
@@ -138,7 +141,7 @@ async fn mint_token(app: &App, req: Request<Incoming>) -> Response<Body> {
             OP,
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "subject must be 1..512 bytes without control characters",
+            "subject must be 1..512 bytes of visible ASCII, without leading or trailing spaces",
         );
     }
     let ttl = m.ttl_seconds.unwrap_or(app.cfg.token_ttl_seconds);
@@ -170,6 +173,21 @@ async fn mint_token(app: &App, req: Request<Incoming>) -> Response<Body> {
             );
         }
     };
+    // Claims the sidecar passes to the app as headers must survive that trip unchanged.
+    if let Some(claims) = &m.claims
+        && let Some(ih) = app.identity.iter().find(|ih| crate::token::identity_value(claims.get(&ih.claim)).is_err())
+    {
+        return bad(
+            app,
+            OP,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            &format!(
+                "claim {:?} is passed to the app in a header: it must be visible ASCII without leading or trailing spaces",
+                ih.claim
+            ),
+        );
+    }
     let now = now_unix();
     let minted = {
         let ring = app.keys.ring();
@@ -185,6 +203,18 @@ async fn mint_token(app: &App, req: Request<Incoming>) -> Response<Body> {
         }
         Err(MintError::Sign) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "signing failed"),
     };
+    // Refuse, before any session is registered (single mode would end the previous one), a
+    // token this realm's own sidecars would reject.
+    if minted.token.len() > app.cfg.limits.max_token_bytes {
+        return bad(
+            app,
+            OP,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the token would exceed limits.maxTokenBytes; send fewer or smaller claims",
+        );
+    }
+
     let mut body = json!({
         "access_token": minted.token,
         "token_type": "Bearer",
@@ -226,7 +256,9 @@ async fn revoke_token(app: &App, jti: Option<String>, subject: Option<String>) -
         (Some((exp, sub)), _) => (exp, sub),
         // Tokens minted elsewhere (denylist realms): the caller names the subject.
         (None, Some(sub)) if app.cfg.session_mode == SessionMode::Denylist && valid_id(&sub) => {
-            (now + app.cfg.max_token_ttl_seconds as i64 + app.cfg.leeway_seconds as i64, sub)
+            // Such a token is accepted only while exp - iat <= max + leeway and iat <= now + leeway
+            // (token::validate), so it expires by now + max + 2·leeway.
+            (now + app.cfg.max_token_ttl_seconds as i64 + 2 * app.cfg.leeway_seconds as i64, sub)
         }
         (None, _) => {
             return bad(
@@ -259,7 +291,9 @@ async fn revoke_subject(app: &App, subject: Option<String>) -> Response<Body> {
         return bad(app, OP, StatusCode::CONFLICT, "stateless_realm", "tokens of a stateless realm cannot be revoked");
     }
     let Some(store) = app.sessions() else { return store_error(app, OP, &StoreError::NotConnected) };
-    let cutoff_ttl = (app.cfg.max_token_ttl_seconds + 2 * app.cfg.leeway_seconds) as i64;
+    // A token issued before the cut-off (iat <= cut) expires by cut + max + leeway and is accepted
+    // until leeway after that; +1 because exp is inclusive.
+    let cutoff_ttl = (app.cfg.max_token_ttl_seconds + 2 * app.cfg.leeway_seconds) as i64 + 1;
     match store.revoke_subject(&subject, now_unix(), cutoff_ttl).await {
         Ok((n, d)) => {
             let mut body = json!({ "subject": subject, "replicas_confirmed": d.replicas_confirmed, "replicas_required": d.replicas_required });

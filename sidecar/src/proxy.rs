@@ -12,13 +12,12 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::Value;
 
 use authrealm_contract::FailurePolicy;
 
 use crate::app::{App, Body, full, json_response, now_unix};
 use crate::session::SessionState;
-use crate::token::{Reject, Verified, extract_bearer, validate};
+use crate::token::{Reject, Verified, extract_bearer, identity_value, validate};
 
 pub type UpstreamClient = Client<HttpConnector, Incoming>;
 
@@ -124,6 +123,20 @@ fn status_class(s: StatusCode) -> &'static str {
     }
 }
 
+/// HTTP/2 clients may split `Cookie` into several fields; an HTTP/1.1 message carries one,
+/// joined with "; " (RFC 9113 §8.2.3). Many apps read only the first.
+fn join_cookies(headers: &mut http::HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let parts: Vec<Vec<u8>> = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes().to_vec()).collect();
+    let joined = parts.join(&b"; "[..]);
+    headers.remove(header::COOKIE);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Outcome of authentication for one request.
 enum Auth {
     Public,
@@ -139,7 +152,9 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         || lower.contains("%2f")
         || lower.contains("%5c")
         || path.contains('\\')
-        || path.split('/').any(|seg| seg == "." || seg == "..");
+        || lower.contains("%3b")
+        // `..;` and `.;x`: servlet containers drop path parameters before normalising.
+        || path.split('/').any(|seg| matches!(seg.split(';').next(), Some(".") | Some("..")));
     if !ambiguous && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
@@ -163,6 +178,9 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Ok(v) => v,
         Err(r) => return reject(r),
     };
+    if let Some(r) = app.identity.iter().find_map(|ih| identity_value(verified.claims.get(&ih.claim)).err()) {
+        return reject(r);
+    }
     if !app.stateful() {
         app.metrics.request("allowed", "ok");
         return Ok(Auth::Allowed(Box::new(verified)));
@@ -201,18 +219,6 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
     }
 }
 
-fn claim_header_value(v: &Value) -> Option<HeaderValue> {
-    let s = match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        Value::Null => return None,
-        other => other.to_string(),
-    };
-    // Visible ASCII only: no CR/LF, no obs-text.
-    HeaderValue::from_str(&s).ok()
-}
-
 /// The public listener's service.
 pub async fn handle(
     app: Arc<App>,
@@ -220,10 +226,17 @@ pub async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // A guard, not inc/dec around the await: hyper drops this future when the client goes away
+    // (connection closed, HTTP/2 stream reset) and the gauge must still come down.
+    struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
     app.metrics.in_flight.inc();
-    let resp = handle_inner(&app, &client, peer, req).await;
-    app.metrics.in_flight.dec();
-    Ok(resp)
+    let _in_flight = InFlight(&app.metrics.in_flight);
+    Ok(handle_inner(&app, &client, peer, req).await)
 }
 
 async fn handle_inner(
@@ -282,7 +295,8 @@ async fn handle_inner(
     }
     if let Auth::Allowed(v) = &auth {
         for ih in &app.identity {
-            if let Some(value) = v.claims.get(&ih.claim).and_then(claim_header_value) {
+            // Representability was checked in `authenticate`.
+            if let Ok(Some(value)) = identity_value(v.claims.get(&ih.claim)) {
                 parts.headers.insert(ih.name.clone(), value);
             }
         }
@@ -311,6 +325,9 @@ async fn handle_inner(
             Ok(u) => u,
             Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target\n"),
         };
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     parts.version = Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 

@@ -12,9 +12,9 @@
 //! |---------------------|--------|------------------|--------------------------|----------------|
 //! | `P{R:S}:t:J`        | string | exp (unix s)     | token's remaining life   | single, multi  |
 //! | `P{R:S}:idx`        | zset   | jti → exp        | latest exp of the subject| single, multi  |
-//! | `P{R:S}:d:J`        | string | `1`              | token's remaining life   | denylist       |
-//! | `P{R:S}:cut`        | string | unix s           | max TTL + leeway         | denylist       |
-//! | `P{R:j:J}:loc`      | string | `exp sub`        | token's remaining life   | all but stateless |
+//! | `P{R:S}:d:J`        | string | `1`              | remaining life + leeway  | denylist       |
+//! | `P{R:S}:cut`        | string | unix s (only grows) | max TTL + 2·leeway + 1 | denylist     |
+//! | `P{R:j:J}:loc`      | string | `exp sub`        | remaining life + leeway  | all but stateless |
 //!
 //! No token is stored: only ids and expiry times. The request path runs exactly one
 //! command (`EXISTS` or `MGET` on keys of one slot).
@@ -178,6 +178,22 @@ redis.call('DEL', KEYS[1])
 return n
 "#;
 
+/// "Log out everywhere" in denylist realms: the cut-off only ever moves forward and its TTL
+/// only ever grows, so a later log-out from a pod whose clock is behind cannot lower an
+/// earlier cut-off and bring revoked tokens back.
+const CUTOFF_SCRIPT: &str = r#"
+-- KEYS[1] cut-off; ARGV: cut-off (unix seconds), ttl (seconds)
+local v = redis.call('GET', KEYS[1])
+local cur = v and tonumber(v)
+if (not cur) or cur < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+end
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('GET', KEYS[1])
+"#;
+
 const REVOKE_ONE_SCRIPT: &str = r#"
 -- KEYS[1] index, KEYS[2] token record; ARGV[1] jti-member
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -202,6 +218,9 @@ pub struct SessionStore {
     mint_script: Script,
     revoke_all_script: Script,
     revoke_one_script: Script,
+    cutoff_script: Script,
+    /// Clock leeway: a token is accepted until `exp + leeway`, so its jti locator lives as long.
+    leeway_secs: u64,
 }
 
 /// Build the cluster client (no connection is made yet).
@@ -247,6 +266,7 @@ impl SessionStore {
         cfg: &RedisConfig,
         realm: &str,
         mode: SessionMode,
+        cfg_leeway_secs: u64,
     ) -> Self {
         SessionStore {
             conn,
@@ -259,6 +279,8 @@ impl SessionStore {
             mint_script: Script::new(MINT_SCRIPT),
             revoke_all_script: Script::new(REVOKE_ALL_SCRIPT),
             revoke_one_script: Script::new(REVOKE_ONE_SCRIPT),
+            cutoff_script: Script::new(CUTOFF_SCRIPT),
+            leeway_secs: cfg_leeway_secs,
         }
     }
 
@@ -334,7 +356,7 @@ impl SessionStore {
         let loc = self.layout.locator(jti);
         let mut locator_conn = self.writer.clone();
         let mut set_locator = redis::cmd("SET");
-        set_locator.arg(&loc).arg(format!("{exp} {sub}")).arg("PX").arg(ttl_ms);
+        set_locator.arg(&loc).arg(format!("{exp} {sub}")).arg("PX").arg(ttl_ms + self.leeway_secs * 1000);
         let locator = self.bounded(self.write_limit(), set_locator.query_async::<()>(&mut locator_conn));
         match self.mode {
             SessionMode::Single | SessionMode::Multi => {
@@ -423,11 +445,9 @@ impl SessionStore {
             }
             SessionMode::Denylist => {
                 let key = self.layout.cutoff(sub);
-                self.bounded(
-                    self.write_limit(),
-                    redis::cmd("SET").arg(&key).arg(now).arg("EX").arg(cutoff_ttl.max(1)).query_async::<()>(&mut conn),
-                )
-                .await?;
+                let mut inv = self.cutoff_script.prepare_invoke();
+                inv.key(&key).arg(now).arg(cutoff_ttl.max(1));
+                self.bounded(self.write_limit(), inv.invoke_async::<String>(&mut conn)).await?;
                 let d = self.wait_for_replicas(&key).await?;
                 Ok((-1, d))
             }

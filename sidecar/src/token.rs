@@ -38,6 +38,12 @@ pub enum Reject {
     WrongIssuer,
     WrongAudience,
     MissingClaim,
+    /// Denylist realms: `exp - iat` longer than the realm's maximum token lifetime. Deny records
+    /// and log-out cut-offs are kept only that long, so such a token could outlive its revocation.
+    LifetimeTooLong,
+    /// A claim mapped to an identity header cannot be passed to the app exactly (not visible
+    /// ASCII, or leading/trailing white space the app's HTTP parser would trim).
+    UnrepresentableClaim,
     /// The session store says the token is revoked, replaced or unknown.
     SessionRevoked,
 }
@@ -64,6 +70,8 @@ impl Reject {
             Reject::WrongIssuer => "wrong_issuer",
             Reject::WrongAudience => "wrong_audience",
             Reject::MissingClaim => "missing_claim",
+            Reject::LifetimeTooLong => "lifetime_too_long",
+            Reject::UnrepresentableClaim => "unrepresentable_claim",
             Reject::SessionRevoked => "session_revoked",
         }
     }
@@ -96,6 +104,8 @@ pub struct Policy {
     pub max_token_bytes: usize,
     pub required_claims: Vec<String>,
     pub session_mode: SessionMode,
+    /// The realm's maximum token lifetime (`maxTokenTtlSeconds`); enforced in denylist mode.
+    pub max_lifetime: i64,
 }
 
 /// A token that passed every local check.
@@ -111,6 +121,32 @@ pub struct Verified {
 
 /// Longest `sub` / `jti` accepted (they become parts of Redis keys).
 pub const MAX_ID_BYTES: usize = 512;
+
+/// True when `s` can be sent as an HTTP header value and read back byte for byte: visible
+/// ASCII and inner spaces/tabs only (no obs-text, no control characters), and no leading or
+/// trailing white space (HTTP parsers trim it, so `" alice"` would reach the app as `alice`).
+pub fn header_safe(s: &str) -> bool {
+    let b = s.as_bytes();
+    let ws = |c: &u8| *c == b' ' || *c == b'\t';
+    b.iter().all(|c| (0x21..=0x7e).contains(c) || ws(c)) && !b.first().is_some_and(ws) && !b.last().is_some_and(ws)
+}
+
+/// The header value an identity claim is passed to the app as. `Ok(None)`: claim absent or
+/// null (no header). `Err`: present but not representable exactly — the request is refused
+/// rather than reaching the app with a missing or altered identity.
+pub fn identity_value(v: Option<&Value>) -> Result<Option<http::HeaderValue>, Reject> {
+    let s = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(b)) => b.to_string(),
+        Some(other) => other.to_string(),
+    };
+    if !header_safe(&s) {
+        return Err(Reject::UnrepresentableClaim);
+    }
+    http::HeaderValue::from_str(&s).map(Some).map_err(|_| Reject::UnrepresentableClaim)
+}
 
 /// Find the bearer token of a request. Exactly one `Authorization` header; the scheme is
 /// case-insensitive; `access_token` in the query string is refused (RFC 6750 §2.3 is not
@@ -262,8 +298,13 @@ pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Resul
     if policy.session_mode != SessionMode::Stateless && (sub.is_none() || jti.is_none()) {
         return Err(Reject::MissingClaim);
     }
-    if policy.session_mode == SessionMode::Denylist && iat.is_none() {
-        return Err(Reject::MissingClaim);
+    if policy.session_mode == SessionMode::Denylist {
+        // Revocations of tokens minted elsewhere are remembered for the realm's maximum lifetime
+        // (plus leeway), and "log out everywhere" compares iat: both need a bounded lifetime.
+        let Some(iat) = iat else { return Err(Reject::MissingClaim) };
+        if exp.saturating_sub(iat) > policy.max_lifetime.saturating_add(leeway) {
+            return Err(Reject::LifetimeTooLong);
+        }
     }
     if policy.required_claims.iter().any(|c| !claims.contains_key(c)) {
         return Err(Reject::MissingClaim);
@@ -361,6 +402,7 @@ mod tests {
             max_token_bytes: 4096,
             required_claims: vec![],
             session_mode: mode,
+            max_lifetime: 900,
         }
     }
 
@@ -458,6 +500,29 @@ mod tests {
         let no_iat = sign(&r, "es", h("ES256", "es"), claims(json!({"iat": null})));
         assert_eq!(validate(&no_iat, &r, &policy(SessionMode::Denylist), NOW).unwrap_err(), Reject::MissingClaim);
         assert!(validate(&no_iat, &r, &policy(SessionMode::Multi), NOW).is_ok());
+        // Denylist realms bound a token's lifetime (max 900 s + 30 s leeway here): revocation
+        // records are kept only that long.
+        let dl = policy(SessionMode::Denylist);
+        let lived = |secs: i64| sign(&r, "es", h("ES256", "es"), claims(json!({"iat": NOW, "exp": NOW + secs})));
+        assert!(validate(&lived(930), &r, &dl, NOW).is_ok());
+        assert_eq!(validate(&lived(931), &r, &dl, NOW).unwrap_err(), Reject::LifetimeTooLong);
+        assert_eq!(validate(&lived(86_400), &r, &dl, NOW).unwrap_err(), Reject::LifetimeTooLong);
+        assert!(validate(&lived(86_400), &r, &policy(SessionMode::Single), NOW).is_ok());
+    }
+
+    #[test]
+    fn identity_values_reach_the_app_exactly_or_not_at_all() {
+        for ok in ["alice", "a b", "user@example.com", "x\ty", "{\"k\":1}"] {
+            assert!(header_safe(ok), "{ok:?}");
+        }
+        for bad in [" alice", "alice ", "\talice", "jos\u{e9}", "a\r\nb", "a\u{7f}", "a\0"] {
+            assert!(!header_safe(bad), "{bad:?}");
+            assert_eq!(identity_value(Some(&json!(bad))), Err(Reject::UnrepresentableClaim));
+        }
+        assert_eq!(identity_value(None), Ok(None));
+        assert_eq!(identity_value(Some(&Value::Null)), Ok(None));
+        assert_eq!(identity_value(Some(&json!(42))).unwrap().unwrap(), "42");
+        assert_eq!(identity_value(Some(&json!(["a", 1]))).unwrap().unwrap(), r#"["a",1]"#);
     }
 
     #[test]

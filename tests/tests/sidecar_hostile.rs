@@ -306,7 +306,15 @@ async fn hostile_tokens_and_requests_are_rejected() {
     assert!(seen[0].headers.keys().all(|k| !k.as_str().replace('_', "-").eq_ignore_ascii_case("x-auth-subject")));
 
     // A public prefix cannot be used to reach a private path through dot segments.
-    for path in ["/public/../secret", "/public/%2e%2e/secret", "/public/..%2fsecret", "/public/./x"] {
+    for path in [
+        "/public/../secret",
+        "/public/%2e%2e/secret",
+        "/public/..%2fsecret",
+        "/public/./x",
+        "/public/..;/secret",
+        "/public/..;jsessionid=1/secret",
+        "/public/..%3B/secret",
+    ] {
         let r = s.request(s.public, "GET", path, &[], Default::default()).await.unwrap();
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
     }

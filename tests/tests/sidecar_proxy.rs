@@ -126,6 +126,9 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
     let req = Request::get(format!("http://{}/h2", s.public))
         .header("authorization", &auth)
+        // HTTP/2 lets a client split cookies over several fields (RFC 9113 §8.2.3).
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let resp = h2.request(req).await.unwrap();
@@ -134,6 +137,8 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
     let seen = upstream.seen();
     let last = seen.iter().rev().find(|r| r.path == "/h2").unwrap();
     assert_eq!(last.headers["x-auth-subject"], "alice");
+    let cookies: Vec<_> = last.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2"], "the HTTP/1.1 app gets one joined Cookie header");
     let req = Request::get(format!("http://{}/h2", s.public)).body(Full::new(Bytes::new())).unwrap();
     assert_eq!(h2.request(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
 
@@ -142,6 +147,23 @@ async fn streaming_upgrades_h2c_and_upstream_failures() {
     let r = s.get("/slow?ms=6000", Some(&token)).await.unwrap();
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+
+    // A client that gives up mid-request: the in-flight gauge still comes back down.
+    // (The app would answer after 5 s and the sidecar would give up at 2 s: the gauge must drop
+    // well before either, when the client's connection goes away.)
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), s.get("/slow?ms=5000", Some(&token))).await;
+    assert!(gave_up.is_err(), "the request should still have been in flight");
+    let mut in_flight = String::new();
+    for _ in 0..10 {
+        let m = s.metrics().await.unwrap();
+        in_flight =
+            m.lines().find(|l| l.starts_with("authrealm_sidecar_in_flight_requests ")).unwrap_or("").to_string();
+        if in_flight.ends_with(" 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(in_flight, "authrealm_sidecar_in_flight_requests 0");
 
     // App down → 502.
     let dead = Sidecar::start(test_config("proxy", None), &keys, format!("127.0.0.1:{}", free_port()).parse().unwrap())

@@ -70,6 +70,12 @@ async fn session_modes_against_a_real_cluster() {
     let second = token(&s.mint("alice").await.unwrap());
     assert_eq!(status(&s, &t1).await, StatusCode::UNAUTHORIZED, "single mode: the first token must be replaced");
     assert_eq!(status(&s, &second).await, StatusCode::OK);
+    // A token the realm's sidecars would reject as too large is never issued, and asking for one
+    // does not end the current session.
+    let huge = json!({ "subject": "alice", "claims": { "blob": "x".repeat(9000) } });
+    let r = s.issuer_call("POST", "/v1/tokens", Some(huge)).await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{r:?}");
+    assert_eq!(status(&s, &second).await, StatusCode::OK, "a refused mint must not replace the session");
     let r = s.get("/hello", Some(&t1)).await.unwrap();
     assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"single\", error=\"invalid_token\"");
     let bob = token(&s.mint("bob").await.unwrap());
@@ -171,6 +177,49 @@ async fn session_modes_against_a_real_cluster() {
     let r = s.issuer_call("DELETE", "/v1/subjects/erin/tokens", None).await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(status(&s, &e1).await, StatusCode::UNAUTHORIZED, "log out everywhere in denylist mode");
+
+    // Deny records live as long as a realm token can: a foreign token that would outlive its
+    // revocation record (exp - iat beyond maxTokenTtlSeconds + leeway) is refused outright.
+    let max = cfg.max_token_ttl_seconds as i64 + cfg.leeway_seconds as i64;
+    let foreign_with = |sub: &str, jti: &str, iat: i64, exp: i64| {
+        authrealm_tests::sidecar::sign_raw(
+            &keys.keys[0],
+            &json!({"alg":"ES256","kid":"k1"}),
+            &json!({"iss": cfg.issuer, "aud": "app", "sub": sub, "jti": jti, "iat": iat, "exp": exp}),
+        )
+    };
+    assert_eq!(status(&s, &foreign_with("dave", "f-max", now, now + max)).await, StatusCode::OK);
+    assert_eq!(status(&s, &foreign_with("dave", "f-long", now, now + max + 1)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&s, &foreign_with("dave", "f-day", now, now + 86_400)).await, StatusCode::UNAUTHORIZED);
+    let r = s.issuer_call("DELETE", "/v1/tokens/f-max?subject=dave", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let prefix = &cfg.redis.as_ref().unwrap().key_prefix;
+    let b64 = |v: &str| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, v);
+    let deny_key = format!("{prefix}{{deny:{}}}:d:{}", b64("dave"), b64("f-max"));
+    let ttl: i64 = cluster.cli_cluster(&cluster.seeds()[0], &["TTL", &deny_key]).unwrap().trim().parse().unwrap();
+    assert!(ttl > max + cfg.leeway_seconds as i64 - 5, "deny record outlives the token it denies: ttl {ttl}");
+
+    // The log-out cut-off only moves forward: a later log-out from a pod whose clock is behind
+    // (here: a cut-off 5 s in the future already stored) does not revive tokens.
+    let cut_key = format!("{prefix}{{deny:{}}}:cut", b64("hana"));
+    let ahead = (now + 5).to_string();
+    cluster.cli_cluster(&cluster.seeds()[0], &["SET", &cut_key, &ahead, "EX", "600"]).unwrap();
+    let h = foreign_with("hana", "h-1", now + 3, now + 300);
+    assert_eq!(status(&s, &h).await, StatusCode::UNAUTHORIZED, "issued before the stored cut-off");
+    let r = s.issuer_call("DELETE", "/v1/subjects/hana/tokens", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(cluster.cli_cluster(&cluster.seeds()[0], &["GET", &cut_key]).unwrap().trim(), ahead);
+    assert_eq!(status(&s, &h).await, StatusCode::UNAUTHORIZED, "a later, earlier-clocked log-out revived a token");
+
+    // Identities reach the app exactly or not at all: " dave" would be read back as "dave".
+    let spaced = foreign_with(" dave", "sp-1", now, now + 300);
+    assert_eq!(status(&s, &spaced).await, StatusCode::UNAUTHORIZED);
+    let accented = foreign_with("jos\u{e9}", "sp-2", now, now + 300);
+    assert_eq!(status(&s, &accented).await, StatusCode::UNAUTHORIZED);
+    for subject in [" dave", "dave ", "jos\u{e9}"] {
+        let r = s.issuer_call("POST", "/v1/tokens", Some(json!({ "subject": subject }))).await.unwrap();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{subject:?}: {r:?}");
+    }
     drop(s);
 
     // ---- stateless: signature and claims only; revocation refused ----

@@ -166,6 +166,7 @@ fn micro_benchmarks(budget: Duration) -> Result<()> {
             max_token_bytes: 8192,
             required_claims: vec![],
             session_mode: SessionMode::Single,
+            max_lifetime: 900,
         };
         let minted = mint(&ring, &policy.issuer, "user-1", json!("app"), Map::new(), now, 900)
             .map_err(|e| anyhow::anyhow!("mint {alg:?}: {e}"))?;
