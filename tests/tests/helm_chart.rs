@@ -97,6 +97,7 @@ const VARIANTS: &[(&str, &[&str])] = &[
         "single-replica-ignore",
         &["operator.replicas=1", "webhook.failurePolicy=Ignore", "operator.podAntiAffinity=none"],
     ),
+    ("one-namespace", &["operator.watchNamespace=apps"]),
 ];
 
 #[test]

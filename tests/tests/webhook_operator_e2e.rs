@@ -70,19 +70,33 @@ impl Drop for Operator {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_binary_reconciles_a_realm_and_injects_its_pods() -> anyhow::Result<()> {
+    reconcile_and_inject(false).await
+}
+
+/// `operator.watchNamespace`: the chart grants Secret/ConfigMap access in that namespace only,
+/// and the operator (as the chart's ServiceAccount) still does everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_confined_to_one_namespace_works_with_the_charts_namespaced_rbac() -> anyhow::Result<()> {
+    reconcile_and_inject(true).await
+}
+
+async fn reconcile_and_inject(one_namespace: bool) -> anyhow::Result<()> {
     let bin = tokio::task::spawn_blocking(operator_bin).await??;
     let env = KubeEnv::start(KubeEnvOptions::default()).await?;
     let client = env.client().await?;
     env.create_namespace(NAMESPACE).await?;
+    let ns = env.create_temp_namespace("e2e").await?;
     let (webhook_port, http_port) = (free_port(), free_port());
 
-    let out = env
-        .helm()
-        .args(["install", "authrealm"])
+    let mut helm = env.helm();
+    helm.args(["install", "authrealm"])
         .arg(repo().join("charts/authrealm"))
         .args(["--namespace", NAMESPACE])
-        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods")])
-        .output()?;
+        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods")]);
+    if one_namespace {
+        helm.args(["--set", &format!("operator.watchNamespace={ns}")]);
+    }
+    let out = helm.output()?;
     ensure!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
 
     // The operator runs with exactly the chart's RBAC: its kubeconfig impersonates the chart's
@@ -111,6 +125,7 @@ async fn operator_binary_reconciles_a_realm_and_injects_its_pods() -> anyhow::Re
         .env("AUTHREALM_WEBHOOK_EXTRA_SANS", "127.0.0.1")
         .env("AUTHREALM_WEBHOOK_CERT_CHECK_INTERVAL", "1s")
         .env("AUTHREALM_SIDECAR_IMAGE", "authrealm-sidecar:e2e")
+        .env("AUTHREALM_NAMESPACE", if one_namespace { ns.as_str() } else { "" })
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log)?)
         .stderr(std::fs::File::create(&log)?.try_clone()?)
@@ -118,7 +133,6 @@ async fn operator_binary_reconciles_a_realm_and_injects_its_pods() -> anyhow::Re
         .context("starting authrealm-operator")?;
     let mut op = Operator { child, log };
 
-    let ns = env.create_temp_namespace("e2e").await?;
     let realms: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
     realms
         .create(

@@ -73,3 +73,31 @@ app.kubernetes.io/component: operator
 {{- define "authrealm.sidecarImage" -}}
 {{- printf "%s:%s" .Values.sidecar.image.repository (default .Chart.AppVersion .Values.sidecar.image.tag) }}
 {{- end }}
+
+{{/*
+What the reconcile loop needs where AuthRealms live: cluster-wide (ClusterRole) by default, or in
+operator.watchNamespace only (Role).
+*/}}
+{{- define "authrealm.reconcileRules" }}
+  # Add/remove the finalizer (patch), write status.
+  - apiGroups: ["authrealm.dev"]
+    resources: ["authrealms"]
+    verbs: ["patch"]
+  - apiGroups: ["authrealm.dev"]
+    resources: ["authrealms/status"]
+    verbs: ["patch"]
+  # Owner references with blockOwnerDeletion on the owned Secret and ConfigMaps.
+  - apiGroups: ["authrealm.dev"]
+    resources: ["authrealms/finalizers"]
+    verbs: ["update"]
+  # <realm>-signing-keys (create, server-side apply) and the Redis credentials / CA the realm
+  # references (get).
+  - apiGroups: [""]
+    resources: ["secrets"]
+    verbs: ["get", "list", "watch", "create", "patch"]
+  # <realm>-jwks and <realm>-sidecar (server-side apply; an apply that creates the object is
+  # also authorized as "create").
+  - apiGroups: [""]
+    resources: ["configmaps"]
+    verbs: ["get", "list", "watch", "create", "patch"]
+{{- end }}
