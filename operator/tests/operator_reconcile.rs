@@ -166,15 +166,14 @@ async fn an_invalid_spec_the_api_server_accepts_is_reported_not_crash_looped() -
     let client = env.client().await?;
     let ns = env.create_temp_namespace("badspec").await?;
     let op = InProcess::start(client.clone(), &ns);
-    // Lower-case methods pass the schema but not the sidecar's config checks; serverName is not
-    // supported by the sidecar's Redis client.
+    // An empty claim name passes the schema and the CEL rules but not the sidecar's config checks.
     let mut bad = stateless_spec();
-    bad["sidecar"] = json!({"publicRoutes": [{"path": "/health", "methods": ["get"]}]});
+    bad["sidecar"] = json!({"claimHeaders": {"": "X-Empty"}});
     create_realm(&client, &ns, &realm("bad", bad)).await?;
     create_realm(&client, &ns, &realm("good", stateless_spec())).await?;
     let r = wait_condition(&client, &ns, "bad", "Ready", "False", Some("InvalidSpec"), Duration::from_secs(30)).await?;
     let msg = &r.status.unwrap().conditions[0].message;
-    assert!(msg.contains("publicRoutes[0].methods"), "{msg}");
+    assert!(msg.contains("identityHeaders[0].claim"), "{msg}");
     wait_condition(&client, &ns, "good", "Ready", "True", None, Duration::from_secs(30)).await?;
     assert!(secret_keyset(&client, &ns, "bad").await.is_none(), "keys created for an invalid spec");
     let evs = events(&client, &ns, "bad").await;
@@ -188,7 +187,7 @@ async fn an_invalid_spec_the_api_server_accepts_is_reported_not_crash_looped() -
     api.patch(
         "bad",
         &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"sidecar": {"publicRoutes": [{"path": "/health", "methods": ["GET"]}]}}})),
+        &Patch::Merge(json!({"spec": {"sidecar": {"claimHeaders": {"": null, "sub": "X-Auth-Subject"}}}})),
     )
     .await?;
     wait_condition(&client, &ns, "bad", "Ready", "True", None, Duration::from_secs(30)).await?;
