@@ -6,7 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 /// Everything below is true: the realm's objects are written and usable.
 pub const READY: &str = "Ready";
-/// The key set has a current signing key and is written to the Secret and the JWKS.
+/// The key set has a current key that can sign (private material present) and is written to
+/// the Secret and the JWKS.
 pub const KEYS_READY: &str = "KeysReady";
 /// `CLUSTER INFO` with the realm's credentials reports `cluster_state:ok` and every slot covered.
 pub const REDIS_REACHABLE: &str = "RedisReachable";
@@ -22,7 +23,9 @@ pub mod reason {
     pub const RECONCILED: &str = "Reconciled";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const KEYS_CURRENT: &str = "KeysCurrent";
-    pub const KEY_WRITE_FAILED: &str = "KeyWriteFailed";
+    /// No key of the set can sign (e.g. waiting for a new key to be published after the signing
+    /// key was found without its private half).
+    pub const NO_SIGNING_KEY: &str = "NoSigningKey";
     pub const CLUSTER_OK: &str = "ClusterOk";
     pub const NOT_REQUIRED: &str = "NotRequired";
     pub const UNREACHABLE: &str = "Unreachable";

@@ -294,15 +294,7 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
     }
 
     let current = keys.set.current();
-    let keys_ready = match current {
-        Some(k) => Cond::new(
-            conditions::KEYS_READY,
-            Status::True,
-            reason::KEYS_CURRENT,
-            format!("key {} ({}) signs; {} key(s) published", k.kid, k.alg, keys.set.keys.len()),
-        ),
-        None => Cond::new(conditions::KEYS_READY, Status::False, reason::KEY_WRITE_FAILED, "no current key"),
-    };
+    let keys_ready = keys_ready_condition(&keys.set);
     // From the Secret's incident annotation (read fresh), not from the possibly stale status.
     let intact = match &keys.incident {
         Some(i) => {
@@ -338,6 +330,30 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
         next = Some(next.map_or(ctx.settings.redis_check_interval, |d| d.min(ctx.settings.redis_check_interval)));
     }
     Ok(Action::requeue(next.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100))))
+}
+
+/// `KeysReady`: true only when the current key can actually sign (an asymmetric key needs its
+/// private half, which issuer pods mount).
+fn keys_ready_condition(set: &KeySet) -> Cond {
+    let no_signer = |message: String| Cond::new(conditions::KEYS_READY, Status::False, reason::NO_SIGNING_KEY, message);
+    match set.current() {
+        Some(k) if k.alg.is_symmetric() || k.private_key_pem.is_some() => Cond::new(
+            conditions::KEYS_READY,
+            Status::True,
+            reason::KEYS_CURRENT,
+            format!("key {} ({}) signs; {} key(s) published", k.kid, k.alg, set.keys.len()),
+        ),
+        Some(k) => no_signer(format!("the current key {} has no private key: it cannot sign", k.kid)),
+        None => match set.keys.iter().find(|k| k.state == KeyState::Next) {
+            Some(n) => no_signer(format!(
+                "no key signs yet: key {} ({}) is published and signs from {}",
+                n.kid,
+                n.alg,
+                n.activated_at.map(rfc3339).unwrap_or_else(|| "its promotion".into())
+            )),
+            None => no_signer("no current key".into()),
+        },
+    }
 }
 
 /// The existing condition of `type_` as a [`Cond`], or `default`.
@@ -447,13 +463,22 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
     }
     let mut set = decision.set;
     let mut lifetimes = decision.lifetimes;
+    let mut started = Vec::new();
+    if decision.publish_first
+        && let Some(step) = rotation::publish_first(&set, &resolved.schedule, now)
+    {
+        started = rotation::apply(&mut set, &mut lifetimes, &[step], now, &mut new_key)
+            .map_err(|source| Error::KeyGen { namespace: ns.clone(), name: name.clone(), source })?;
+    }
     let republished = rotation::restart_unpublished(&mut set, published.as_ref(), now);
     if !republished.is_empty() {
         tracing::warn!(realm = %name, namespace = %ns, kids = ?republished, "next key(s) missing from the JWKS: publication clock restarted");
     }
     let mut outcome = rotation::converge(&mut set, &mut lifetimes, &resolved.schedule, now, &mut new_key)
         .map_err(|source| Error::KeyGen { namespace: ns.clone(), name: name.clone(), source })?;
-    outcome.modified |= !republished.is_empty();
+    outcome.modified |= !republished.is_empty() || !started.is_empty();
+    started.append(&mut outcome.changes);
+    outcome.changes = started;
     set.validate().map_err(|e| Error::InvalidKeySet {
         namespace: ns.clone(),
         name: name.clone(),
@@ -793,6 +818,27 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_ready_only_when_the_current_key_can_sign() {
+        let signing = generate(Alg::ES256, "a", 100, KeyState::Current).unwrap();
+        let set = |keys: Vec<KeyEntry>| KeySet { keys, ..KeySet::empty() };
+        let c = keys_ready_condition(&set(vec![signing.clone()]));
+        assert_eq!((c.status, c.reason.as_str()), (Status::True, reason::KEYS_CURRENT));
+        // The public half only (copied from the JWKS): it cannot sign.
+        let public = set(vec![signing.clone()]).public_only();
+        let c = keys_ready_condition(&public);
+        assert_eq!((c.status, c.reason.as_str()), (Status::False, reason::NO_SIGNING_KEY));
+        assert!(c.message.contains("no private key"), "{}", c.message);
+        // Waiting for a published next key to sign.
+        let next = KeyEntry { activated_at: Some(220), ..generate(Alg::ES256, "b", 100, KeyState::Next).unwrap() };
+        let c = keys_ready_condition(&set(vec![next]));
+        assert_eq!(c.status, Status::False);
+        assert!(c.message.contains("key b (ES256) is published and signs from 1970-01-01T00:03:40Z"), "{}", c.message);
+        // HMAC keys carry their secret.
+        let hmac = generate(Alg::HS256, "h", 100, KeyState::Current).unwrap();
+        assert_eq!(keys_ready_condition(&set(vec![hmac])).status, Status::True);
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -13,6 +13,15 @@
 //! | deleted, or edited and unusable           | no, realm had keys | **keys lost**: every key still in the JWKS is kept as retired, public-only, so live tokens keep verifying until they expire; a new key signs at once (`KeysLost`) |
 //! | missing                                   | no, realm never had keys | first key set is created                                       |
 //!
+//! Whatever set is continued from (except the operator's own copy), an asymmetric `current` or
+//! `next` key without `privateKeyPem` cannot sign: e.g. someone "repaired" a deleted Secret by
+//! copying the public `keyset.json` of the JWKS ConfigMap. Issuer pods would answer
+//! `403 verify_only` until the next rotation. Such keys are kept as **retired, public-only** keys
+//! (retired now, so tokens they signed keep verifying until they expire), and when no signing key
+//! is left the decision asks for a new chain ([`Decision::publish_first`]): a new key is published
+//! as `next` and signs after the propagation delay, like any other key (see
+//! [`crate::rotation::publish_first`] for why it is not promoted at once).
+//!
 //! The operator never replaces a key under an existing kid and never drops a public key that
 //! can still have live tokens. Every recovery raises a Warning event and sets `KeysIntact`
 //! to False until the next key promotion.
@@ -85,6 +94,33 @@ pub struct Decision {
     pub set: KeySet,
     pub lifetimes: Lifetimes,
     pub recovery: Option<Recovery>,
+    /// Keys that were meant to sign could not (no private material) and were retired, and no
+    /// key of the set signs now: start a new chain with a `next` key.
+    pub publish_first: bool,
+}
+
+/// Turns every asymmetric `current` or `next` key without private material into a retired,
+/// public-only key, retired `now` (a key that was current may have signed until now). Returns
+/// their kids.
+pub fn retire_unsignable(set: &mut KeySet, now: i64) -> Vec<String> {
+    let mut retired = Vec::new();
+    for k in set.keys.iter_mut() {
+        if k.state != KeyState::Retired && !k.alg.is_symmetric() && k.private_key_pem.is_none() {
+            k.state = KeyState::Retired;
+            k.retired_at = Some(now);
+            retired.push(k.kid.clone());
+        }
+    }
+    retired
+}
+
+fn unsignable_note(kids: &[String]) -> String {
+    format!(
+        "; key(s) {} had no private key and could not sign, so they were kept as retired, public-only keys \
+         (their tokens verify until they expire); a new key is published now and signs after the propagation \
+         delay (issuer pods cannot mint until then)",
+        kids.join(", ")
+    )
 }
 
 /// Classifies the Secret's content.
@@ -124,7 +160,24 @@ pub fn decide(
     now: i64,
 ) -> Decision {
     let (problem, parsed, lifetimes) = match state {
-        SecretState::Trusted { set, lifetimes } => return Decision { set, lifetimes, recovery: None },
+        SecretState::Trusted { mut set, lifetimes } => {
+            // The operator never writes a signing key without its private half: a deliberate
+            // edit (digest fixed by hand).
+            let unsignable = retire_unsignable(&mut set, now);
+            if unsignable.is_empty() {
+                return Decision { set, lifetimes, recovery: None, publish_first: false };
+            }
+            let publish_first = set.current().is_none();
+            return Decision {
+                set,
+                lifetimes,
+                recovery: Some(Recovery {
+                    kind: RecoveryKind::Adopted,
+                    message: format!("the keys Secret was edited{}", unsignable_note(&unsignable)),
+                }),
+                publish_first,
+            };
+        }
         SecretState::Missing => ("was deleted".to_owned(), None, Lifetimes::new()),
         SecretState::Edited { parsed, lifetimes, problem } => (format!("was edited: {problem}"), parsed, lifetimes),
     };
@@ -140,6 +193,7 @@ pub fn decide(
                     c.set.current().map_or("none", |k| k.kid.as_str())
                 ),
             }),
+            publish_first: false,
         };
     }
     if let Some(mut set) = parsed {
@@ -153,25 +207,29 @@ pub fn decide(
             );
         }
         let restored = keep_published(&mut set, published, now);
+        let unsignable = retire_unsignable(&mut set, now);
+        let publish_first = !unsignable.is_empty() && set.current().is_none();
         return Decision {
             set,
             lifetimes,
             recovery: Some(Recovery {
                 kind: RecoveryKind::Adopted,
                 message: format!(
-                    "the keys Secret {problem}; the operator had no copy, so the edited key set was adopted{}",
+                    "the keys Secret {problem}; the operator had no copy, so the edited key set was adopted{}{}",
                     if restored > 0 {
                         format!(" and {restored} published key(s) missing from it were kept as retired")
                     } else {
                         String::new()
-                    }
+                    },
+                    if unsignable.is_empty() { String::new() } else { unsignable_note(&unsignable) }
                 ),
             }),
+            publish_first,
         };
     }
     let published_keys = published.map_or(0, |p| p.keys.len());
     if !had_keys && published_keys == 0 {
-        return Decision { set: KeySet::empty(), lifetimes: Lifetimes::new(), recovery: None };
+        return Decision { set: KeySet::empty(), lifetimes: Lifetimes::new(), recovery: None, publish_first: false };
     }
     lost(&problem, published, now)
 }
@@ -215,6 +273,7 @@ fn lost(problem: &str, published: Option<&KeySet>, now: i64) -> Decision {
     Decision {
         set,
         lifetimes: Lifetimes::new(),
+        publish_first: false,
         recovery: Some(Recovery {
             kind: RecoveryKind::Lost,
             message: format!(
@@ -362,5 +421,60 @@ mod tests {
         assert_eq!(r.kind, RecoveryKind::Lost);
         assert!(r.message.contains("differs"), "{}", r.message);
         assert_eq!(d.set.get("cur").unwrap().public_jwk, published.get("cur").unwrap().public_jwk);
+    }
+
+    /// Someone "repairs" a deleted keys Secret with the public `keyset.json` of the JWKS while
+    /// the operator is down: nothing in it can sign.
+    #[test]
+    fn a_public_only_copy_is_adopted_as_retired_keys_and_asks_for_a_new_chain() {
+        let mut set = keys();
+        set.keys.push(generate(Alg::ES256, "nxt", 90, KeyState::Next).unwrap());
+        let published = set.public_only();
+        let bytes = keyset_bytes(&published);
+        // It classifies as an adoptable edit (every key checks out: there is no private half to probe)...
+        let state = classify(Some(&secret(bytes.clone(), None)));
+        assert!(matches!(state, SecretState::Edited { parsed: Some(_), .. }), "{state:?}");
+        let d = decide(state, None, Some(&published), true, 100);
+        // ...but its current and next keys are kept only as retired verifiers.
+        assert!(d.publish_first);
+        assert!(d.set.current().is_none());
+        for kid in ["cur", "nxt"] {
+            let k = d.set.get(kid).unwrap();
+            assert_eq!((k.state, k.retired_at), (KeyState::Retired, Some(100)), "{kid}");
+            assert_eq!(k.public_jwk, published.get(kid).unwrap().public_jwk, "{kid} keeps verifying");
+        }
+        assert_eq!(d.set.get("old").unwrap().retired_at, Some(50));
+        let r = d.recovery.unwrap();
+        assert_eq!(r.kind, RecoveryKind::Adopted);
+        assert!(r.message.contains("cur, nxt had no private key"), "{}", r.message);
+
+        // The same content with a digest fixed by hand is not trusted to sign either.
+        let d = decide(classify(Some(&secret(bytes.clone(), Some(sha256_hex(&bytes))))), None, None, true, 100);
+        assert!(d.publish_first && d.set.current().is_none());
+        assert_eq!(d.recovery.unwrap().kind, RecoveryKind::Adopted);
+
+        // Only the next key lacks its private half: it is retired, the current key keeps signing.
+        let mut partial = set.clone();
+        partial.keys[2].private_key_pem = None;
+        let d = decide(
+            SecretState::Edited { parsed: Some(partial), lifetimes: Lifetimes::new(), problem: "p".into() },
+            None,
+            Some(&published),
+            true,
+            100,
+        );
+        assert!(!d.publish_first);
+        assert_eq!(d.set.current().unwrap().kid, "cur");
+        assert_eq!(d.set.get("nxt").unwrap().state, KeyState::Retired);
+
+        // A trusted, complete set is left alone.
+        let d = decide(
+            SecretState::Trusted { set: set.clone(), lifetimes: Lifetimes::new() },
+            None,
+            Some(&published),
+            true,
+            100,
+        );
+        assert_eq!((d.set, d.recovery, d.publish_first), (set, None, false));
     }
 }

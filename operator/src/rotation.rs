@@ -21,8 +21,9 @@
 //!   (recorded per key, see [`Lifetimes`]), so shortening the TTL never drops a key early.
 //! * Changing the algorithm starts a new chain at once: a key of the new algorithm is created
 //!   `next`, promoted after P, and the old key retires like any other.
-//! * With no current key (first reconcile, or after the key set was lost), a `next` key is
-//!   promoted immediately, or a `current` key is created.
+//! * With no current key and no `next` key (first reconcile, or after the key set was lost), a
+//!   `current` key is created and signs at once. A `next` key without a current one (an adopted
+//!   hand-edited set, or [`publish_first`]) is promoted once it has been published for P.
 
 use std::collections::BTreeMap;
 
@@ -142,7 +143,20 @@ pub fn plan(set: &KeySet, lifetimes: &Lifetimes, s: &Schedule, now: i64) -> Plan
     }
 
     match (current, keep) {
-        (None, Some(n)) => p.steps.push(Step::Promote { kid: n.kid.clone() }),
+        (None, Some(n)) => {
+            // Nothing signs: the next key still gets its full propagation delay, so every
+            // token it signs verifies everywhere.
+            let at = n.created_at.saturating_add(s.propagation);
+            if now >= at {
+                p.steps.push(Step::Promote { kid: n.kid.clone() });
+            } else {
+                p.wake_at = earliest(p.wake_at, at);
+                p.rotation_at = Some(at);
+                if n.activated_at != Some(at) {
+                    p.steps.push(Step::Reschedule { kid: n.kid.clone(), activate_at: at });
+                }
+            }
+        }
         (None, None) => p.steps.push(Step::Create { alg: s.alg, state: KeyState::Current, activate_at: now }),
         (Some(c), Some(n)) => {
             let at = promotion_time(c, n, s);
@@ -215,6 +229,25 @@ pub fn restart_unpublished(set: &mut KeySet, published: Option<&KeySet>, now: i6
         }
     }
     reset
+}
+
+/// The first step of a new chain for a set whose signing key turned out unusable (an asymmetric
+/// key without private material, see [`crate::recovery::retire_unsignable`]): a `next` key
+/// published now that signs at `now + P`. `None` when a `next` key of the realm's algorithm is
+/// already waiting.
+///
+/// Why not sign at once: issuer pods mount a key set in which nothing can sign, so they answer
+/// `403 verify_only` either way until they receive a new key. A key promoted at once would be
+/// used by issuers that receive it early while verifiers lagging by up to P still reject its
+/// tokens — a successful login followed by `401`s, depending on the pod. Publishing it first
+/// keeps the outage to a clear "cannot mint" for about P, after which every token verifies on
+/// every pod. (A deleted Secret without the operator's copy is different: issuer pods keep
+/// their last mounted keys meanwhile, so there a new key signs at once.)
+pub fn publish_first(set: &KeySet, s: &Schedule, now: i64) -> Option<Step> {
+    if set.current().is_some() || set.keys.iter().any(|k| k.state == KeyState::Next && k.alg == s.alg) {
+        return None;
+    }
+    Some(Step::Create { alg: s.alg, state: KeyState::Next, activate_at: now.saturating_add(s.propagation) })
 }
 
 /// A visible change, for events and logs.
@@ -544,15 +577,25 @@ mod tests {
                 rotation_at: Some(1101),
             },
             Case {
-                name: "no current key but a next one: promote it at once",
-                keys: vec![key("b", Next, 1090, Some(1100), None), key("a", Retired, 900, Some(900), Some(1000))],
+                name: "no current key but a next one: it still waits until it has been published for P",
+                keys: vec![key("b", Next, 1090, Some(1090), None), key("a", Retired, 900, Some(900), Some(1000))],
                 lifetimes: lt(&[("a", 30)]),
                 schedule: S,
                 now: 1091,
                 steps: vec![
-                    Step::Promote { kid: "b".into() },
+                    Step::Reschedule { kid: "b".into(), activate_at: 1100 },
                     Step::Remove { kid: "a".into(), reason: Removal::Expired },
                 ],
+                wake_at: Some(1100),
+                rotation_at: Some(1100),
+            },
+            Case {
+                name: "no current key, next key published for P: promote it",
+                keys: vec![key("b", Next, 1090, Some(1100), None)],
+                lifetimes: lt(&[]),
+                schedule: S,
+                now: 1100,
+                steps: vec![Step::Promote { kid: "b".into() }],
                 wake_at: None,
                 rotation_at: None,
             },
@@ -580,6 +623,28 @@ mod tests {
         // HMAC keys are published by the Secret itself.
         let mut h = set(vec![KeyEntry { alg: Alg::HS256, ..key("h", Next, 1090, None, None) }]);
         assert!(restart_unpublished(&mut h, None, 1099).is_empty());
+    }
+
+    #[test]
+    fn a_set_that_cannot_sign_publishes_its_new_key_before_it_signs() {
+        // The signing key had no private half and was retired now (recovery).
+        let mut s = set(vec![key("a", Retired, 1000, Some(1000), Some(1500))]);
+        let mut l = Lifetimes::new();
+        let step = publish_first(&s, &S, 1500).expect("a new chain");
+        assert_eq!(step, Step::Create { alg: Alg::ES256, state: Next, activate_at: 1510 });
+        let mut g = fake_generator();
+        apply(&mut s, &mut l, &[step], 1500, &mut g).unwrap();
+        assert!(publish_first(&s, &S, 1500).is_none(), "one next key is enough");
+        // Nothing signs until the new key has been published for P.
+        let out = converge(&mut s, &mut l, &S, 1505, &mut g).unwrap();
+        assert!(out.changes.is_empty(), "{:?}", out.changes);
+        assert!(s.current().is_none());
+        assert_eq!(out.wake_at, Some(1510));
+        let out = converge(&mut s, &mut l, &S, 1510, &mut g).unwrap();
+        assert_eq!(out.changes, vec![Change::Promoted { kid: "k1".into() }]);
+        assert_eq!(s.current().unwrap().activated_at, Some(1510));
+        // A set with a current key needs no new chain.
+        assert!(publish_first(&set(vec![key("c", Current, 0, Some(0), None)]), &S, 1500).is_none());
     }
 
     fn fake_generator() -> impl FnMut(Alg, KeyState, i64) -> Result<KeyEntry, ()> {

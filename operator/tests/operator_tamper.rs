@@ -168,3 +168,87 @@ async fn keys_lost_while_the_operator_was_down_keep_live_tokens_verifying() -> a
     assert!(api.get("lost").await?.status.unwrap().conditions.iter().all(|c| c.status == "True"));
     Ok(())
 }
+
+/// While the operator is down, someone "repairs" a deleted keys Secret by copying the public
+/// `keyset.json` of the JWKS ConfigMap: its current key has no private half, so issuer pods could
+/// not mint. The operator keeps those keys as retired verifiers, reports that nothing signs, and
+/// publishes a new key that signs after the propagation delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_only_copy_of_the_keys_gets_a_new_signing_key() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("public-copy").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    let mut spec = stateless_spec();
+    spec["tokenTtl"] = json!("60s");
+    spec["clockLeeway"] = json!("0s");
+    spec["keyRotation"] = json!({"interval": "10m", "propagationDelay": "10s"});
+    create_realm(&client, &ns, &realm("copy", spec)).await?;
+    wait_condition(&client, &ns, "copy", "Ready", "True", None, Duration::from_secs(30)).await?;
+    let original = secret_keyset(&client, &ns, "copy").await.unwrap();
+    let old_kid = original.current().unwrap().kid.clone();
+    let token = mint(
+        &KeyRing::from_set(&original, [0; 32])?,
+        "https://auth.example.test",
+        "bob",
+        json!("app"),
+        Default::default(),
+        unix_now(),
+        60,
+    )?;
+
+    op.stop().await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets.delete("copy-signing-keys", &DeleteParams::default()).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let public_json = cms.get("copy-jwks").await?.data.unwrap()["keyset.json"].clone();
+    let copy: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "copy-signing-keys"},
+        "data": {"keyset.json": k8s_openapi::ByteString(public_json.into_bytes())},
+    }))?;
+    secrets.create(&Default::default(), &copy).await?;
+    let op = InProcess::start(client.clone(), &ns);
+
+    // Nothing can sign: said so, instead of KeysReady=True with a key issuers cannot use.
+    let r = wait_condition(&client, &ns, "copy", "KeysReady", "False", Some("NoSigningKey"), Duration::from_secs(30))
+        .await?;
+    let st = r.status.unwrap();
+    let intact = st.conditions.iter().find(|c| c.type_ == "KeysIntact").unwrap();
+    assert_eq!((intact.status.as_str(), intact.reason.as_str()), ("False", "SecretEditAdopted"));
+    assert!(intact.message.contains("had no private key"), "{}", intact.message);
+    assert_eq!(st.conditions[0].status, "False", "Ready follows KeysReady");
+
+    // A new key is published first, then signs; the old key stays a verifier.
+    let r = wait_condition(&client, &ns, "copy", "KeysReady", "True", None, Duration::from_secs(40)).await?;
+    let recovered = secret_keyset(&client, &ns, "copy").await.unwrap();
+    let current = recovered.current().unwrap();
+    assert_eq!(r.status.unwrap().current_kid.as_deref(), Some(current.kid.as_str()));
+    assert_ne!(current.kid, old_kid);
+    assert!(current.private_key_pem.is_some(), "the new current key can sign");
+    assert!(
+        current.activated_at.unwrap() >= current.created_at + 10,
+        "the new key was published for the propagation delay before it signed: {current:?}"
+    );
+    let old = recovered.get(&old_kid).expect("old public key kept");
+    assert_eq!((old.state, old.private_key_pem.is_none()), (KeyState::Retired, true));
+    let evs = events(&client, &ns, "copy").await;
+    assert!(evs.iter().any(|(r, n)| r == "KeyCreated" && n.contains(&current.kid) && n.contains("as next")), "{evs:?}");
+    assert!(evs.iter().any(|(r, n)| r == "KeysSecretEditAdopted" && n.contains("had no private key")), "{evs:?}");
+
+    // Tokens of the old key and of the new one verify with the published keys.
+    let public = jwks_keyset(&client, &ns, "copy").await.unwrap();
+    let ring = KeyRing::from_set(&public, [0; 32])?;
+    validate(&token.token, &ring, &policy(), unix_now()).map_err(|e| anyhow::anyhow!("old token rejected: {e:?}"))?;
+    let fresh = mint(
+        &KeyRing::from_set(&recovered, [0; 32])?,
+        "https://auth.example.test",
+        "carol",
+        json!("app"),
+        Default::default(),
+        unix_now(),
+        60,
+    )?;
+    validate(&fresh.token, &ring, &policy(), unix_now()).map_err(|e| anyhow::anyhow!("new token rejected: {e:?}"))?;
+    op.stop().await?;
+    Ok(())
+}
