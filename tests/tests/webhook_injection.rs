@@ -113,12 +113,35 @@ async fn labelled_pods_get_the_sidecar_exactly_once_and_opt_outs_win() -> anyhow
     assert!(msg.contains(&format!("AuthRealm {ns}/nope does not exist")), "{msg}");
     assert!(pods.get_opt("lost").await?.is_none());
 
-    // A realm that is not Ready: refused, with the reason.
+    // A realm without usable keys: refused, with the reason.
     fx.create_realm(&ns, "down", None, false).await?;
     let r = fx.create_pod_raw(&ns, &app_pod("down", "down", &[])).await?;
     assert_eq!(r.status, 403, "{}", r.body);
     let msg = status_message(&r.body);
-    assert!(msg.contains("is not Ready") && msg.contains("RedisUnreachable"), "{msg}");
+    assert!(msg.contains("is not ready for pods") && msg.contains("KeysReady=False: NoSigningKey"), "{msg}");
+
+    // The operator's Redis check failed (Ready=False) but keys and config are in place: a Redis
+    // failover overlapping one check, or a network path only the pods have, refuses no pod.
+    fx.create_realm(&ns, "flaky", None, true).await?;
+    let realms: Api<authrealm_operator::crd::AuthRealm> = Api::namespaced(fx.client.clone(), &ns);
+    let flaky = realms.get_status("flaky").await?;
+    let mut conditions = flaky.status.unwrap().conditions;
+    for c in conditions.iter_mut() {
+        if c.type_ == "Ready" || c.type_ == "RedisReachable" {
+            c.status = "False".into();
+            c.reason = "Unreachable".into();
+            c.message = "redis-0.redis:6379: connection refused".into();
+        }
+    }
+    realms
+        .patch_status(
+            "flaky",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"conditions": conditions}})),
+        )
+        .await?;
+    let during_failover = pods.create(&pp, &app_pod("during-failover", "flaky", &[])).await?;
+    assert_eq!(sidecar_count(&during_failover), 1, "injected although the operator's Redis check failed");
 
     // A mistyped role: refused rather than silently verify-only.
     let r = fx.create_pod_raw(&ns, &app_pod("typo", "demo", &[("authrealm.dev/role", "Issuer")])).await?;

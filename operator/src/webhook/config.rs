@@ -113,8 +113,9 @@ pub struct WebhookConfig {
     #[arg(id = "webhook-cert-check-interval", long = "webhook-cert-check-interval", env = "AUTHREALM_WEBHOOK_CERT_CHECK_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub cert_check_interval: Duration,
 
-    /// What happens to a Pod naming an AuthRealm that does not exist or is not Ready: `deny`
-    /// (refuse it with a message) or `warn` (admit it without the sidecar, with a warning).
+    /// What happens to a Pod naming an AuthRealm that does not exist or whose keys and config are
+    /// not in place (`KeysReady` not True; the Redis check does not count): `deny` (refuse it
+    /// with a message) or `warn` (admit it without the sidecar, with a warning).
     #[arg(
         id = "webhook-unready-realm-policy",
         long = "webhook-unready-realm-policy",

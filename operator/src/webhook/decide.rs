@@ -14,8 +14,14 @@
 //! | 7 | the realm label is not a valid AuthRealm name                     | **deny**                                  |
 //! | 8 | `authrealm.dev/role` is set to anything but `issuer`              | **deny**                                  |
 //! | 9 | no AuthRealm of that name in the Pod's namespace                  | policy: **deny**, or skip `RealmNotFound` with a warning |
-//! |10 | the AuthRealm is not Ready                                        | policy: **deny**, or skip `RealmNotReady` with a warning |
+//! |10 | the AuthRealm's keys and config are not in place (`KeysReady` is not `True`) | policy: **deny**, or skip `RealmNotReady` with a warning |
 //! |11 | otherwise                                                         | **inject**; role `issuer` when annotated `authrealm.dev/role: issuer` or when the realm signs with HMAC, else `verifier` |
+//!
+//! Row 10 looks at `KeysReady`, not `Ready`: `KeysReady=True` means the operator wrote the keys
+//! Secret, the JWKS and the sidecar ConfigMap of a valid spec and the current key can sign — all
+//! a pod needs. `Ready` additionally requires `RedisReachable`, the operator's periodic Redis check;
+//! a failover overlapping one check, or a network path only the pods have, must not refuse pods
+//! (the sidecar checks Redis itself and reports it on `/readyz`). See [`super::realm::realm_state`].
 //!
 //! Rows 9 and 10 follow [`UnreadyRealmPolicy`] (operator flag `--webhook-unready-realm-policy`,
 //! chart value `webhook.unreadyRealmPolicy`, default `deny`): an opted-in Pod is never admitted
@@ -31,7 +37,8 @@ use authrealm_contract::config::is_dns1123_subdomain;
 
 use super::{INJECT_ANNOTATION, INJECTION_NAMESPACE_LABEL, REALM_LABEL, ROLE_ANNOTATION, ROLE_ISSUER};
 
-/// What the webhook does when a Pod names a realm that does not exist or is not Ready.
+/// What the webhook does when a Pod names a realm that does not exist or whose keys and config
+/// are not in place (row 10).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum UnreadyRealmPolicy {
     /// Refuse the Pod with a message naming the realm and what is wrong (default).
@@ -65,9 +72,10 @@ impl Role {
 pub enum RealmState {
     /// No AuthRealm of that name in the Pod's namespace.
     NotFound,
-    /// The AuthRealm exists but its `Ready` condition is not `True`; the text says why.
+    /// The AuthRealm exists but its keys and config are not in place (`KeysReady` is not
+    /// `True`); the text says why.
     NotReady(String),
-    /// Ready. `hmac`: its keys are symmetric (no public key set).
+    /// Ready for pods (`KeysReady=True`). `hmac`: its keys are symmetric (no public key set).
     Ready { hmac: bool },
 }
 
@@ -227,7 +235,7 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
         RealmState::NotReady(why) => (
             DenyReason::RealmNotReady,
             SkipReason::RealmNotReady,
-            format!("AuthRealm {ns}/{realm} is not Ready ({why})"),
+            format!("AuthRealm {ns}/{realm} is not ready for pods ({why})"),
         ),
     };
     match input.policy {
@@ -389,12 +397,12 @@ mod tests {
                 ..base("row 9: unknown realm, warn policy")
             },
             Case {
-                realm: RealmState::NotReady("RedisReachable=False".into()),
+                realm: RealmState::NotReady("KeysReady=False".into()),
                 expect: Deny(DenyReason::RealmNotReady),
                 ..base("row 10: realm not ready, deny policy")
             },
             Case {
-                realm: RealmState::NotReady("RedisReachable=False".into()),
+                realm: RealmState::NotReady("KeysReady=False".into()),
                 policy: UnreadyRealmPolicy::Warn,
                 expect: Skip(SkipReason::RealmNotReady, true),
                 ..base("row 10: realm not ready, warn policy")
@@ -455,7 +463,7 @@ mod tests {
         };
         let Decision::Deny { message, .. } = decide(&input) else { panic!("expected a deny") };
         assert!(
-            message.contains("AuthRealm team-a/demo is not Ready (KeysReady=False: waiting for keys)"),
+            message.contains("AuthRealm team-a/demo is not ready for pods (KeysReady=False: waiting for keys)"),
             "{message}"
         );
         assert!(message.contains("remove the authrealm.dev/realm label"), "{message}");

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::decide::{RealmState, Role};
 use super::mutate::{RedisCredentialRefs, SidecarPlan};
-use crate::conditions::{READY, find};
+use crate::conditions::{KEYS_READY, find};
 use crate::crd::AuthRealm;
 
 /// Environment variable names the rendered sidecar config uses for the Redis credentials
@@ -40,13 +40,20 @@ pub fn default_resources() -> ResourceRequirements {
 }
 
 /// The realm's state as the decision sees it. `None`: no such AuthRealm.
+///
+/// A pod can run once the realm's keys and config are in place: the operator reports
+/// `KeysReady=True` only from a reconcile that wrote the keys Secret, the JWKS ConfigMap and the
+/// sidecar ConfigMap of a valid spec, and only while the current key can sign. `Ready` is not
+/// the gate: it also requires `RedisReachable`, the operator's own periodic check, which a
+/// short failover, or a network path the operator lacks and the pods have, would turn into
+/// refused pods. The sidecar checks Redis itself (`/readyz`, `failurePolicy`).
 pub fn realm_state(realm: Option<&AuthRealm>) -> RealmState {
     let Some(realm) = realm else { return RealmState::NotFound };
     let conditions = realm.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-    match find(conditions, READY) {
+    match find(conditions, KEYS_READY) {
         Some(c) if c.status == "True" => RealmState::Ready { hmac: realm.spec.algorithm.is_symmetric() },
-        Some(c) if c.message.is_empty() => RealmState::NotReady(format!("Ready={}: {}", c.status, c.reason)),
-        Some(c) => RealmState::NotReady(format!("Ready={}: {}: {}", c.status, c.reason, c.message)),
+        Some(c) if c.message.is_empty() => RealmState::NotReady(format!("{KEYS_READY}={}: {}", c.status, c.reason)),
+        Some(c) => RealmState::NotReady(format!("{KEYS_READY}={}: {}: {}", c.status, c.reason, c.message)),
         None => RealmState::NotReady("the operator has not reported on it yet".into()),
     }
 }
@@ -93,16 +100,19 @@ mod tests {
         r
     }
 
-    fn with_ready(mut r: AuthRealm, status: &str, reason: &str, message: &str) -> AuthRealm {
+    fn with_conditions(mut r: AuthRealm, conds: &[(&str, &str, &str, &str)]) -> AuthRealm {
         r.status = Some(AuthRealmStatus {
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: status.into(),
-                reason: reason.into(),
-                message: message.into(),
-                last_transition_time: Time(Default::default()),
-                observed_generation: None,
-            }],
+            conditions: conds
+                .iter()
+                .map(|(type_, status, reason, message)| Condition {
+                    type_: (*type_).into(),
+                    status: (*status).into(),
+                    reason: (*reason).into(),
+                    message: (*message).into(),
+                    last_transition_time: Time(Default::default()),
+                    observed_generation: None,
+                })
+                .collect(),
             ..AuthRealmStatus::default()
         });
         r
@@ -113,18 +123,47 @@ mod tests {
     }
 
     #[test]
-    fn state_follows_the_ready_condition() {
+    fn pods_need_keys_and_config_not_a_redis_check() {
         let base = realm(json!({"issuer": "https://i", "audiences": ["a"], "sessionMode": "stateless"}));
         assert_eq!(realm_state(None), RealmState::NotFound);
         assert!(matches!(realm_state(Some(&base)), RealmState::NotReady(m) if m.contains("not reported")));
-        let ready = with_ready(base.clone(), "True", "Reconciled", "");
-        assert_eq!(realm_state(Some(&ready)), RealmState::Ready { hmac: false });
-        let down = with_ready(base.clone(), "False", "RedisUnreachable", "dial 10.0.0.1:6379: refused");
-        assert_eq!(
-            realm_state(Some(&down)),
-            RealmState::NotReady("Ready=False: RedisUnreachable: dial 10.0.0.1:6379: refused".into())
+        let ready = with_conditions(
+            base.clone(),
+            &[
+                ("Ready", "True", "Reconciled", ""),
+                ("KeysReady", "True", "KeysCurrent", "key k signs"),
+                ("RedisReachable", "True", "ClusterOk", ""),
+            ],
         );
-        let mut hmac = with_ready(base, "True", "Reconciled", "");
+        assert_eq!(realm_state(Some(&ready)), RealmState::Ready { hmac: false });
+        // The operator's Redis check failed (a failover, or a network path only the pods have):
+        // Ready is False, but the keys and config are there, so pods still get the sidecar.
+        let redis_down = with_conditions(
+            base.clone(),
+            &[
+                ("Ready", "False", "Unreachable", "RedisReachable: dial 10.0.0.1:6379: refused"),
+                ("KeysReady", "True", "KeysCurrent", "key k signs"),
+                ("RedisReachable", "False", "Unreachable", "dial 10.0.0.1:6379: refused"),
+            ],
+        );
+        assert_eq!(realm_state(Some(&redis_down)), RealmState::Ready { hmac: false });
+        // No usable keys (or an invalid spec): refused, naming the condition.
+        let no_keys = with_conditions(
+            base.clone(),
+            &[
+                ("Ready", "False", "InvalidSpec", "KeysReady: spec.tokenTtl: bad"),
+                ("KeysReady", "False", "InvalidSpec", "spec.tokenTtl: bad"),
+                ("RedisReachable", "True", "ClusterOk", ""),
+            ],
+        );
+        assert_eq!(
+            realm_state(Some(&no_keys)),
+            RealmState::NotReady("KeysReady=False: InvalidSpec: spec.tokenTtl: bad".into())
+        );
+        // Ready=True alone (no KeysReady reported) is not enough.
+        let only_ready = with_conditions(base.clone(), &[("Ready", "True", "Reconciled", "")]);
+        assert!(matches!(realm_state(Some(&only_ready)), RealmState::NotReady(m) if m.contains("not reported")));
+        let mut hmac = ready;
         hmac.spec.algorithm = authrealm_contract::Alg::HS256;
         assert_eq!(realm_state(Some(&hmac)), RealmState::Ready { hmac: true });
     }

@@ -273,8 +273,9 @@ pub fn mounted_secrets(pod: &Pod) -> Vec<String> {
 }
 
 /// Creates an AuthRealm (ES256 unless `algorithm` says otherwise, Redis credentials from the
-/// Secret `redis-auth`) and, when `ready`, sets its Ready condition to True as the operator
-/// would; otherwise Ready=False with reason RedisUnreachable.
+/// Secret `redis-auth`) and sets its conditions as the operator would: when `ready`, all True;
+/// otherwise KeysReady=False (reason NoSigningKey) and so Ready=False — the webhook's gate is
+/// KeysReady.
 pub async fn create_realm(
     client: &Client,
     ns: &str,
@@ -298,20 +299,27 @@ pub async fn create_realm(
         },
     }))?;
     api.create(&PostParams::default(), &realm).await.with_context(|| format!("creating AuthRealm {ns}/{name}"))?;
-    let (status, reason, message) = if ready {
-        ("True", "Reconciled", "")
+    let condition = |type_: &str, status: &str, reason: &str, message: &str| {
+        json!({
+            "type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        })
+    };
+    let conditions = if ready {
+        vec![
+            condition("Ready", "True", "Reconciled", "keys, JWKS and sidecar config are up to date"),
+            condition("KeysReady", "True", "KeysCurrent", "key k1 (ES256) signs; 1 key(s) published"),
+            condition("RedisReachable", "True", "ClusterOk", "redis-0.redis:6379: cluster_state ok"),
+        ]
     } else {
-        ("False", "RedisUnreachable", "dial redis-0.redis:6379: connection refused")
+        vec![
+            condition("Ready", "False", "NoSigningKey", "KeysReady: no current key"),
+            condition("KeysReady", "False", "NoSigningKey", "no current key"),
+            condition("RedisReachable", "True", "ClusterOk", "redis-0.redis:6379: cluster_state ok"),
+        ]
     };
     let patched = api
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"conditions": [{
-                "type": "Ready", "status": status, "reason": reason, "message": message,
-                "lastTransitionTime": "2026-01-01T00:00:00Z",
-            }]}})),
-        )
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": conditions}})))
         .await?;
     Ok(patched)
 }
