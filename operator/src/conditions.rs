@@ -32,6 +32,8 @@ pub mod reason {
     pub const AUTHENTICATION_FAILED: &str = "AuthenticationFailed";
     pub const CLUSTER_DEGRADED: &str = "ClusterDegraded";
     pub const CREDENTIALS_MISSING: &str = "CredentialsMissing";
+    /// A Secret named for the Redis connection lacks `authrealm.dev/redis-credentials: "true"`.
+    pub const CREDENTIALS_NOT_LABELLED: &str = "CredentialsNotLabelled";
     pub const TLS_CONFIG_INVALID: &str = "TlsConfigInvalid";
     pub const VERIFIED: &str = "Verified";
     pub const SECRET_RESTORED: &str = "SecretRestored";

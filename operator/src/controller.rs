@@ -627,17 +627,37 @@ async fn publish_key_events(realm: &AuthRealm, ctx: &Context, keys: &KeySync, re
     }
 }
 
-/// Reads the credentials and CA for a Redis target from the realm's namespace.
+/// The label a Secret must carry before the operator reads it for a realm's Redis connection
+/// (credentials or CA). Whoever may write an AuthRealm chooses `redis.endpoints`; without this
+/// opt-in they could make the operator, which can read every Secret, send any Secret of the
+/// namespace to an endpoint of their choosing.
+pub const REDIS_SECRET_LABEL: &str = "authrealm.dev/redis-credentials";
+
+/// True when the Secret opted in to be used for Redis connections.
+pub fn redis_secret_opted_in(s: &Secret) -> bool {
+    s.metadata.labels.as_ref().and_then(|l| l.get(REDIS_SECRET_LABEL)).is_some_and(|v| v == "true")
+}
+
+/// Reads the credentials and CA for a Redis target from the realm's namespace. Only Secrets
+/// labelled [`REDIS_SECRET_LABEL`]`=true` are used.
 async fn connect_params(target: &RedisTarget, ns: &str, client: &Client) -> Result<Connect, CheckError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let read = |name: String| {
+    let read = |name: String, what: &'static str| {
         let secrets = secrets.clone();
         async move {
-            secrets
+            let s = secrets
                 .get_opt(&name)
                 .await
                 .map_err(|e| CheckError::Credentials(format!("cannot read Secret {ns}/{name}: {e}")))?
-                .ok_or_else(|| CheckError::Credentials(format!("Secret {ns}/{name} not found")))
+                .ok_or_else(|| CheckError::Credentials(format!("Secret {ns}/{name} not found")))?;
+            if !redis_secret_opted_in(&s) {
+                return Err(CheckError::NotLabelled(format!(
+                    "Secret {ns}/{name} ({what}) is not labelled {REDIS_SECRET_LABEL}=true, so the operator does not \
+                     use it; if it is meant for this realm's Redis, label it: kubectl -n {ns} label secret {name} \
+                     {REDIS_SECRET_LABEL}=true"
+                )));
+            }
+            Ok(s)
         }
     };
     let value = |s: &Secret, key: &str| -> Option<String> {
@@ -645,7 +665,7 @@ async fn connect_params(target: &RedisTarget, ns: &str, client: &Client) -> Resu
     };
     let (mut username, mut password) = (None, None);
     if let Some(c) = &target.credentials {
-        let s = read(c.secret_name.clone()).await?;
+        let s = read(c.secret_name.clone(), "redis.credentials").await?;
         password = Some(value(&s, &c.password_key).ok_or_else(|| {
             CheckError::Credentials(format!("Secret {ns}/{} has no key {:?}", c.secret_name, c.password_key))
         })?);
@@ -661,7 +681,10 @@ async fn connect_params(target: &RedisTarget, ns: &str, client: &Client) -> Resu
         Some(t) => match &t.ca_secret {
             None => Some(None),
             Some(r) => {
-                let s = read(r.name.clone()).await.map_err(|e| CheckError::Tls(e.to_string()))?;
+                let s = read(r.name.clone(), "redis.tls.caSecret").await.map_err(|e| match e {
+                    e @ CheckError::NotLabelled(_) => e,
+                    e => CheckError::Tls(e.to_string()),
+                })?;
                 let pem = s
                     .data
                     .as_ref()
@@ -818,6 +841,22 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_secrets_labelled_for_redis_are_used() {
+        let secret = |labels: &[(&str, &str)]| Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                labels: Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
+                ..Default::default()
+            },
+            ..Secret::default()
+        };
+        assert!(redis_secret_opted_in(&secret(&[(REDIS_SECRET_LABEL, "true")])));
+        assert!(!redis_secret_opted_in(&secret(&[])));
+        assert!(!redis_secret_opted_in(&secret(&[(REDIS_SECRET_LABEL, "false")])));
+        assert!(!redis_secret_opted_in(&secret(&[(REDIS_SECRET_LABEL, "True")])));
+        assert!(!redis_secret_opted_in(&Secret::default()));
+    }
 
     #[test]
     fn keys_ready_only_when_the_current_key_can_sign() {

@@ -227,7 +227,10 @@ pub struct ServiceReference {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisCredentials {
-    /// Name of a Secret in the realm's namespace.
+    /// Name of a Secret in the realm's namespace. The operator uses it only when it is labelled
+    /// `authrealm.dev/redis-credentials: "true"` (otherwise RedisReachable=False, reason
+    /// CredentialsNotLabelled), so an AuthRealm cannot make the operator send an arbitrary Secret
+    /// to the endpoints it names.
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
     /// Key of the password in that Secret (default `password`).
@@ -249,7 +252,8 @@ pub struct RedisCredentials {
 ]))]
 pub struct RedisTlsSpec {
     /// Secret (in the realm's namespace) with the PEM CA certificate(s) that sign the Redis
-    /// servers' certificates; absent means the system roots.
+    /// servers' certificates; absent means the system roots. Like the credentials Secret, it
+    /// must be labelled `authrealm.dev/redis-credentials: "true"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret: Option<SecretKeyRef>,
     /// Reserved: a name to check the servers' certificates against. Not supported yet and

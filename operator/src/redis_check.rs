@@ -45,6 +45,9 @@ pub enum CheckError {
     Credentials(String),
     #[error("{0}")]
     Tls(String),
+    /// A referenced Secret lacks the opt-in label (see `controller::REDIS_SECRET_LABEL`).
+    #[error("{0}")]
+    NotLabelled(String),
 }
 
 impl CheckError {
@@ -55,6 +58,7 @@ impl CheckError {
             CheckError::Degraded(_) => reason::CLUSTER_DEGRADED,
             CheckError::Credentials(_) => reason::CREDENTIALS_MISSING,
             CheckError::Tls(_) => reason::TLS_CONFIG_INVALID,
+            CheckError::NotLabelled(_) => reason::CREDENTIALS_NOT_LABELLED,
         }
     }
 }

@@ -32,7 +32,11 @@ async fn deleting_a_realm_runs_the_purge_finalizer_and_owned_objects_go() -> any
         .create(
             &PostParams::default(),
             &Secret {
-                metadata: ObjectMeta { name: Some("redis-auth".into()), ..ObjectMeta::default() },
+                metadata: ObjectMeta {
+                    name: Some("redis-auth".into()),
+                    labels: Some(BTreeMap::from([("authrealm.dev/redis-credentials".to_owned(), "true".to_owned())])),
+                    ..ObjectMeta::default()
+                },
                 data: Some(BTreeMap::from([("password".to_owned(), ByteString(b"purge-pw".to_vec()))])),
                 ..Secret::default()
             },

@@ -208,7 +208,14 @@ async fn redis_reachable_comes_from_a_real_cluster_check_with_the_realms_credent
             .create(
                 &PostParams::default(),
                 &Secret {
-                    metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+                    metadata: ObjectMeta {
+                        name: Some(name.into()),
+                        labels: Some(BTreeMap::from([(
+                            "authrealm.dev/redis-credentials".to_owned(),
+                            "true".to_owned(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
                     data: Some(BTreeMap::from([("password".to_owned(), ByteString(pw.as_bytes().to_vec()))])),
                     ..Secret::default()
                 },
@@ -297,5 +304,101 @@ async fn redis_reachable_comes_from_a_real_cluster_check_with_the_realms_credent
     assert!(evs.iter().any(|(r, _)| r == "RedisReachable"), "{evs:?}");
     op.stop().await?;
     drop(cluster);
+    Ok(())
+}
+
+/// Someone allowed to write AuthRealms but not to read Secrets names a Secret of the namespace
+/// as the Redis credentials and points `redis.endpoints` at a server they control: the operator
+/// (which can read every Secret) sends nothing unless the Secret opted in with a label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_sends_only_secrets_labelled_for_redis() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("deputy").await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta { name: Some("payments-db".into()), ..ObjectMeta::default() },
+                data: Some(BTreeMap::from([("password".to_owned(), ByteString(b"db-root-pw-4711".to_vec()))])),
+                ..Secret::default()
+            },
+        )
+        .await?;
+    // The "Redis" endpoint records every byte it receives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = listener.local_addr()?.to_string();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = received.clone();
+    let server = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    // Checks every 2 s, so the label added below is picked up without touching the realm.
+    let op = InProcess::start_with(
+        client.clone(),
+        authrealm_operator::controller::Settings {
+            namespace: Some(ns.clone()),
+            redis_check_interval: Duration::from_secs(2),
+            ..Default::default()
+        },
+    );
+    let spec = json!({
+        "issuer": "https://auth.example.test",
+        "audiences": ["app"],
+        "redis": {"endpoints": [endpoint], "credentials": {"secretName": "payments-db"}, "connectTimeout": "500ms"},
+    });
+    create_realm(&client, &ns, &realm("deputy", spec)).await?;
+    let r = wait_condition(
+        &client,
+        &ns,
+        "deputy",
+        "RedisReachable",
+        "False",
+        Some("CredentialsNotLabelled"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let st = r.status.unwrap();
+    let msg = &st.conditions.iter().find(|c| c.type_ == "RedisReachable").unwrap().message;
+    assert!(
+        msg.contains(&format!("kubectl -n {ns} label secret payments-db authrealm.dev/redis-credentials=true")),
+        "{msg}"
+    );
+    assert!(!st.conditions.iter().any(|c| c.message.contains("db-root-pw")));
+    let evs = events(&client, &ns, "deputy").await;
+    assert!(evs.iter().any(|(r, n)| r == "RedisUnreachable" && n.contains("not labelled")), "{evs:?}");
+    assert!(received.lock().unwrap().is_empty(), "nothing was sent to the realm's endpoint");
+
+    // Once the Secret's owner opts in, the operator uses it (so the check above could fail).
+    secrets
+        .patch(
+            "payments-db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"authrealm.dev/redis-credentials": "true"}}})),
+        )
+        .await?;
+    wait_for("the labelled credentials used", Duration::from_secs(30), || {
+        let received = received.clone();
+        async move {
+            let bytes = received.lock().unwrap().clone();
+            bytes.windows(15).any(|w| w == b"db-root-pw-4711").then_some(())
+        }
+    })
+    .await?;
+    server.abort();
+    op.stop().await?;
     Ok(())
 }
