@@ -26,6 +26,9 @@ pub mod reason {
     /// No key of the set can sign (e.g. waiting for a new key to be published after the signing
     /// key was found without its private half).
     pub const NO_SIGNING_KEY: &str = "NoSigningKey";
+    /// An object with the name of one of the realm's objects exists and is not controlled by
+    /// the realm; the operator does not touch it.
+    pub const NAME_CONFLICT: &str = "NameConflict";
     pub const CLUSTER_OK: &str = "ClusterOk";
     pub const NOT_REQUIRED: &str = "NotRequired";
     pub const UNREACHABLE: &str = "Unreachable";

@@ -251,6 +251,53 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
     let want_finalizer = resolved.redis.as_ref().is_some_and(|r| r.purge_on_delete);
     set_finalizer(&api, realm, want_finalizer).await?;
 
+    // Never take over (and, through the owner reference, later garbage-collect) an object that
+    // merely has the name of one of the realm's objects.
+    let foreign = foreign_objects(realm, ctx).await?;
+    if !foreign.is_empty() {
+        let message = format!(
+            "{} already exist(s) and {} not controlled by this AuthRealm (uid {}); the operator does not write \
+             any of the realm's objects until they are deleted or renamed (or carry a controller ownerReference to \
+             this AuthRealm)",
+            foreign.join(", "),
+            if foreign.len() == 1 { "is" } else { "are" },
+            realm.uid().unwrap_or_default()
+        );
+        let old = realm.status.clone().unwrap_or_default();
+        let repeated = conditions::find(&old.conditions, conditions::KEYS_READY)
+            .is_some_and(|c| c.reason == reason::NAME_CONFLICT && c.message == message);
+        if !repeated {
+            ctx.events
+                .publish(realm, Severity::Warning, events::reason::NAME_CONFLICT, "Reconcile", message.clone())
+                .await;
+        }
+        let keys = Cond::new(conditions::KEYS_READY, Status::False, reason::NAME_CONFLICT, message.clone());
+        let redis = keep_or(
+            &old,
+            conditions::REDIS_REACHABLE,
+            Cond::new(
+                conditions::REDIS_REACHABLE,
+                Status::Unknown,
+                reason::NAME_CONFLICT,
+                "not checked: name conflict",
+            ),
+        );
+        let intact = keep_or(
+            &old,
+            conditions::KEYS_INTACT,
+            Cond::new(conditions::KEYS_INTACT, Status::Unknown, reason::NAME_CONFLICT, "not checked: name conflict"),
+        );
+        let status = AuthRealmStatus {
+            observed_generation: realm.metadata.generation,
+            conditions: build_conditions(&old, vec![keys, redis, intact], realm.metadata.generation),
+            ..old
+        };
+        write_status(&api, &name, &ns, &status).await?;
+        tracing::warn!(realm = %name, namespace = %ns, "{message}");
+        // A foreign object's deletion raises no watch event for this realm: look again soon.
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+
     let now_ms = now_millis();
     let now = now_ms.div_euclid(1000);
     let keys = sync_keys(realm, &resolved, ctx, now).await?;
@@ -330,6 +377,40 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
         next = Some(next.map_or(ctx.settings.redis_check_interval, |d| d.min(ctx.settings.redis_check_interval)));
     }
     Ok(Action::requeue(next.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100))))
+}
+
+/// True when `meta` has a controller owner reference to the realm with `uid`.
+fn controlled_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
+    !uid.is_empty() && meta.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// The realm's object names (`Secret ns/name`, …) taken by objects the realm does not control.
+async fn foreign_objects(realm: &AuthRealm, ctx: &Context) -> Result<Vec<String>, Error> {
+    let name = realm.name_any();
+    let ns = realm.namespace().unwrap_or_default();
+    let uid = realm.uid().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let read_err = |kind: &'static str, n: &str| {
+        let (ns, n) = (ns.clone(), n.to_owned());
+        move |source| Error::Read { kind, namespace: ns, name: n, source }
+    };
+    let mut foreign = Vec::new();
+    let secret_name = render::signing_keys_name(&name);
+    // Metadata only: a foreign Secret's data is none of the operator's business.
+    if let Some(s) = secrets.get_metadata_opt(&secret_name).await.map_err(read_err("Secret", &secret_name))?
+        && !controlled_by(&s.metadata, &uid)
+    {
+        foreign.push(format!("Secret {ns}/{secret_name}"));
+    }
+    for cm_name in [render::jwks_name(&name), render::sidecar_config_name(&name)] {
+        if let Some(cm) = cms.get_metadata_opt(&cm_name).await.map_err(read_err("ConfigMap", &cm_name))?
+            && !controlled_by(&cm.metadata, &uid)
+        {
+            foreign.push(format!("ConfigMap {ns}/{cm_name}"));
+        }
+    }
+    Ok(foreign)
 }
 
 /// `KeysReady`: true only when the current key can actually sign (an asymmetric key needs its
@@ -841,6 +922,25 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_objects_controlled_by_the_realm_are_written() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+        let owner = |uid: &str, controller: Option<bool>| OwnerReference {
+            api_version: "authrealm.dev/v1alpha1".into(),
+            kind: "AuthRealm".into(),
+            name: "demo".into(),
+            uid: uid.into(),
+            controller,
+            ..Default::default()
+        };
+        let meta = |refs: Vec<OwnerReference>| ObjectMeta { owner_references: Some(refs), ..Default::default() };
+        assert!(controlled_by(&meta(vec![owner("u1", Some(true))]), "u1"));
+        assert!(!controlled_by(&ObjectMeta::default(), "u1"), "no owner: someone else's object");
+        assert!(!controlled_by(&meta(vec![owner("u0", Some(true))]), "u1"), "a previous realm of that name");
+        assert!(!controlled_by(&meta(vec![owner("u1", None)]), "u1"), "an owner but not the controller");
+        assert!(!controlled_by(&meta(vec![owner("", Some(true))]), ""), "a realm without uid owns nothing");
+    }
 
     #[test]
     fn only_secrets_labelled_for_redis_are_used() {

@@ -33,6 +33,7 @@ pub mod reason {
     pub const REDIS_UNREACHABLE: &str = "RedisUnreachable";
     pub const REDIS_RECOVERED: &str = "RedisReachable";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const NAME_CONFLICT: &str = "NameConflict";
     pub const SESSIONS_PURGED: &str = "SessionsPurged";
     pub const PURGE_FAILED: &str = "SessionPurgeFailed";
 }

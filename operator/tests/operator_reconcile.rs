@@ -402,3 +402,53 @@ async fn the_operator_sends_only_secrets_labelled_for_redis() -> anyhow::Result<
     op.stop().await?;
     Ok(())
 }
+
+/// Objects that merely carry the name of a realm's object are never taken over: taking them over
+/// would also hand them to the garbage collector when the realm is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_the_same_name_not_controlled_by_the_realm_are_left_alone() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("conflict").await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let victim = ConfigMap {
+        metadata: ObjectMeta { name: Some("billing-sidecar".into()), ..ObjectMeta::default() },
+        data: Some(BTreeMap::from([("invoice-template".to_owned(), "the billing team's data".to_owned())])),
+        ..ConfigMap::default()
+    };
+    cms.create(&PostParams::default(), &victim).await?;
+    let op = InProcess::start(client.clone(), &ns);
+    create_realm(&client, &ns, &realm("billing", stateless_spec())).await?;
+    let r =
+        wait_condition(&client, &ns, "billing", "KeysReady", "False", Some("NameConflict"), Duration::from_secs(30))
+            .await?;
+    let st = r.status.unwrap();
+    assert_eq!((st.conditions[0].status.as_str(), st.conditions[0].reason.as_str()), ("False", "NameConflict"));
+    assert!(
+        st.conditions[1].message.contains(&format!("ConfigMap {ns}/billing-sidecar")),
+        "{}",
+        st.conditions[1].message
+    );
+    let evs = events(&client, &ns, "billing").await;
+    assert!(evs.iter().any(|(r, n)| r == "NameConflict" && n.contains("billing-sidecar")), "{evs:?}");
+    // Untouched: same data, no owner reference, no field of the operator's.
+    let after = cms.get("billing-sidecar").await?;
+    assert_eq!(after.data, victim.data);
+    assert!(after.metadata.owner_references.is_none(), "{:?}", after.metadata.owner_references);
+    assert!(
+        after.metadata.managed_fields.iter().flatten().all(|f| f.manager.as_deref() != Some("authrealm-operator")),
+        "{:?}",
+        after.metadata.managed_fields
+    );
+    // Nothing else of the realm was written either: no half-configured realm.
+    assert!(secret_keyset(&client, &ns, "billing").await.is_none());
+    assert!(jwks_keyset(&client, &ns, "billing").await.is_none());
+
+    // Once the name is free, the realm gets its objects.
+    cms.delete("billing-sidecar", &Default::default()).await?;
+    wait_condition(&client, &ns, "billing", "Ready", "True", None, Duration::from_secs(40)).await?;
+    let cm = cms.get("billing-sidecar").await?;
+    assert!(cm.data.unwrap().contains_key("sidecar.json"));
+    op.stop().await?;
+    Ok(())
+}

@@ -201,9 +201,12 @@ async fn public_only_copy_of_the_keys_gets_a_new_signing_key() -> anyhow::Result
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets.delete("copy-signing-keys", &DeleteParams::default()).await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let public_json = cms.get("copy-jwks").await?.data.unwrap()["keyset.json"].clone();
+    // Copied from the ConfigMap's YAML, so it keeps the realm's controller owner reference (without
+    // it the operator would not touch the Secret at all: NameConflict).
+    let jwks = cms.get("copy-jwks").await?;
+    let public_json = jwks.data.unwrap()["keyset.json"].clone();
     let copy: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "copy-signing-keys"},
+        "metadata": {"name": "copy-signing-keys", "ownerReferences": jwks.metadata.owner_references},
         "data": {"keyset.json": k8s_openapi::ByteString(public_json.into_bytes())},
     }))?;
     secrets.create(&Default::default(), &copy).await?;
