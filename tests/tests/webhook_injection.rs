@@ -106,6 +106,15 @@ async fn labelled_pods_get_the_sidecar_exactly_once_and_opt_outs_win() -> anyhow
         "the webhook was called and chose to change nothing"
     );
 
+    // Only the status annotation (copied into a template from an injected pod): not an injection,
+    // so the pod is refused instead of silently running without the sidecar.
+    let mut copied = app_pod("copied", "demo", &[]);
+    copied.metadata.annotations = web.metadata.annotations.clone();
+    let r = fx.create_pod_raw(&ns, &copied).await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(status_message(&r.body).contains("without a complete authrealm sidecar"), "{}", r.body);
+    assert!(pods.get_opt("copied").await?.is_none());
+
     // A realm that does not exist: refused, with a message naming it (default policy deny).
     let r = fx.create_pod_raw(&ns, &app_pod("lost", "nope", &[])).await?;
     assert_eq!(r.status, 403, "{}", r.body);

@@ -9,7 +9,8 @@
 //! | 2 | the Pod has no `authrealm.dev/realm` label                        | skip `NotOptedIn` (silent)                |
 //! | 3 | its namespace is labelled `authrealm.dev/injection: disabled`     | skip `NamespaceOptOut`                    |
 //! | 4 | the Pod is annotated `authrealm.dev/inject: "false"`              | skip `PodOptOut`                          |
-//! | 5 | the Pod already carries the sidecar (status annotation or container) | skip `AlreadyInjected` (silent; reinvocation) |
+//! | 5 | the Pod already carries the sidecar: status annotation **and** sidecar init container | skip `AlreadyInjected` (silent; reinvocation) |
+//! |5b | only one of them, or a regular container named like the sidecar (e.g. copied into a template) | policy: **deny**, or skip `PartialInjection` with a warning |
 //! | 6 | the Pod uses `hostNetwork`                                        | skip `HostNetwork`, **with a warning**    |
 //! | 7 | the realm label is not a valid AuthRealm name                     | **deny**                                  |
 //! | 8 | `authrealm.dev/role` is set to anything but `issuer`              | **deny**                                  |
@@ -23,7 +24,7 @@
 //! a failover overlapping one check, or a network path only the pods have, must not refuse pods
 //! (the sidecar checks Redis itself and reports it on `/readyz`). See [`super::realm::realm_state`].
 //!
-//! Rows 9 and 10 follow [`UnreadyRealmPolicy`] (operator flag `--webhook-unready-realm-policy`,
+//! Rows 5b, 9 and 10 follow [`UnreadyRealmPolicy`] (operator flag `--webhook-unready-realm-policy`,
 //! chart value `webhook.unreadyRealmPolicy`, default `deny`): an opted-in Pod is never admitted
 //! unprotected without the client being told.
 //!
@@ -79,6 +80,17 @@ pub enum RealmState {
     Ready { hmac: bool },
 }
 
+/// Traces of an earlier injection on a Pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Injected {
+    /// None: the Pod can be injected.
+    No,
+    /// The status annotation and the sidecar init container: a reinvocation.
+    Yes,
+    /// Some traces but not a complete sidecar; the text says which.
+    Partly(String),
+}
+
 /// The facts [`decide`] looks at, gathered by the HTTP layer from the AdmissionRequest, the Pod's
 /// Namespace and the AuthRealm.
 #[derive(Clone, Debug)]
@@ -90,8 +102,8 @@ pub struct DecisionInput<'a> {
     pub pod_labels: &'a BTreeMap<String, String>,
     pub pod_annotations: &'a BTreeMap<String, String>,
     pub host_network: bool,
-    /// The Pod already has our status annotation or a container named like the sidecar.
-    pub already_injected: bool,
+    /// What the Pod already carries of an injection.
+    pub injected: &'a Injected,
     /// The realm named by the label; only consulted by rows 9–11.
     pub realm: &'a RealmState,
     pub policy: UnreadyRealmPolicy,
@@ -105,6 +117,7 @@ pub enum SkipReason {
     NamespaceOptOut,
     PodOptOut,
     AlreadyInjected,
+    PartialInjection,
     HostNetwork,
     RealmNotFound,
     RealmNotReady,
@@ -118,6 +131,7 @@ impl SkipReason {
             SkipReason::NamespaceOptOut => "NamespaceOptOut",
             SkipReason::PodOptOut => "PodOptOut",
             SkipReason::AlreadyInjected => "AlreadyInjected",
+            SkipReason::PartialInjection => "PartialInjection",
             SkipReason::HostNetwork => "HostNetwork",
             SkipReason::RealmNotFound => "RealmNotFound",
             SkipReason::RealmNotReady => "RealmNotReady",
@@ -133,6 +147,7 @@ impl SkipReason {
 /// Why a Pod was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DenyReason {
+    PartialInjection,
     InvalidRealmName,
     InvalidRole,
     RealmNotFound,
@@ -142,6 +157,7 @@ pub enum DenyReason {
 impl DenyReason {
     pub fn as_str(self) -> &'static str {
         match self {
+            DenyReason::PartialInjection => "PartialInjection",
             DenyReason::InvalidRealmName => "InvalidRealmName",
             DenyReason::InvalidRole => "InvalidRole",
             DenyReason::RealmNotFound => "RealmNotFound",
@@ -183,9 +199,28 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
     if input.pod_annotations.get(INJECT_ANNOTATION).map(String::as_str) == Some("false") {
         return skip(SkipReason::PodOptOut, None);
     }
-    // 5
-    if input.already_injected {
-        return skip(SkipReason::AlreadyInjected, None);
+    // 5, 5b
+    match input.injected {
+        Injected::No => {}
+        Injected::Yes => return skip(SkipReason::AlreadyInjected, None),
+        Injected::Partly(what) => {
+            let problem = format!(
+                "pod opts into realm {realm:?} but already carries {what}, without a complete authrealm sidecar \
+                 (copied from another pod?)"
+            );
+            return match input.policy {
+                UnreadyRealmPolicy::Deny => deny(
+                    DenyReason::PartialInjection,
+                    format!(
+                        "authrealm: {problem}; refusing the pod so it does not run unprotected (remove it and retry)"
+                    ),
+                ),
+                UnreadyRealmPolicy::Warn => skip(
+                    SkipReason::PartialInjection,
+                    Some(format!("authrealm: {problem}; the pod was admitted WITHOUT the sidecar")),
+                ),
+            };
+        }
     }
     // 6
     if input.host_network {
@@ -268,7 +303,7 @@ mod tests {
         labels: &'static [(&'static str, &'static str)],
         annotations: &'static [(&'static str, &'static str)],
         host_network: bool,
-        already_injected: bool,
+        injected: Injected,
         realm: RealmState,
         policy: UnreadyRealmPolicy,
         expect: Expect,
@@ -292,7 +327,7 @@ mod tests {
             labels: OPTED_IN,
             annotations: &[],
             host_network: false,
-            already_injected: false,
+            injected: Injected::No,
             realm: READY,
             policy: UnreadyRealmPolicy::Deny,
             expect: Expect::Inject(Role::Verifier),
@@ -355,15 +390,32 @@ mod tests {
                 ..base("pod opt-out wins over an unready realm and hostNetwork")
             },
             Case {
-                already_injected: true,
+                injected: Injected::Yes,
                 expect: Skip(SkipReason::AlreadyInjected, false),
                 ..base("row 5: reinvocation is a no-op")
             },
             Case {
-                already_injected: true,
+                injected: Injected::Yes,
                 realm: RealmState::NotFound,
                 expect: Skip(SkipReason::AlreadyInjected, false),
                 ..base("row 5 before the realm lookup: a reinvocation never denies")
+            },
+            Case {
+                injected: Injected::Partly("the annotation authrealm.dev/sidecar-status".into()),
+                expect: Deny(DenyReason::PartialInjection),
+                ..base("row 5b: a copied status annotation alone is not an injection")
+            },
+            Case {
+                injected: Injected::Partly("a container named \"authrealm-sidecar\"".into()),
+                policy: UnreadyRealmPolicy::Warn,
+                expect: Skip(SkipReason::PartialInjection, true),
+                ..base("row 5b: warn policy admits it unprotected, with a warning")
+            },
+            Case {
+                injected: Injected::Partly("the annotation authrealm.dev/sidecar-status".into()),
+                annotations: &[("authrealm.dev/inject", "false")],
+                expect: Skip(SkipReason::PodOptOut, false),
+                ..base("row 5b comes after the opt-outs")
             },
             Case {
                 host_network: true,
@@ -421,7 +473,7 @@ mod tests {
                 pod_labels: &labels,
                 pod_annotations: &annotations,
                 host_network: case.host_network,
-                already_injected: case.already_injected,
+                injected: &case.injected,
                 realm: &case.realm,
                 policy: case.policy,
             };
@@ -457,7 +509,7 @@ mod tests {
             pod_labels: &labels,
             pod_annotations: &empty,
             host_network: false,
-            already_injected: false,
+            injected: &Injected::No,
             realm: &realm,
             policy: UnreadyRealmPolicy::Deny,
         };

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use serde_json::{Value, json};
 
-use super::decide::Role;
+use super::decide::{Injected, Role};
 use super::{SIDECAR_CONTAINER, STATUS_ANNOTATION};
 use crate::render::{
     CONFIG_FILE, CONFIG_MOUNT_DIR, KEYS_MOUNT_DIR, REDIS_CA_MOUNT_DIR, jwks_name, sidecar_config_name,
@@ -81,6 +81,8 @@ pub enum MutateError {
     PortConflict { container: String, port: u16 },
     #[error("the pod already has a {what} named {name:?}, which the authrealm sidecar needs")]
     NameConflict { what: &'static str, name: String },
+    #[error("the pod already carries {what}, without a complete authrealm sidecar")]
+    PartlyInjected { what: String },
 }
 
 /// The annotation value recording an injection (JSON).
@@ -96,14 +98,30 @@ pub fn status_annotation(plan: &SidecarPlan) -> String {
     .to_string()
 }
 
-/// `true` when the Pod already carries our sidecar (annotation or container).
-pub fn already_injected(pod: &Pod) -> bool {
+/// What the Pod already carries of an injection: complete only with the status annotation
+/// **and** the sidecar init container. Either alone (a copied annotation, a container of that
+/// name) is not an injection: treating it as one would admit the Pod unprotected.
+pub fn injection(pod: &Pod) -> Injected {
     let annotated = pod.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(STATUS_ANNOTATION));
     let spec = pod.spec.as_ref();
-    let has_container = spec.is_some_and(|s| {
-        s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_CONTAINER)
-    });
-    annotated || has_container
+    let init = spec.is_some_and(|s| s.init_containers.iter().flatten().any(|c| c.name == SIDECAR_CONTAINER));
+    let regular = spec.is_some_and(|s| s.containers.iter().any(|c| c.name == SIDECAR_CONTAINER));
+    match (annotated, init, regular) {
+        (false, false, false) => Injected::No,
+        (true, true, false) => Injected::Yes,
+        (_, _, true) => Injected::Partly(format!("a regular container named {SIDECAR_CONTAINER:?}")),
+        (true, false, false) => {
+            Injected::Partly(format!("the annotation {STATUS_ANNOTATION} but no {SIDECAR_CONTAINER:?} init container"))
+        }
+        (false, true, false) => Injected::Partly(format!(
+            "an init container named {SIDECAR_CONTAINER:?} but not the annotation {STATUS_ANNOTATION}"
+        )),
+    }
+}
+
+/// `true` when the Pod carries a complete injection (see [`injection`]).
+pub fn already_injected(pod: &Pod) -> bool {
+    injection(pod) == Injected::Yes
 }
 
 /// The sidecar container (JSON, as it appears in the Pod).
@@ -195,10 +213,12 @@ fn escape(segment: &str) -> String {
 }
 
 /// The patch that adds the sidecar to `pod`. Empty when the Pod already carries it, so applying
-/// the result of a reinvocation changes nothing.
+/// the result of a reinvocation changes nothing; refused when it carries only part of it.
 pub fn mutate(pod: &Pod, plan: &SidecarPlan) -> Result<json_patch::Patch, MutateError> {
-    if already_injected(pod) {
-        return Ok(json_patch::Patch(Vec::new()));
+    match injection(pod) {
+        Injected::No => {}
+        Injected::Yes => return Ok(json_patch::Patch(Vec::new())),
+        Injected::Partly(what) => return Err(MutateError::PartlyInjected { what }),
     }
     let spec = pod.spec.clone().unwrap_or_default();
     for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
@@ -421,6 +441,35 @@ mod tests {
         p.spec.as_mut().unwrap().volumes =
             Some(vec![serde_json::from_value(json!({"name": "authrealm-keys", "emptyDir": {}})).unwrap()]);
         assert!(matches!(mutate(&p, &plan(Role::Verifier)), Err(MutateError::NameConflict { what: "volume", .. })));
+    }
+
+    #[test]
+    fn only_annotation_and_init_container_together_count_as_injected() {
+        let injected = {
+            let p = minimal_pod();
+            let mut doc = serde_json::to_value(&p).unwrap();
+            json_patch::patch(&mut doc, &mutate(&p, &plan(Role::Verifier)).unwrap()).unwrap();
+            serde_json::from_value::<Pod>(doc).unwrap()
+        };
+        assert_eq!(injection(&injected), Injected::Yes);
+        assert_eq!(injection(&minimal_pod()), Injected::No);
+        // The annotation copied into a template, without the sidecar.
+        let mut copied = minimal_pod();
+        copied.metadata.annotations = injected.metadata.annotations.clone();
+        assert!(
+            matches!(injection(&copied), Injected::Partly(w) if w.contains("no \"authrealm-sidecar\" init container"))
+        );
+        assert!(matches!(mutate(&copied, &plan(Role::Verifier)), Err(MutateError::PartlyInjected { .. })));
+        // The init container without the annotation.
+        let mut bare = injected.clone();
+        bare.metadata.annotations = None;
+        assert!(matches!(injection(&bare), Injected::Partly(w) if w.contains("not the annotation")));
+        // An app container that happens to use the sidecar's name, annotated or not.
+        let mut named = minimal_pod();
+        named.spec.as_mut().unwrap().containers[0].name = SIDECAR_CONTAINER.into();
+        assert!(matches!(injection(&named), Injected::Partly(w) if w.contains("regular container")));
+        named.metadata.annotations = injected.metadata.annotations.clone();
+        assert!(matches!(injection(&named), Injected::Partly(_)));
     }
 
     #[test]

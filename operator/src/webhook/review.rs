@@ -16,9 +16,9 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use kube::{Client, Resource};
 
 use super::REALM_LABEL;
-use super::decide::{Decision, DecisionInput, UnreadyRealmPolicy, decide};
+use super::decide::{Decision, DecisionInput, Injected, UnreadyRealmPolicy, decide};
 use super::metrics::{Outcome, WebhookMetrics};
-use super::mutate::{already_injected, mutate};
+use super::mutate::{injection, mutate};
 use super::realm::{SidecarDefaults, realm_state, sidecar_plan};
 use crate::crd::AuthRealm;
 use crate::events::REPORTING_CONTROLLER;
@@ -188,6 +188,7 @@ impl Reviewer {
             }
         }
         let state = realm_state(realm.as_ref());
+        let injected = pod.as_ref().map_or(Injected::No, injection);
         let decision = decide(&DecisionInput {
             pod_create: pod.is_some(),
             namespace: &ns,
@@ -195,7 +196,7 @@ impl Reviewer {
             pod_labels: labels,
             pod_annotations: annotations,
             host_network: pod.as_ref().and_then(|p| p.spec.as_ref()).and_then(|s| s.host_network).unwrap_or(false),
-            already_injected: pod.as_ref().is_some_and(already_injected),
+            injected: &injected,
             realm: &state,
             policy: self.policy,
         });
