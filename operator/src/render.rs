@@ -245,7 +245,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
         key_reload_interval_ms: 2000,
     };
     config.validate().map_err(|e| spec_err(format!("(sidecar config) {}", e.field), e.message))?;
-    let schedule = Schedule { alg: spec.algorithm, interval, propagation, token_lifetime: max_ttl + leeway };
+    let schedule = Schedule { alg: spec.algorithm, interval, propagation, token_lifetime: max_ttl + leeway, leeway };
     Ok(Resolved { schedule, config, redis: redis_target })
 }
 
@@ -350,7 +350,7 @@ mod tests {
         let r = resolve("shop", "prod", &spec(base())).unwrap();
         assert_eq!(
             r.schedule,
-            Schedule { alg: Alg::ES256, interval: 720 * 3600, propagation: 120, token_lifetime: 930 }
+            Schedule { alg: Alg::ES256, interval: 720 * 3600, propagation: 120, token_lifetime: 930, leeway: 30 }
         );
         let c = &r.config;
         assert_eq!(c.realm, "shop");

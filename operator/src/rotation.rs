@@ -17,8 +17,10 @@
 //!   current key is retired at the same moment.
 //! * Pods that have not yet seen the promotion still sign with the retired key for up to P, and
 //!   those tokens are accepted for L = longest token TTL + clock leeway (inclusive). So a retired
-//!   key is removed at `retired + P + L + 1s`. L is the largest value in effect while the key could sign
-//!   (recorded per key, see [`Lifetimes`]), so shortening the TTL never drops a key early.
+//!   key is removed at `retired + P + L + leeway + 1s` (the extra leeway: an issuer whose clock runs
+//!   ahead writes an `exp` that a verifier whose clock runs behind accepts later still). L is the
+//!   largest value in effect from the key's publication until it stopped signing (recorded per key,
+//!   `next` keys included, see [`Lifetimes`]), so shortening the TTL never drops a key early.
 //! * Changing the algorithm starts a new chain at once: a key of the new algorithm is created
 //!   `next`, promoted after P, and the old key retires like any other.
 //! * With no current key and no `next` key (first reconcile, or after the key set was lost), a
@@ -41,6 +43,9 @@ pub struct Schedule {
     pub propagation: i64,
     /// How long after signing a token can still be accepted: max token TTL + clock leeway.
     pub token_lifetime: i64,
+    /// The clock leeway (also part of `token_lifetime`): key removal waits one more leeway for
+    /// the skew between the clock that wrote a token's `exp` and the verifier's.
+    pub leeway: i64,
 }
 
 /// Per key id: the largest [`Schedule::token_lifetime`] in effect while the key could sign.
@@ -107,11 +112,14 @@ fn earliest(a: Option<i64>, b: i64) -> Option<i64> {
 }
 
 /// When a retired key may be removed: the first second at which no token it can have signed
-/// is valid any more (`exp` is inclusive: a token is valid while `now <= exp + leeway`).
+/// is valid any more (`exp` is inclusive: a token is valid while `now <= exp + leeway`). Two
+/// leeways: the verifier's acceptance window (in the recorded lifetime), and the skew between an
+/// issuer whose clock runs ahead (its `exp` lies in the future of the others) and a verifier
+/// whose clock runs behind.
 pub fn removal_time(key: &KeyEntry, lifetimes: &Lifetimes, s: &Schedule) -> Option<i64> {
     let retired = key.retired_at?;
     let bound = lifetimes.get(&key.kid).copied().unwrap_or(0).max(s.token_lifetime);
-    Some(retired.saturating_add(s.propagation).saturating_add(bound).saturating_add(1))
+    Some(retired.saturating_add(s.propagation).saturating_add(bound).saturating_add(s.leeway).saturating_add(1))
 }
 
 /// When `next` will replace `current`.
@@ -191,12 +199,13 @@ pub fn plan(set: &KeySet, lifetimes: &Lifetimes, s: &Schedule, now: i64) -> Plan
     }
 
     for k in &set.keys {
-        // Keys that can sign somewhere: the current one, and retired ones that lagging pods
-        // may still use.
+        // Keys that can sign somewhere: the current one, retired ones that lagging pods may
+        // still use, and the next one (so a TTL lowered before its promotion does not shorten
+        // the life of tokens that pods still running the old config sign with it).
         let may_sign = match k.state {
             KeyState::Current => true,
+            KeyState::Next => keep.is_some_and(|n| n.kid == k.kid),
             KeyState::Retired => k.retired_at.is_some_and(|t| now < t.saturating_add(s.propagation)),
-            KeyState::Next => false,
         };
         if may_sign && lifetimes.get(&k.kid).is_none_or(|&l| l < s.token_lifetime) {
             p.steps.push(Step::RecordLifetime { kid: k.kid.clone(), seconds: s.token_lifetime });
@@ -366,7 +375,7 @@ mod tests {
     use super::*;
     use authrealm_contract::keyset::KEYSET_VERSION;
 
-    const S: Schedule = Schedule { alg: Alg::ES256, interval: 100, propagation: 10, token_lifetime: 30 };
+    const S: Schedule = Schedule { alg: Alg::ES256, interval: 100, propagation: 10, token_lifetime: 30, leeway: 0 };
 
     fn key(kid: &str, state: KeyState, created: i64, activated: Option<i64>, retired: Option<i64>) -> KeyEntry {
         KeyEntry {
@@ -456,7 +465,7 @@ mod tests {
             Case {
                 name: "next published, not yet due",
                 keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)],
-                lifetimes: lt(&[("a", 30)]),
+                lifetimes: lt(&[("a", 30), ("b", 30)]),
                 schedule: S,
                 now: 1095,
                 steps: vec![],
@@ -466,7 +475,7 @@ mod tests {
             Case {
                 name: "due: promote next, retire current",
                 keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)],
-                lifetimes: lt(&[("a", 30)]),
+                lifetimes: lt(&[("a", 30), ("b", 30)]),
                 schedule: S,
                 now: 1100,
                 steps: vec![Step::Promote { kid: "b".into() }, Step::Retire { kid: "a".into() }],
@@ -476,7 +485,7 @@ mod tests {
             Case {
                 name: "next created late is not promoted before it propagated",
                 keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1098, Some(1100), None)],
-                lifetimes: lt(&[("a", 30)]),
+                lifetimes: lt(&[("a", 30), ("b", 30)]),
                 schedule: S,
                 now: 1100,
                 steps: vec![Step::Reschedule { kid: "b".into(), activate_at: 1108 }],
@@ -524,6 +533,47 @@ mod tests {
                 rotation_at: Some(1200),
             },
             Case {
+                name: "a next key records the token lifetime in effect before it signs",
+                keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 30)]),
+                schedule: S,
+                now: 1091,
+                steps: vec![rec("b")],
+                wake_at: Some(1100),
+                rotation_at: Some(1100),
+            },
+            Case {
+                name: "TTL lowered while a next key waits: its recorded longer lifetime stays",
+                keys: vec![key("a", Current, 1000, Some(1000), None), key("b", Next, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 80), ("b", 80)]),
+                schedule: S,
+                now: 1095,
+                steps: vec![],
+                wake_at: Some(1100),
+                rotation_at: Some(1100),
+            },
+            Case {
+                name: "with a clock leeway a retired key stays one more leeway",
+                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
+                // token_lifetime 35 = TTL 30 + leeway 5; removal at 1100 + 10 + 35 + 5 + 1.
+                lifetimes: lt(&[("a", 35), ("b", 35)]),
+                schedule: Schedule { token_lifetime: 35, leeway: 5, ..S },
+                now: 1150,
+                steps: vec![],
+                wake_at: Some(1151),
+                rotation_at: Some(1200),
+            },
+            Case {
+                name: "with a clock leeway: removed after both leeways",
+                keys: vec![key("a", Retired, 1000, Some(1000), Some(1100)), key("b", Current, 1090, Some(1100), None)],
+                lifetimes: lt(&[("a", 35), ("b", 35)]),
+                schedule: Schedule { token_lifetime: 35, leeway: 5, ..S },
+                now: 1151,
+                steps: vec![Step::Remove { kid: "a".into(), reason: Removal::Expired }],
+                wake_at: Some(1190),
+                rotation_at: Some(1200),
+            },
+            Case {
                 name: "retired key without retirement time is stamped, not removed",
                 keys: vec![key("a", Retired, 0, Some(0), None), key("b", Current, 1090, Some(1100), None)],
                 lifetimes: lt(&[("b", 30)]),
@@ -566,7 +616,7 @@ mod tests {
                     key("b", Next, 1090, Some(1100), None),
                     key("c", Next, 1091, Some(1100), None),
                 ],
-                lifetimes: lt(&[("a", 30)]),
+                lifetimes: lt(&[("a", 30), ("c", 30)]),
                 schedule: S,
                 now: 1095,
                 steps: vec![
@@ -579,7 +629,7 @@ mod tests {
             Case {
                 name: "no current key but a next one: it still waits until it has been published for P",
                 keys: vec![key("b", Next, 1090, Some(1090), None), key("a", Retired, 900, Some(900), Some(1000))],
-                lifetimes: lt(&[("a", 30)]),
+                lifetimes: lt(&[("a", 30), ("b", 30)]),
                 schedule: S,
                 now: 1091,
                 steps: vec![
@@ -592,7 +642,7 @@ mod tests {
             Case {
                 name: "no current key, next key published for P: promote it",
                 keys: vec![key("b", Next, 1090, Some(1100), None)],
-                lifetimes: lt(&[]),
+                lifetimes: lt(&[("b", 30)]),
                 schedule: S,
                 now: 1100,
                 steps: vec![Step::Promote { kid: "b".into() }],
@@ -693,9 +743,9 @@ mod tests {
     fn simulated_rotation_never_strands_a_token() {
         for (seed, schedule) in [
             (1u64, S),
-            (2, Schedule { alg: Alg::ES256, interval: 7, propagation: 2, token_lifetime: 5 }),
-            (3, Schedule { alg: Alg::ES256, interval: 5, propagation: 4, token_lifetime: 5 }),
-            (4, Schedule { alg: Alg::HS256, interval: 3, propagation: 1, token_lifetime: 1 }),
+            (2, Schedule { alg: Alg::ES256, interval: 7, propagation: 2, token_lifetime: 5, leeway: 0 }),
+            (3, Schedule { alg: Alg::ES256, interval: 5, propagation: 4, token_lifetime: 5, leeway: 1 }),
+            (4, Schedule { alg: Alg::HS256, interval: 3, propagation: 1, token_lifetime: 1, leeway: 0 }),
         ] {
             let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let mut next_rand = move |m: u64| {
