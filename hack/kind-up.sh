@@ -59,6 +59,8 @@ k create namespace "$DEMO_NS" --dry-run=client -o yaml | k apply -f -
 if ! k -n "$DEMO_NS" get secret redis-auth >/dev/null 2>&1; then
     k -n "$DEMO_NS" create secret generic redis-auth --from-literal=password="$(openssl rand -hex 24)"
 fi
+# The operator uses a Secret for its Redis check only when its owner opted in with this label.
+k -n "$DEMO_NS" label --overwrite secret redis-auth authrealm.dev/redis-credentials=true
 
 step "Redis Cluster (StatefulSet of 6 + cluster-create Job)"
 k -n "$DEMO_NS" apply -f hack/kind/redis-cluster.yaml

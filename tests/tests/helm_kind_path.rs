@@ -75,7 +75,8 @@ async fn kind_demo_manifests_and_chart_work_together_through_the_api_server() ->
         .create(
             &PostParams::default(),
             &serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "redis-auth"}, "stringData": {"password": "test-password"},
+                "metadata": {"name": "redis-auth", "labels": {"authrealm.dev/redis-credentials": "true"}},
+                "stringData": {"password": "test-password"},
             }))?,
         )
         .await?;
@@ -107,16 +108,19 @@ async fn kind_demo_manifests_and_chart_work_together_through_the_api_server() ->
             apply_document(&client, &discovery, &doc, DEMO_NS, false).await.with_context(|| file.to_owned())?;
         }
     }
-    // The operator (not running here) would report the realm Ready; kind-up.sh waits for that.
+    // The operator (not running here) would report the realm Ready; kind-up.sh waits for that,
+    // and the webhook injects once KeysReady is True.
     let realms: Api<authrealm_operator::crd::AuthRealm> = Api::namespaced(client.clone(), DEMO_NS);
+    let condition = |type_: &str| {
+        serde_json::json!({"type": type_, "status": "True", "reason": "Reconciled", "message": "",
+                           "lastTransitionTime": "2026-01-01T00:00:00Z"})
+    };
+    let conditions = ["Ready", "KeysReady", "RedisReachable"].map(condition);
     realms
         .patch_status(
             "demo",
             &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"conditions": [{
-                "type": "Ready", "status": "True", "reason": "Reconciled", "message": "",
-                "lastTransitionTime": "2026-01-01T00:00:00Z",
-            }]}})),
+            &Patch::Merge(serde_json::json!({"status": {"conditions": conditions}})),
         )
         .await?;
 
