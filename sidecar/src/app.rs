@@ -162,7 +162,9 @@ impl App {
         }
         let app = self.clone();
         tokio::spawn(async move {
-            let client = match crate::session::build_client(&redis_cfg) {
+            let clients = crate::session::build_client(&redis_cfg, false)
+                .and_then(|r| Ok((r, crate::session::build_client(&redis_cfg, true)?)));
+            let (client, write_client) = match clients {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "redis client configuration is unusable");
@@ -175,7 +177,7 @@ impl App {
                 // WAITs (see SessionStore), so a WAIT never holds up request checks.
                 let limit = Duration::from_millis(redis_cfg.connect_timeout_ms * 3);
                 let reader = tokio::time::timeout(limit, client.get_async_connection()).await;
-                let writer = tokio::time::timeout(limit, client.get_async_connection()).await;
+                let writer = tokio::time::timeout(limit, write_client.get_async_connection()).await;
                 match (reader, writer) {
                     (Ok(Ok(r)), Ok(Ok(w))) => Ok((r, w)),
                     (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e.to_string()),
@@ -207,6 +209,7 @@ impl App {
                 let store = app.sessions().expect("set above");
                 let ok = store.ping().await.is_ok();
                 app.set_redis_ready(ok);
+                store.touch_writer().await;
                 tokio::time::sleep(Duration::from_millis(if ok { 1000 } else { 250 })).await;
             }
         });

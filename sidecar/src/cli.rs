@@ -190,7 +190,7 @@ async fn bind(name: &str, addr: &str) -> Result<TcpListener, ExitCode> {
 
 async fn run(cfg: SidecarConfig, keys: KeyStore, drain: Duration) -> ExitCode {
     if let Some(redis) = cfg.redis.as_ref().filter(|_| cfg.session_mode != authrealm_contract::SessionMode::Stateless)
-        && let Err(e) = crate::session::build_client(redis)
+        && let Err(e) = crate::session::build_client(redis, false)
     {
         return config_error(e);
     }

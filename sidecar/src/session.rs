@@ -117,6 +117,21 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Worth one more try: the cluster may be mid-failover or the client's slot map stale.
+    fn transient(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_cluster_error()
+            }
+            StoreError::NotConnected | StoreError::Protocol => false,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Timeout(_) => "timeout",
@@ -224,13 +239,21 @@ pub struct SessionStore {
 }
 
 /// Build the cluster client (no connection is made yet).
-pub fn build_client(cfg: &RedisConfig) -> Result<redis::cluster::ClusterClient, String> {
+/// The cluster client. `for_writes`: the client of the write connection, whose `WAIT`s block
+/// server-side for up to `waitTimeoutMs` each and can queue behind one another on a node; its
+/// response timeout is generous so that a blocked `WAIT` is never mistaken for a dead
+/// connection (every operation is still bounded by its own deadline in [`SessionStore`]).
+pub fn build_client(cfg: &RedisConfig, for_writes: bool) -> Result<redis::cluster::ClusterClient, String> {
     let tls = cfg.tls.is_some();
     let nodes: Vec<String> =
         cfg.endpoints.iter().map(|e| if tls { format!("rediss://{e}") } else { format!("redis://{e}") }).collect();
     let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-        .response_timeout(Duration::from_millis(cfg.command_timeout_ms.max(cfg.wait_timeout_ms + 200)))
+        .response_timeout(Duration::from_millis(if for_writes {
+            cfg.command_timeout_ms + 4 * cfg.wait_timeout_ms + 1000
+        } else {
+            cfg.command_timeout_ms.max(cfg.wait_timeout_ms + 200)
+        }))
         .retries(3)
         .min_retry_wait(10)
         .max_retry_wait(100);
@@ -349,6 +372,29 @@ impl SessionStore {
     /// Register a freshly minted token. In `single` mode this replaces (revokes) every
     /// earlier token of the subject. Returns how many earlier sessions were replaced.
     pub async fn register(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(i64, Durability), StoreError> {
+        self.write_retrying(|| self.register_once(sub, jti, exp, now)).await
+    }
+
+    /// Issuer writes are idempotent (same jti, same records, deny records set if absent,
+    /// cut-offs only grow), so a write that failed on a transient error is tried once more after
+    /// a short pause: the write connection learns about a failover from its own errors, and its
+    /// first write after one can hit the old master.
+    async fn write_retrying<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        match op().await {
+            Err(e) if e.transient() => {
+                tracing::debug!(error = %e, "redis write failed; retrying once");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                op().await
+            }
+            r => r,
+        }
+    }
+
+    async fn register_once(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(i64, Durability), StoreError> {
         let ttl_ms = ((exp - now).max(1) * 1000) as u64;
         // The locator lets DELETE /v1/tokens/{jti} find the subject. It lives in the jti's slot,
         // usually on another master than the subject's records, so both writes are WAITed for:
@@ -375,7 +421,10 @@ impl SessionStore {
                     .arg(self.layout.token_prefix(sub));
                 let session = self.bounded(self.write_limit(), inv.invoke_async::<i64>(&mut conn));
                 let ((), replaced) = tokio::try_join!(locator, session)?;
-                let (a, b) = tokio::try_join!(self.wait_for_replicas(&rec), self.wait_for_replicas(&loc))?;
+                // One after the other: when both keys live on one master, concurrent WAITs would
+                // queue behind each other on its connection and the second could run out of time.
+                let a = self.wait_for_replicas(&rec).await?;
+                let b = self.wait_for_replicas(&loc).await?;
                 Ok((replaced, a.min(b)))
             }
             _ => {
@@ -403,6 +452,10 @@ impl SessionStore {
 
     /// Revoke one token. `exp` bounds how long a denylist entry must live.
     pub async fn revoke(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(bool, Durability), StoreError> {
+        self.write_retrying(|| self.revoke_once(sub, jti, exp, now)).await
+    }
+
+    async fn revoke_once(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(bool, Durability), StoreError> {
         let mut conn = self.writer.clone();
         match self.mode {
             SessionMode::Stateless => Ok((false, Durability { replicas_confirmed: 0, replicas_required: 0 })),
@@ -432,6 +485,10 @@ impl SessionStore {
 
     /// Revoke every token of a subject ("log out everywhere").
     pub async fn revoke_subject(&self, sub: &str, now: i64, cutoff_ttl: i64) -> Result<(i64, Durability), StoreError> {
+        self.write_retrying(|| self.revoke_subject_once(sub, now, cutoff_ttl)).await
+    }
+
+    async fn revoke_subject_once(&self, sub: &str, now: i64, cutoff_ttl: i64) -> Result<(i64, Durability), StoreError> {
         let mut conn = self.writer.clone();
         match self.mode {
             SessionMode::Stateless => Ok((0, Durability { replicas_confirmed: 0, replicas_required: 0 })),
@@ -452,6 +509,17 @@ impl SessionStore {
                 Ok((-1, d))
             }
         }
+    }
+
+    /// PING every master over the write connection. Its result is not used: the point is that a
+    /// dead master makes the write connection refresh its slot map now, in the background, rather
+    /// than on the next revocation.
+    pub async fn touch_writer(&self) {
+        let mut conn = self.writer.clone();
+        let mut cmd = Cmd::new();
+        cmd.arg("PING");
+        let route = RoutingInfo::MultiNode((redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters, None));
+        let _ = self.bounded(self.timeout.max(Duration::from_millis(500)), conn.route_command(cmd, route)).await;
     }
 
     /// Readiness probe: one PING to a random master, bounded by the command timeout.
