@@ -247,6 +247,10 @@ pub struct Limits {
     pub header_read_timeout_ms: u64,
 }
 
+fn default_max_sessions_per_subject() -> u32 {
+    100
+}
+
 fn default_max_header_bytes() -> usize {
     16 * 1024
 }
@@ -301,6 +305,10 @@ pub struct SidecarConfig {
     pub required_claims: Vec<String>,
     #[serde(default)]
     pub session_mode: SessionMode,
+    /// `multi` mode: most live sessions one subject may hold; minting one more ends the session
+    /// that expires first. Bounds a subject's records and the cost of "log out everywhere".
+    #[serde(default = "default_max_sessions_per_subject")]
+    pub max_sessions_per_subject: u32,
     #[serde(default)]
     pub failure_policy: FailurePolicy,
     /// Redis Cluster; required unless `sessionMode` is `stateless`.
@@ -428,6 +436,9 @@ impl SidecarConfig {
         if self.leeway_seconds > 600 {
             return Err(err("leewaySeconds", "must be at most 600"));
         }
+        if !(1..=10_000).contains(&self.max_sessions_per_subject) {
+            return Err(err("maxSessionsPerSubject", "must be between 1 and 10000"));
+        }
         match (&self.redis, self.session_mode) {
             (None, SessionMode::Stateless) => {}
             (None, _) => return Err(err("redis", "required unless sessionMode is stateless")),
@@ -502,6 +513,7 @@ impl SidecarConfig {
             leeway_seconds: default_leeway(),
             required_claims: vec![],
             session_mode: if redis.is_some() { SessionMode::Single } else { SessionMode::Stateless },
+            max_sessions_per_subject: default_max_sessions_per_subject(),
             failure_policy: FailurePolicy::Closed,
             redis: redis.map(|endpoints| RedisConfig {
                 endpoints,

@@ -228,6 +228,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
         leeway_seconds: leeway as u64,
         required_claims: spec.required_claims.clone(),
         session_mode: spec.session_mode,
+        max_sessions_per_subject: 100,
         failure_policy: spec.failure_policy,
         redis: redis_config,
         listeners: Listeners {

@@ -203,6 +203,7 @@ impl App {
                 &app.cfg.realm,
                 app.cfg.session_mode,
                 app.cfg.leeway_seconds,
+                app.cfg.max_sessions_per_subject,
             );
             let _ = app.sessions.set(store);
             loop {

@@ -164,7 +164,8 @@ impl Durability {
 }
 
 const MINT_SCRIPT: &str = r#"
--- KEYS[1] index, KEYS[2] token record; ARGV: jti-member, exp, ttl-ms, now, single(1/0), token-key-prefix
+-- KEYS[1] index, KEYS[2] token record
+-- ARGV: jti-member, exp, ttl-ms, now, single(1/0), token-key-prefix, max sessions (multi)
 local idx, rec = KEYS[1], KEYS[2]
 local removed = 0
 if ARGV[5] == '1' then
@@ -178,6 +179,17 @@ else
 end
 redis.call('SET', rec, ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', idx, ARGV[2], ARGV[1])
+local over = redis.call('ZCARD', idx) - tonumber(ARGV[7])
+if over > 0 then
+  -- The sessions that expire first make room; never the one just minted.
+  for _, j in ipairs(redis.call('ZRANGE', idx, 0, over)) do
+    if over > 0 and j ~= ARGV[1] then
+      removed = removed + redis.call('DEL', ARGV[6] .. j)
+      redis.call('ZREM', idx, j)
+      over = over - 1
+    end
+  end
+end
 local top = redis.call('ZRANGE', idx, -1, -1, 'WITHSCORES')
 redis.call('EXPIREAT', idx, tonumber(top[2]) + 1)
 return removed
@@ -234,6 +246,8 @@ pub struct SessionStore {
     revoke_all_script: Script,
     revoke_one_script: Script,
     cutoff_script: Script,
+    /// `multi` mode: most live sessions per subject.
+    max_sessions: u32,
     /// Clock leeway: a token is accepted until `exp + leeway`, so its jti locator lives as long.
     leeway_secs: u64,
 }
@@ -290,6 +304,7 @@ impl SessionStore {
         realm: &str,
         mode: SessionMode,
         cfg_leeway_secs: u64,
+        max_sessions: u32,
     ) -> Self {
         SessionStore {
             conn,
@@ -304,6 +319,7 @@ impl SessionStore {
             revoke_one_script: Script::new(REVOKE_ONE_SCRIPT),
             cutoff_script: Script::new(CUTOFF_SCRIPT),
             leeway_secs: cfg_leeway_secs,
+            max_sessions: max_sessions.max(1),
         }
     }
 
@@ -418,7 +434,8 @@ impl SessionStore {
                     .arg(ttl_ms)
                     .arg(now)
                     .arg(single)
-                    .arg(self.layout.token_prefix(sub));
+                    .arg(self.layout.token_prefix(sub))
+                    .arg(self.max_sessions);
                 let session = self.bounded(self.write_limit(), inv.invoke_async::<i64>(&mut conn));
                 let ((), replaced) = tokio::try_join!(locator, session)?;
                 // One after the other: when both keys live on one master, concurrent WAITs would

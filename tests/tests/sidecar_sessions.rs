@@ -20,6 +20,24 @@ fn token(v: &serde_json::Value) -> String {
     v["access_token"].as_str().unwrap().to_string()
 }
 
+async fn mint_spaced(s: &Sidecar, subject: &str, n: usize, ttl: u64) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(s.mint_with(json!({ "subject": subject, "ttl_seconds": ttl })).await.unwrap());
+        // Distinct expiry seconds, so "expires first" is well defined.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    out
+}
+
+async fn statuses(s: &Sidecar, minted: &[serde_json::Value]) -> Vec<StatusCode> {
+    let mut out = Vec::new();
+    for m in minted {
+        out.push(status(s, &token(m)).await);
+    }
+    out
+}
+
 async fn status(s: &Sidecar, t: &str) -> StatusCode {
     s.get("/hello", Some(t)).await.unwrap().status
 }
@@ -135,6 +153,7 @@ async fn session_modes_against_a_real_cluster() {
     // ---- multi: many tokens per subject, revoke one, then all ----
     let mut cfg = test_config("multi", Some(cluster.seeds()));
     cfg.session_mode = SessionMode::Multi;
+    cfg.max_sessions_per_subject = 3;
     let s = Sidecar::start(cfg, &keys, upstream.addr).await.unwrap();
     s.wait_ready(Duration::from_secs(20)).await.unwrap();
     let a = s.mint("alice").await.unwrap();
@@ -155,6 +174,16 @@ async fn session_modes_against_a_real_cluster() {
     assert_eq!(r.json()["revoked"], 2);
     assert_eq!(status(&s, &token(&b)).await, StatusCode::UNAUTHORIZED);
     assert_eq!(status(&s, &token(&c)).await, StatusCode::UNAUTHORIZED);
+
+    // At most maxSessionsPerSubject (3 here) live sessions: a 4th ends the one expiring first,
+    // never the one just minted (even when it is the shortest-lived).
+    let long: Vec<_> = mint_spaced(&s, "ivan", 3, 600).await;
+    let short = s.mint_with(json!({ "subject": "ivan", "ttl_seconds": 60 })).await.unwrap();
+    assert_eq!(short["replaced_sessions"], 1, "{short}");
+    assert_eq!(status(&s, &token(&short)).await, StatusCode::OK, "the new session is never the one evicted");
+    let alive: Vec<StatusCode> = statuses(&s, &long).await;
+    assert_eq!(alive.iter().filter(|c| **c == StatusCode::OK).count(), 2, "{alive:?}");
+    assert_eq!(alive[0], StatusCode::UNAUTHORIZED, "the oldest long session made room: {alive:?}");
     drop(s);
 
     // ---- denylist: tokens minted elsewhere with the realm's key are accepted ----
