@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -30,7 +30,7 @@ use super::config::WebhookConfig;
 use super::metrics::WebhookMetrics;
 use super::realm::{SidecarDefaults, default_resources};
 use super::review::Reviewer;
-use super::tls::{ServingPair, TlsError, TlsManager};
+use super::tls::{Lifetimes, ServingPair, TlsError, TlsManager};
 
 /// Largest AdmissionReview accepted (a Pod is at most ~1.5 MiB in etcd; a review carries it once
 /// for CREATE).
@@ -39,6 +39,9 @@ const MAX_BODY: usize = 8 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight reviews may take to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after its renewal time a loaded certificate is checked (so the check falls in the
+/// second the renewal is due, not just before it).
+const RENEWAL_SLACK: Duration = Duration::from_millis(20);
 
 /// A failure that stops the webhook.
 #[derive(Debug, thiserror::Error)]
@@ -169,12 +172,14 @@ pub async fn start_webhook(
     let cert_task = {
         let mut stop = shutdown_rx.clone();
         let interval = cfg.cert_check_interval;
+        let lifetimes = Lifetimes::from_config(&cfg);
         let provider = provider.clone();
         let hot = hot.clone();
         tokio::spawn(async move {
             loop {
+                let renew_at = loaded.not_after.map(|not_after| lifetimes.renew_at(not_after));
                 tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
+                    _ = tokio::time::sleep(next_check(interval, renew_at, SystemTime::now())) => {}
                     _ = stop.changed() => return,
                 }
                 match tls.sync().await {
@@ -265,6 +270,23 @@ pub async fn run_webhook(
     Ok(())
 }
 
+/// How long the certificate loop waits before its next check: the check interval, or less when
+/// the loaded certificate falls due for renewal (`renew_at`, Unix seconds) sooner — then just
+/// past that moment, so that this replica picks up (or issues) the new certificate while the
+/// old one still has a third of its lifetime left, instead of up to a whole interval later.
+fn next_check(interval: Duration, renew_at: Option<i64>, now: SystemTime) -> Duration {
+    let Some(renew_at) = renew_at.and_then(|t| u64::try_from(t).ok()) else {
+        return interval;
+    };
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    match Duration::from_secs(renew_at).checked_sub(now) {
+        // Still ahead. Once it has passed (the check found nothing new, or failed) the
+        // interval applies again: no tight loop.
+        Some(until) if !until.is_zero() => interval.min(until + RENEWAL_SLACK),
+        _ => interval,
+    }
+}
+
 fn install(
     hot: &HotCert,
     pair: &ServingPair,
@@ -302,5 +324,27 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         }
         (_, MUTATE_PATH) => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_again_when_the_loaded_certificate_falls_due() {
+        let second = Duration::from_secs(1);
+        let at = |unix_ms: u64| UNIX_EPOCH + Duration::from_millis(unix_ms);
+        // Due in 300 ms, interval 1 s: wake just after the renewal time, not a whole interval later
+        // (by when a certificate with a third of 3 s left would have expired).
+        let wait = next_check(second, Some(1_000), at(999_700));
+        assert!(wait >= Duration::from_millis(300) && wait < Duration::from_millis(400), "{wait:?}");
+        // Due after the interval: the interval.
+        assert_eq!(next_check(Duration::from_secs(60), Some(1_000), at(100_000)), Duration::from_secs(60));
+        // Due time passed (the last check brought nothing new) or unknown (external mode): the
+        // interval, never a tight loop.
+        assert_eq!(next_check(second, Some(1_000), at(1_000_000)), second);
+        assert_eq!(next_check(second, Some(1_000), at(1_000_500)), second);
+        assert_eq!(next_check(second, None, at(999_700)), second);
     }
 }

@@ -14,7 +14,13 @@
 //! * a CA is valid for `2 × CA lifetime + certificate lifetime` (one lifetime as next, one as
 //!   current, then long enough to outlive every certificate it signed);
 //! * the serving certificate is re-issued when a third of its lifetime is left, when its issuer
-//!   is not the current CA, or when the wanted names change.
+//!   is not the current CA, or when the wanted names change;
+//! * every replica checks the Secret again no later than the moment its loaded certificate is
+//!   due to be re-issued ([`Lifetimes::renew_at`]), whatever its check interval: it then loads
+//!   the certificate another replica issued, or issues it itself. A replica that only waited for
+//!   its next interval could still be serving the old certificate when it expires — and the API
+//!   server verifies a certificate whenever it opens a connection (after every caBundle change,
+//!   for one).
 //!
 //! [`plan`] is that schedule as a pure function of (state, now); [`apply`] generates what it
 //! asks for. [`TlsManager::sync`] is the I/O: every replica reads the TLS Secret, writes a
@@ -153,6 +159,12 @@ impl Lifetimes {
         let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4).max(1);
         Lifetimes { ca: secs(cfg.ca_lifetime), cert: secs(cfg.cert_lifetime) }
     }
+
+    /// When (Unix seconds) a serving certificate valid until `not_after` is due to be replaced:
+    /// when a third of its lifetime is left.
+    pub fn renew_at(&self, not_after: i64) -> i64 {
+        not_after - self.cert / 3
+    }
 }
 
 /// What [`apply`] must do. All false: nothing.
@@ -187,7 +199,7 @@ pub fn plan(state: Option<&TlsState>, now: i64, lt: Lifetimes, sans: &[String]) 
     let drop_expired = s.previous.iter().any(|p| p.not_after <= now);
     let reissue = promote
         || s.serving.issuer != s.current.common_name
-        || now >= s.serving.not_after - lt.cert / 3
+        || now >= lt.renew_at(s.serving.not_after)
         || s.serving.sans != sans;
     Plan { new_chain: false, promote, drop_expired, reissue }
 }

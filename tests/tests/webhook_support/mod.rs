@@ -6,7 +6,9 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use authrealm_operator::crd::AuthRealm;
@@ -17,6 +19,10 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt as _};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::{Value, json};
 
 pub const SYSTEM_NS: &str = "authrealm-system";
@@ -382,4 +388,83 @@ pub async fn apply_document(
         .await
         .with_context(|| format!("server-side apply (dry run: {dry_run}) of {} {name}", gvk.kind))?;
     Ok(())
+}
+
+/// Opens a TLS connection to the webhook at `addr` (named by its IP address, as the webhook URL
+/// names it) the way a new API server connection would: trusting only the CAs of `ca_bundle`
+/// (PEM, what the webhook's `caBundle` holds) and checking validity at the current time.
+pub fn connect_trusting(addr: SocketAddr, ca_bundle: &[u8]) -> Result<(), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(ca_bundle) {
+        roots.add(der.map_err(|e| format!("caBundle: {e}"))?).map_err(|e| format!("caBundle: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let webpki = WebPkiServerVerifier::builder_with_provider(roots.into(), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(GoClock(webpki)))
+        .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), ServerName::IpAddress(addr.ip().into()))
+        .map_err(|e| e.to_string())?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    sock.set_write_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The standard verifier, checking expiry as the API server (Go's crypto/x509) does. webpki
+/// compares whole seconds, so it accepts a certificate for up to a second after its `notAfter`;
+/// Go rejects it from the first instant past it. Verifying at the current time rounded up to the
+/// next second gives Go's answer.
+#[derive(Debug)]
+struct GoClock(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for GoClock {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let rounded_up = Duration::from_secs(now.as_secs() + u64::from(now.subsec_nanos() > 0));
+        self.0.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            UnixTime::since_unix_epoch(rounded_up),
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
