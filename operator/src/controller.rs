@@ -36,6 +36,11 @@ use crate::rotation::{self, Change, Lifetimes, Removal};
 /// Finalizer present only on realms that ask for their sessions to be purged on deletion.
 pub const FINALIZER: &str = "authrealm.dev/purge-sessions";
 
+/// A `keyRotation.propagationDelay` under this many seconds gets a Warning event: the kubelet
+/// can take about a minute (its sync period plus its cache TTL) to update a mounted Secret or
+/// ConfigMap in a running pod.
+pub const PROPAGATION_WARNING_BELOW: i64 = 60;
+
 /// One error enum for the controller: one variant per failed operation, naming the object.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -120,6 +125,8 @@ pub struct Context {
     cache: Mutex<HashMap<String, Cached>>,
     /// Realm UID → consecutive failed reconciles (for the backoff).
     failures: Mutex<HashMap<String, u32>>,
+    /// Realm UID → the spec generation whose short propagation delay was warned about.
+    delay_warned: Mutex<HashMap<String, i64>>,
 }
 
 impl Context {
@@ -132,6 +139,7 @@ impl Context {
             events,
             cache: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            delay_warned: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -247,6 +255,8 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
     };
+
+    warn_short_propagation_delay(realm, &resolved, ctx).await;
 
     let want_finalizer = resolved.redis.as_ref().is_some_and(|r| r.purge_on_delete);
     set_finalizer(&api, realm, want_finalizer).await?;
@@ -377,6 +387,29 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
         next = Some(next.map_or(ctx.settings.redis_check_interval, |d| d.min(ctx.settings.redis_check_interval)));
     }
     Ok(Action::requeue(next.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100))))
+}
+
+/// A Warning event when `keyRotation.propagationDelay` is under [`PROPAGATION_WARNING_BELOW`],
+/// once per spec generation: on its first reconcile (the status does not carry it yet), and not
+/// again when that reconcile is retried.
+async fn warn_short_propagation_delay(realm: &AuthRealm, resolved: &Resolved, ctx: &Context) {
+    let delay = resolved.schedule.propagation;
+    let generation = realm.metadata.generation.unwrap_or_default();
+    let observed = realm.status.as_ref().and_then(|s| s.observed_generation);
+    if delay >= PROPAGATION_WARNING_BELOW || observed == Some(generation) {
+        return;
+    }
+    let uid = realm.uid().unwrap_or_default();
+    if ctx.delay_warned.lock().expect("lock").insert(uid, generation) == Some(generation) {
+        return;
+    }
+    let note = format!(
+        "keyRotation.propagationDelay is {}: mounted Secrets and ConfigMaps can take up to about a \
+         minute to reach running pods, so with a delay under {PROPAGATION_WARNING_BELOW}s a new key may sign \
+         before every pod has it, and tokens it signs may be rejected",
+        realm.spec.key_rotation.propagation_delay.0
+    );
+    ctx.events.publish(realm, Severity::Warning, events::reason::SHORT_PROPAGATION_DELAY, "Validate", note).await;
 }
 
 /// True when `meta` has a controller owner reference to the realm with `uid`.

@@ -129,7 +129,9 @@ pub struct AuthRealmSpec {
     {"rule": "duration(self.interval) >= duration('1s') && duration(self.interval) <= duration('87600h')",
      "message": "keyRotation.interval must be between 1s and 87600h"},
     {"rule": "duration(self.propagationDelay) < duration(self.interval)",
-     "message": "keyRotation.propagationDelay must be shorter than keyRotation.interval"}
+     "message": "keyRotation.propagationDelay must be shorter than keyRotation.interval"},
+    {"rule": "duration(self.propagationDelay) > duration('0s')",
+     "message": "keyRotation.propagationDelay must be longer than 0s: a new key must reach every pod before it signs"}
 ]))]
 pub struct KeyRotation {
     /// How long a key signs before its successor takes over. Default 720h (30 days).
@@ -138,7 +140,8 @@ pub struct KeyRotation {
     /// How long a new key is published (in the JWKS and every pod's key set) before it signs
     /// anything, and how long a retired key may still sign in pods that have not yet seen its
     /// retirement. Mounted Secrets and ConfigMaps take up to about a minute (the kubelet sync
-    /// period plus its cache TTL) to reach running pods. Default 2m.
+    /// period plus its cache TTL) to reach running pods, so the operator warns (an event) about a
+    /// delay under 1m; it must be longer than 0s. Default 2m.
     #[serde(default = "default_propagation")]
     pub propagation_delay: GoDuration,
 }

@@ -1,8 +1,9 @@
 //! Kubernetes Events (`events.k8s.io/v1`) about an AuthRealm.
 //!
 //! Every event is emitted on a change (a key created, promoted, retired or removed; a recovery;
-//! a condition flipping to False), so there is nothing to deduplicate and each event's note
-//! names its key. Publishing never fails a reconcile: errors are logged.
+//! a condition flipping to False; a new spec generation with a risky setting), so there is
+//! nothing to deduplicate and each event's note names its key or setting. Publishing never fails
+//! a reconcile: errors are logged.
 
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -33,6 +34,8 @@ pub mod reason {
     pub const REDIS_UNREACHABLE: &str = "RedisUnreachable";
     pub const REDIS_RECOVERED: &str = "RedisReachable";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// `keyRotation.propagationDelay` is shorter than mounted keys take to reach pods.
+    pub const SHORT_PROPAGATION_DELAY: &str = "ShortPropagationDelay";
     pub const NAME_CONFLICT: &str = "NameConflict";
     pub const SESSIONS_PURGED: &str = "SessionsPurged";
     pub const PURGE_FAILED: &str = "SessionPurgeFailed";

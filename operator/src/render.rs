@@ -135,6 +135,9 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
     if !(1..=10 * 8760 * 3600).contains(&interval) {
         return Err(spec_err("keyRotation.interval", "must be between 1s and 87600h"));
     }
+    if propagation < 1 {
+        return Err(spec_err("keyRotation.propagationDelay", "must be longer than 0s"));
+    }
     if propagation >= interval {
         return Err(spec_err("keyRotation.propagationDelay", "must be shorter than keyRotation.interval"));
     }
@@ -405,6 +408,7 @@ mod tests {
             ("maxTokenTtl", Box::new(|s| s.max_token_ttl = Some(GoDuration::new("1m")))),
             ("maxTokenTtl", Box::new(|s| s.key_rotation.interval = GoDuration::new("10m"))),
             ("keyRotation.propagationDelay", Box::new(|s| s.key_rotation.propagation_delay = GoDuration::new("800h"))),
+            ("keyRotation.propagationDelay", Box::new(|s| s.key_rotation.propagation_delay = GoDuration::new("0s"))),
             ("clockLeeway", Box::new(|s| s.clock_leeway = GoDuration::new("1h"))),
             ("audiences", Box::new(|s| s.audiences.clear())),
             ("audiences", Box::new(|s| s.audiences = (0..10_000).map(|i| format!("aud-{i}")).collect())),

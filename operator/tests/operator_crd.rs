@@ -115,6 +115,11 @@ async fn crd_applies_and_cel_rules_reject_bad_specs_with_their_messages() -> any
             with(base(), &["keyRotation"], json!({"interval": "1h", "propagationDelay": "2h"})),
             "propagationDelay must be shorter than keyRotation.interval",
         ),
+        (
+            "zero-propagation",
+            with(base(), &["keyRotation"], json!({"interval": "1h", "propagationDelay": "0s"})),
+            "keyRotation.propagationDelay must be longer than 0s",
+        ),
         ("leeway", with(base(), &["clockLeeway"], json!("1h")), "clockLeeway must be at most 10m"),
         ("prefix", with(base(), &["redis", "keyPrefix"], json!("a{b")), "must not contain '{' or '}'"),
         (

@@ -160,6 +160,75 @@ async fn algorithm_change_starts_a_new_chain_with_the_same_overlap() -> anyhow::
     Ok(())
 }
 
+/// `ShortPropagationDelay` events about `realm`: (type, note).
+async fn short_delay_warnings(client: &kube::Client, ns: &str, realm: &str) -> Vec<(String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+    list.into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(realm))
+        .filter(|e| e.reason.as_deref() == Some("ShortPropagationDelay"))
+        .map(|e| (e.type_.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_propagation_delay_under_a_minute_gets_one_warning_per_spec_generation() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("delay").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    let mut short = stateless_spec();
+    short["keyRotation"] = json!({"interval": "1h", "propagationDelay": "10s"});
+    create_realm(&client, &ns, &realm("short", short)).await?;
+    create_realm(&client, &ns, &realm("default", stateless_spec())).await?;
+    wait_condition(&client, &ns, "short", "Ready", "True", None, Duration::from_secs(30)).await?;
+    wait_condition(&client, &ns, "default", "Ready", "True", None, Duration::from_secs(30)).await?;
+
+    // The event is published before the status that makes the realm Ready.
+    let warnings = short_delay_warnings(&client, &ns, "short").await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let (type_, note) = &warnings[0];
+    assert_eq!(type_, "Warning");
+    assert!(note.contains("keyRotation.propagationDelay is 10s"), "{note}");
+    assert!(note.contains("up to about a minute to reach running pods"), "{note}");
+    assert!(note.contains("tokens it signs may be rejected"), "{note}");
+    // The default (2m) is long enough.
+    assert_eq!(short_delay_warnings(&client, &ns, "default").await, []);
+
+    // The same generation reconciled again by a restarted operator (no memory of the warning):
+    // not repeated.
+    op.stop().await?;
+    let op = InProcess::start(client.clone(), &ns);
+    wait_for("the restarted operator to reconcile both realms", Duration::from_secs(30), || {
+        let n = op.metrics.reconciles.get();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await?;
+    assert_eq!(short_delay_warnings(&client, &ns, "short").await.len(), 1);
+
+    // A new spec generation, still under a minute: one more warning.
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    let observed = |generation: i64| {
+        let api = api.clone();
+        async move {
+            let r = api.get("short").await.ok()?;
+            (r.status?.observed_generation == Some(generation)).then_some(())
+        }
+    };
+    let r = api.patch("short", &PatchParams::default(), &Patch::Merge(json!({"spec": {"tokenTtl": "10m"}}))).await?;
+    let generation = r.metadata.generation.unwrap();
+    wait_for("the tokenTtl change to be reconciled", Duration::from_secs(30), || observed(generation)).await?;
+    assert_eq!(short_delay_warnings(&client, &ns, "short").await.len(), 2);
+
+    // Raised to a minute: no warning.
+    let p = Patch::Merge(json!({"spec": {"keyRotation": {"propagationDelay": "1m"}}}));
+    let generation = api.patch("short", &PatchParams::default(), &p).await?.metadata.generation.unwrap();
+    wait_for("the propagationDelay change to be reconciled", Duration::from_secs(30), || observed(generation)).await?;
+    assert_eq!(short_delay_warnings(&client, &ns, "short").await.len(), 2);
+    op.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_spec_the_api_server_accepts_is_reported_not_crash_looped() -> anyhow::Result<()> {
     let env = shared_env(false).await?;
