@@ -122,6 +122,16 @@ pub fn removal_time(key: &KeyEntry, lifetimes: &Lifetimes, s: &Schedule) -> Opti
     Some(retired.saturating_add(s.propagation).saturating_add(bound).saturating_add(s.leeway).saturating_add(1))
 }
 
+/// The publication clock of a `next` key written during second `now` (times are whole seconds,
+/// `now` = the wall clock rounded down): it starts at `now + 1`, the first whole second by which
+/// the key is surely written. Starting it at `now` would let a key written at 10.98 s sign at
+/// `10 + P`, i.e. after only `P - 0.98` s — with a short propagation delay, a few milliseconds
+/// after it was published (e.g. when a restarted operator catches up with a rotation it missed
+/// late in a second).
+pub fn published_from(now: i64) -> i64 {
+    now.saturating_add(1)
+}
+
 /// When `next` will replace `current`.
 fn promotion_time(current: &KeyEntry, next: &KeyEntry, s: &Schedule) -> i64 {
     let published = next.created_at.saturating_add(s.propagation);
@@ -182,10 +192,15 @@ pub fn plan(set: &KeySet, lifetimes: &Lifetimes, s: &Schedule, now: i64) -> Plan
         (Some(c), None) => {
             let activated = c.activated_at.unwrap_or(c.created_at);
             let (create_at, activate_at) = if c.alg != s.alg {
-                (now, now.saturating_add(s.propagation))
+                (now, published_from(now).saturating_add(s.propagation))
             } else {
                 let due = activated.saturating_add(s.interval);
-                (due.saturating_sub(s.propagation), due.max(now.saturating_add(s.propagation)))
+                // One second early: the key's publication clock starts at the next whole second
+                // (see [`published_from`]).
+                (
+                    due.saturating_sub(s.propagation).saturating_sub(1),
+                    due.max(published_from(now).saturating_add(s.propagation)),
+                )
             };
             if now >= create_at {
                 p.steps.push(Step::Create { alg: s.alg, state: KeyState::Next, activate_at });
@@ -232,8 +247,8 @@ pub fn plan(set: &KeySet, lifetimes: &Lifetimes, s: &Schedule, now: i64) -> Plan
 pub fn restart_unpublished(set: &mut KeySet, published: Option<&KeySet>, now: i64) -> Vec<String> {
     let mut reset = Vec::new();
     for k in set.keys.iter_mut().filter(|k| k.state == KeyState::Next && !k.alg.is_symmetric()) {
-        if published.is_none_or(|p| p.get(&k.kid).is_none()) && k.created_at < now {
-            k.created_at = now;
+        if published.is_none_or(|p| p.get(&k.kid).is_none()) && k.created_at < published_from(now) {
+            k.created_at = published_from(now);
             reset.push(k.kid.clone());
         }
     }
@@ -256,7 +271,11 @@ pub fn publish_first(set: &KeySet, s: &Schedule, now: i64) -> Option<Step> {
     if set.current().is_some() || set.keys.iter().any(|k| k.state == KeyState::Next && k.alg == s.alg) {
         return None;
     }
-    Some(Step::Create { alg: s.alg, state: KeyState::Next, activate_at: now.saturating_add(s.propagation) })
+    Some(Step::Create {
+        alg: s.alg,
+        state: KeyState::Next,
+        activate_at: published_from(now).saturating_add(s.propagation),
+    })
 }
 
 /// A visible change, for events and logs.
@@ -283,7 +302,9 @@ pub fn apply<E>(
             Step::Create { alg, state, activate_at } => {
                 let mut k = generate(*alg, *state, now)?;
                 k.state = *state;
-                k.created_at = now;
+                // A `next` key's publication clock starts at the next whole second; a `current`
+                // key (bootstrap, keys lost) signs at once anyway.
+                k.created_at = if *state == KeyState::Next { published_from(now) } else { now };
                 k.activated_at = Some(*activate_at);
                 k.retired_at = None;
                 changes.push(Change::Created {
@@ -423,13 +444,13 @@ mod tests {
                 rotation_at: None,
             },
             Case {
-                name: "fresh current key: nothing to do until A + I - P",
+                name: "fresh current key: nothing to do until A + I - P - 1",
                 keys: vec![key("a", Current, 1000, Some(1000), None)],
                 lifetimes: lt(&[("a", 30)]),
                 schedule: S,
                 now: 1001,
                 steps: vec![],
-                wake_at: Some(1090),
+                wake_at: Some(1089),
                 rotation_at: Some(1100),
             },
             Case {
@@ -439,15 +460,15 @@ mod tests {
                 schedule: S,
                 now: 1001,
                 steps: vec![rec("a")],
-                wake_at: Some(1090),
+                wake_at: Some(1089),
                 rotation_at: Some(1100),
             },
             Case {
-                name: "A + I - P: publish the successor as next, due at A + I",
+                name: "A + I - P - 1: publish the successor as next (publication clock from A + I - P), due at A + I",
                 keys: vec![key("a", Current, 1000, Some(1000), None)],
                 lifetimes: lt(&[("a", 30)]),
                 schedule: S,
-                now: 1090,
+                now: 1089,
                 steps: vec![Step::Create { alg: Alg::ES256, state: Next, activate_at: 1100 }],
                 wake_at: Some(1100),
                 rotation_at: Some(1100),
@@ -458,9 +479,9 @@ mod tests {
                 lifetimes: lt(&[("a", 30)]),
                 schedule: S,
                 now: 1500,
-                steps: vec![Step::Create { alg: Alg::ES256, state: Next, activate_at: 1510 }],
-                wake_at: Some(1510),
-                rotation_at: Some(1510),
+                steps: vec![Step::Create { alg: Alg::ES256, state: Next, activate_at: 1511 }],
+                wake_at: Some(1511),
+                rotation_at: Some(1511),
             },
             Case {
                 name: "next published, not yet due",
@@ -509,7 +530,7 @@ mod tests {
                 schedule: S,
                 now: 1141,
                 steps: vec![Step::Remove { kid: "a".into(), reason: Removal::Expired }],
-                wake_at: Some(1190),
+                wake_at: Some(1189),
                 rotation_at: Some(1200),
             },
             Case {
@@ -519,7 +540,7 @@ mod tests {
                 schedule: S,
                 now: 1140,
                 steps: vec![],
-                wake_at: Some(1190),
+                wake_at: Some(1189),
                 rotation_at: Some(1200),
             },
             Case {
@@ -570,7 +591,7 @@ mod tests {
                 schedule: Schedule { token_lifetime: 35, leeway: 5, ..S },
                 now: 1151,
                 steps: vec![Step::Remove { kid: "a".into(), reason: Removal::Expired }],
-                wake_at: Some(1190),
+                wake_at: Some(1189),
                 rotation_at: Some(1200),
             },
             Case {
@@ -580,11 +601,11 @@ mod tests {
                 schedule: S,
                 now: 5000,
                 steps: vec![
-                    Step::Create { alg: Alg::ES256, state: Next, activate_at: 5010 },
+                    Step::Create { alg: Alg::ES256, state: Next, activate_at: 5011 },
                     Step::StampRetired { kid: "a".into() },
                 ],
-                wake_at: Some(5010),
-                rotation_at: Some(5010),
+                wake_at: Some(5011),
+                rotation_at: Some(5011),
             },
             Case {
                 name: "algorithm change: new chain starts now, signs after P",
@@ -592,9 +613,9 @@ mod tests {
                 lifetimes: lt(&[("a", 30)]),
                 schedule: Schedule { alg: Alg::EdDSA, ..S },
                 now: 1020,
-                steps: vec![Step::Create { alg: Alg::EdDSA, state: Next, activate_at: 1030 }],
-                wake_at: Some(1030),
-                rotation_at: Some(1030),
+                steps: vec![Step::Create { alg: Alg::EdDSA, state: Next, activate_at: 1031 }],
+                wake_at: Some(1031),
+                rotation_at: Some(1031),
             },
             Case {
                 name: "algorithm change: a next key of the old algorithm is superseded",
@@ -604,10 +625,10 @@ mod tests {
                 now: 1095,
                 steps: vec![
                     Step::Remove { kid: "b".into(), reason: Removal::Superseded },
-                    Step::Create { alg: Alg::EdDSA, state: Next, activate_at: 1105 },
+                    Step::Create { alg: Alg::EdDSA, state: Next, activate_at: 1106 },
                 ],
-                wake_at: Some(1105),
-                rotation_at: Some(1105),
+                wake_at: Some(1106),
+                rotation_at: Some(1106),
             },
             Case {
                 name: "two next keys: the newest stays",
@@ -665,11 +686,13 @@ mod tests {
         // Published: nothing changes.
         let mut same = s.clone();
         assert!(restart_unpublished(&mut same, Some(&s.clone()), 1099).is_empty());
-        // Not published: the clock restarts and the promotion moves to now + P.
+        // Not published: the clock restarts (from the next whole second) and the promotion
+        // moves to now + 1 + P.
         assert_eq!(restart_unpublished(&mut s, Some(&published_without_b), 1099), ["b"]);
-        assert_eq!(s.get("b").unwrap().created_at, 1099);
+        assert_eq!(s.get("b").unwrap().created_at, 1100);
+        assert!(restart_unpublished(&mut s, Some(&published_without_b), 1099).is_empty(), "already restarted");
         let p = plan(&s, &lt(&[("a", 30)]), &S, 1100);
-        assert_eq!(p.rotation_at, Some(1109));
+        assert_eq!(p.rotation_at, Some(1110));
         // HMAC keys are published by the Secret itself.
         let mut h = set(vec![KeyEntry { alg: Alg::HS256, ..key("h", Next, 1090, None, None) }]);
         assert!(restart_unpublished(&mut h, None, 1099).is_empty());
@@ -681,7 +704,7 @@ mod tests {
         let mut s = set(vec![key("a", Retired, 1000, Some(1000), Some(1500))]);
         let mut l = Lifetimes::new();
         let step = publish_first(&s, &S, 1500).expect("a new chain");
-        assert_eq!(step, Step::Create { alg: Alg::ES256, state: Next, activate_at: 1510 });
+        assert_eq!(step, Step::Create { alg: Alg::ES256, state: Next, activate_at: 1511 });
         let mut g = fake_generator();
         apply(&mut s, &mut l, &[step], 1500, &mut g).unwrap();
         assert!(publish_first(&s, &S, 1500).is_none(), "one next key is enough");
@@ -689,12 +712,43 @@ mod tests {
         let out = converge(&mut s, &mut l, &S, 1505, &mut g).unwrap();
         assert!(out.changes.is_empty(), "{:?}", out.changes);
         assert!(s.current().is_none());
-        assert_eq!(out.wake_at, Some(1510));
+        assert_eq!(out.wake_at, Some(1511));
         let out = converge(&mut s, &mut l, &S, 1510, &mut g).unwrap();
+        assert!(out.changes.is_empty(), "written during 1500, so not surely published for P before 1511");
+        let out = converge(&mut s, &mut l, &S, 1511, &mut g).unwrap();
         assert_eq!(out.changes, vec![Change::Promoted { kid: "k1".into() }]);
-        assert_eq!(s.current().unwrap().activated_at, Some(1510));
+        assert_eq!(s.current().unwrap().activated_at, Some(1511));
         // A set with a current key needs no new chain.
         assert!(publish_first(&set(vec![key("c", Current, 0, Some(0), None)]), &S, 1500).is_none());
+    }
+
+    /// Times are whole seconds rounded down: a reconcile at 1500.98 s runs with `now` = 1500.
+    /// A `next` key written then must not sign before 1500.98 + P, i.e. not at 1500 + P, for
+    /// every way a key becomes `next` (a catch-up after the operator was down, a new chain, an
+    /// algorithm change). (With P = 1 s, a restarted operator used to publish a key and promote
+    /// it about 50 ms later.)
+    #[test]
+    fn a_next_key_written_late_in_a_second_still_waits_a_full_propagation_delay() {
+        let p = S.propagation;
+        for (name, keys, schedule) in [
+            ("catch-up after downtime", vec![key("a", Current, 1000, Some(1000), None)], S),
+            ("algorithm change", vec![key("a", Current, 1000, Some(1000), None)], Schedule { alg: Alg::EdDSA, ..S }),
+            ("keys lost (publish first)", vec![key("a", Retired, 1000, Some(1000), Some(1500))], S),
+        ] {
+            let mut s = set(keys);
+            let mut l = Lifetimes::new();
+            let mut g = fake_generator();
+            if let Some(step) = publish_first(&s, &schedule, 1500) {
+                apply(&mut s, &mut l, &[step], 1500, &mut g).unwrap();
+            }
+            converge(&mut s, &mut l, &schedule, 1500, &mut g).unwrap();
+            let kid = s.keys.iter().find(|k| k.state == Next).expect(name).kid.clone();
+            // A restarted operator reads the set back at 1500 + P (real time 1500 + P + 0.05).
+            let out = converge(&mut s, &mut l, &schedule, 1500 + p, &mut g).unwrap();
+            assert_eq!(s.get(&kid).unwrap().state, Next, "{name}: promoted after < P: {:?}", out.changes);
+            converge(&mut s, &mut l, &schedule, 1501 + p, &mut g).unwrap();
+            assert_eq!(s.get(&kid).unwrap().state, Current, "{name}");
+        }
     }
 
     fn fake_generator() -> impl FnMut(Alg, KeyState, i64) -> Result<KeyEntry, ()> {
@@ -716,7 +770,7 @@ mod tests {
             vec![Change::Created { kid: "k1".into(), alg: Alg::ES256, state: Current, activate_at: 1000 }]
         );
         assert!(out.modified);
-        assert_eq!((out.wake_at, out.rotation_at), (Some(1090), Some(1100)));
+        assert_eq!((out.wake_at, out.rotation_at), (Some(1089), Some(1100)));
         assert_eq!(l.get("k1"), Some(&30));
         let again = converge(&mut s, &mut l, &S, 1000, &mut g).unwrap();
         assert!(!again.modified && again.changes.is_empty());

@@ -285,8 +285,39 @@ async fn sigkill_during_rotation_never_loses_regenerates_or_duplicates_a_key() -
         }
     }
     for (kid, st) in &first_state {
-        if kid != &bootstrap {
-            assert_eq!(*st, KeyState::Next, "{kid} first seen as {st:?}");
+        if kid != &bootstrap && *st != KeyState::Next {
+            // Its observed (time, state) transitions, and the Secret just before and at its
+            // first appearance.
+            let mut trail: Vec<(f64, KeyState)> = Vec::new();
+            for s in &seen {
+                if let Some(k) = s.set.get(kid)
+                    && trail.last().is_none_or(|(_, x)| *x != k.state)
+                {
+                    trail.push((s.t, k.state));
+                }
+            }
+            let i = seen.iter().position(|s| s.set.get(kid).is_some()).unwrap();
+            let describe = |s: &Seen| {
+                let keys: Vec<_> = s
+                    .set
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        format!(
+                            "{} {:?} created {} activated {:?} retired {:?}",
+                            k.kid, k.state, k.created_at, k.activated_at, k.retired_at
+                        )
+                    })
+                    .collect();
+                format!("at {:.3}: [{}]", s.t, keys.join("; "))
+            };
+            let before = if i > 0 { describe(&seen[i - 1]) } else { "none".to_owned() };
+            let after = seen.get(i + 1).map_or("none".to_owned(), describe);
+            panic!(
+                "{kid} first seen as {st:?} (expected Next); its states: {trail:?}\nprevious observation {before}\nfirst observation {}\nnext observation {after}\noperator log: {}",
+                describe(&seen[i]),
+                proc.log.display()
+            );
         }
     }
     let span = seen.last().unwrap().t - seen[0].t;
