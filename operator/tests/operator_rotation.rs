@@ -8,10 +8,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use authrealm_contract::{KeySet, KeyState, SessionMode};
+use authrealm_contract::{KeySet, KeyState};
 use authrealm_operator::crd::AuthRealm;
 use authrealm_sidecar::keys::KeyRing;
-use authrealm_sidecar::token::{Policy, Reject, mint, validate};
+use authrealm_sidecar::token::{Reject, mint, validate};
 use common::*;
 use kube::api::Api;
 use serde_json::json;
@@ -47,16 +47,7 @@ async fn rotation_publishes_before_signing_and_keeps_every_key_until_its_tokens_
     create_realm(&client, &ns, &realm("rot", spec)).await?;
     wait_condition(&client, &ns, "rot", "Ready", "True", None, Duration::from_secs(30)).await?;
 
-    let policy = Policy {
-        issuer: "https://auth.example.test".into(),
-        audiences: vec!["app".into()],
-        algorithms: vec![],
-        leeway: 0,
-        max_token_bytes: 8192,
-        required_claims: vec![],
-        session_mode: SessionMode::Stateless,
-        max_lifetime: 3600,
-    };
+    let policy = stateless_policy();
     // Per kid: (state or None = gone, first time seen in that state) from the JWKS.
     let mut timeline: BTreeMap<String, Vec<(Option<KeyState>, f64)>> = BTreeMap::new();
     let mut tokens: Vec<Minted> = Vec::new();

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use authrealm_contract::{KeyState, SessionMode};
+use authrealm_contract::KeyState;
 use authrealm_operator::crd::AuthRealm;
 use authrealm_sidecar::keys::KeyRing;
 use authrealm_sidecar::token::{Policy, mint, validate};
@@ -17,16 +17,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 fn policy() -> Policy {
-    Policy {
-        issuer: "https://auth.example.test".into(),
-        audiences: vec!["app".into()],
-        algorithms: vec![],
-        leeway: 0,
-        max_token_bytes: 8192,
-        required_claims: vec![],
-        session_mode: SessionMode::Stateless,
-        max_lifetime: 3600,
-    }
+    stateless_policy()
 }
 
 async fn edit_secret_data(client: &kube::Client, ns: &str, name: &str, bytes: &[u8]) -> anyhow::Result<()> {

@@ -310,3 +310,19 @@ impl Rng {
         self.0 % n
     }
 }
+
+/// What a stateless sidecar of the test realms (issuer `https://auth.example.test`, audience
+/// `app`, no leeway) requires of a token: the rotation and tamper tests verify tokens with the
+/// sidecar's own validation code.
+pub fn stateless_policy() -> authrealm_sidecar::token::Policy {
+    authrealm_sidecar::token::Policy {
+        issuer: "https://auth.example.test".into(),
+        audiences: vec!["app".into()],
+        algorithms: vec![],
+        leeway: 0,
+        max_token_bytes: 8192,
+        required_claims: vec![],
+        session_mode: authrealm_contract::SessionMode::Stateless,
+        max_lifetime: 3600,
+    }
+}
