@@ -17,7 +17,7 @@ use authrealm_contract::FailurePolicy;
 
 use crate::app::{App, Body, full, json_response, now_unix};
 use crate::session::SessionState;
-use crate::token::{Reject, Verified, extract_bearer, identity_value, validate};
+use crate::token::{Reject, extract_bearer, identity_value, validate};
 
 pub type UpstreamClient = Client<HttpConnector, Incoming>;
 
@@ -140,7 +140,8 @@ fn join_cookies(headers: &mut http::HeaderMap) {
 /// Outcome of authentication for one request.
 enum Auth {
     Public,
-    Allowed(Box<Verified>),
+    /// The identity headers for the app, computed once from the verified claims.
+    Allowed(Vec<(HeaderName, HeaderValue)>),
 }
 
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
@@ -178,12 +179,17 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Ok(v) => v,
         Err(r) => return reject(r),
     };
-    if let Some(r) = app.identity.iter().find_map(|ih| identity_value(verified.claims.get(&ih.claim)).err()) {
-        return reject(r);
+    let mut identity = Vec::with_capacity(app.identity.len());
+    for ih in &app.identity {
+        match identity_value(verified.claims.get(&ih.claim)) {
+            Ok(Some(value)) => identity.push((ih.name.clone(), value)),
+            Ok(None) => {}
+            Err(r) => return reject(r),
+        }
     }
     if !app.stateful() {
         app.metrics.request("allowed", "ok");
-        return Ok(Auth::Allowed(Box::new(verified)));
+        return Ok(Auth::Allowed(identity));
     }
     let (sub, jti) = (verified.sub.as_deref().unwrap_or(""), verified.jti.as_deref().unwrap_or(""));
     let redis_started = Instant::now();
@@ -195,7 +201,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Ok(SessionState::Active) => {
             app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
             app.metrics.request("allowed", "ok");
-            Ok(Auth::Allowed(Box::new(verified)))
+            Ok(Auth::Allowed(identity))
         }
         Ok(SessionState::Revoked) => {
             app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
@@ -212,7 +218,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
                 FailurePolicy::Open => {
                     app.note_fail_open(e.kind());
                     app.metrics.request("fail_open", e.kind());
-                    Ok(Auth::Allowed(Box::new(verified)))
+                    Ok(Auth::Allowed(identity))
                 }
             }
         }
@@ -293,12 +299,9 @@ async fn handle_inner(
     for n in spoofed {
         parts.headers.remove(n);
     }
-    if let Auth::Allowed(v) = &auth {
-        for ih in &app.identity {
-            // Representability was checked in `authenticate`.
-            if let Ok(Some(value)) = identity_value(v.claims.get(&ih.claim)) {
-                parts.headers.insert(ih.name.clone(), value);
-            }
+    if let Auth::Allowed(identity) = auth {
+        for (name, value) in identity {
+            parts.headers.insert(name, value);
         }
     }
     if let (Some(value), Some(_)) = (upgrade.clone(), client_upgrade.as_ref()) {
