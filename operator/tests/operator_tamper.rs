@@ -20,6 +20,35 @@ fn policy() -> Policy {
     stateless_policy()
 }
 
+/// A stateless realm (no leeway) that is Ready, its key set, and a token signed with its current
+/// key living `ttl_secs`.
+async fn ready_realm_with_token(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    ttl_secs: i64,
+    interval: &str,
+    propagation: &str,
+) -> anyhow::Result<(authrealm_contract::KeySet, authrealm_sidecar::token::Minted)> {
+    let mut spec = stateless_spec();
+    spec["tokenTtl"] = json!(format!("{ttl_secs}s"));
+    spec["clockLeeway"] = json!("0s");
+    spec["keyRotation"] = json!({"interval": interval, "propagationDelay": propagation});
+    create_realm(client, ns, &realm(name, spec)).await?;
+    wait_condition(client, ns, name, "Ready", "True", None, Duration::from_secs(30)).await?;
+    let keys = secret_keyset(client, ns, name).await.ok_or_else(|| anyhow::anyhow!("no keys Secret"))?;
+    let token = mint(
+        &KeyRing::from_set(&keys, [0; 32])?,
+        "https://auth.example.test",
+        "bob",
+        json!("app"),
+        Default::default(),
+        unix_now(),
+        ttl_secs,
+    )?;
+    Ok((keys, token))
+}
+
 async fn edit_secret_data(client: &kube::Client, ns: &str, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut s = secrets.get(name).await?;
@@ -98,23 +127,8 @@ async fn keys_lost_while_the_operator_was_down_keep_live_tokens_verifying() -> a
     let client = env.client().await?;
     let ns = env.create_temp_namespace("lost").await?;
     let op = InProcess::start(client.clone(), &ns);
-    let mut spec = stateless_spec();
-    spec["tokenTtl"] = json!("6s");
-    spec["clockLeeway"] = json!("0s");
-    spec["keyRotation"] = json!({"interval": "10s", "propagationDelay": "2s"});
-    create_realm(&client, &ns, &realm("lost", spec)).await?;
-    wait_condition(&client, &ns, "lost", "Ready", "True", None, Duration::from_secs(30)).await?;
-    let original = secret_keyset(&client, &ns, "lost").await.unwrap();
+    let (original, token) = ready_realm_with_token(&client, &ns, "lost", 6, "10s", "2s").await?;
     let old_kid = original.current().unwrap().kid.clone();
-    let token = mint(
-        &KeyRing::from_set(&original, [0; 32])?,
-        "https://auth.example.test",
-        "bob",
-        json!("app"),
-        Default::default(),
-        unix_now(),
-        6,
-    )?;
 
     // The operator is down (its copy gone with it) while the Secret is deleted.
     op.stop().await?;
@@ -170,23 +184,8 @@ async fn public_only_copy_of_the_keys_gets_a_new_signing_key() -> anyhow::Result
     let client = env.client().await?;
     let ns = env.create_temp_namespace("public-copy").await?;
     let op = InProcess::start(client.clone(), &ns);
-    let mut spec = stateless_spec();
-    spec["tokenTtl"] = json!("60s");
-    spec["clockLeeway"] = json!("0s");
-    spec["keyRotation"] = json!({"interval": "10m", "propagationDelay": "10s"});
-    create_realm(&client, &ns, &realm("copy", spec)).await?;
-    wait_condition(&client, &ns, "copy", "Ready", "True", None, Duration::from_secs(30)).await?;
-    let original = secret_keyset(&client, &ns, "copy").await.unwrap();
+    let (original, token) = ready_realm_with_token(&client, &ns, "copy", 60, "10m", "10s").await?;
     let old_kid = original.current().unwrap().kid.clone();
-    let token = mint(
-        &KeyRing::from_set(&original, [0; 32])?,
-        "https://auth.example.test",
-        "bob",
-        json!("app"),
-        Default::default(),
-        unix_now(),
-        60,
-    )?;
 
     op.stop().await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
