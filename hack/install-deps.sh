@@ -3,6 +3,7 @@
 #   redis-server  -> /usr/bin/redis-server   (tests/src/redis_cluster.rs)
 #   redis-tools   -> /usr/bin/redis-cli      (cluster create, CLUSTER/INFO queries)
 #   openssl       -> /usr/bin/openssl        (test certificates)
+#   faketime      -> /usr/bin/faketime       (sidecars whose clocks differ, tests/tests/sidecar_clocks.rs)
 # Idempotent: does nothing (and no apt-get update) when all commands are present.
 # Does not touch the Rust or Go toolchains.
 set -euo pipefail
@@ -13,17 +14,18 @@ declare -A PKG_FOR=(
     [redis-cli]=redis-tools
     [openssl]=openssl
     [shellcheck]=shellcheck
+    [faketime]=faketime
 )
 
 missing=()
-for cmd in redis-server redis-cli openssl shellcheck; do
+for cmd in redis-server redis-cli openssl shellcheck faketime; do
     if ! command -v "$cmd" >/dev/null 2>&1; then
         missing+=("${PKG_FOR[$cmd]}")
     fi
 done
 
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "install-deps: redis-server, redis-cli and openssl already present"
+    echo "install-deps: redis-server, redis-cli, openssl, shellcheck and faketime already present"
     exit 0
 fi
 
@@ -44,7 +46,7 @@ echo "install-deps: installing ${missing[*]}"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
 
-for cmd in redis-server redis-cli openssl shellcheck; do
+for cmd in redis-server redis-cli openssl shellcheck faketime; do
     if ! command -v "$cmd" >/dev/null 2>&1; then
         echo "install-deps: '$cmd' still missing after installing ${missing[*]}" >&2
         exit 1

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod framing;
 pub mod issuer;
 pub mod keys;
+pub mod longlived;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
