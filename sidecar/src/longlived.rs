@@ -95,6 +95,8 @@ async fn recheck(app: &App, g: &Grant) -> Result<Option<End>, ()> {
     let Some(store) = app.sessions() else { return Err(()) };
     match store.check(g.sub.as_deref().unwrap_or(""), g.jti.as_deref().unwrap_or(""), g.iat).await {
         Ok(SessionState::Active) => Ok(None),
+        // single/multi session records expire with the token: gone after exp means expired.
+        Ok(SessionState::Revoked) if crate::app::now_unix() >= g.exp => Ok(Some(End::Expired)),
         Ok(SessionState::Revoked) => Ok(Some(End::Revoked)),
         Err(_) => Err(()),
     }
