@@ -10,6 +10,7 @@ pub mod framing;
 pub mod issuer;
 pub mod keys;
 pub mod metrics;
+pub mod paths;
 pub mod proxy;
 pub mod server;
 pub mod session;
