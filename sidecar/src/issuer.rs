@@ -37,7 +37,9 @@ pub fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            // Two hex digits exactly: `from_str_radix` alone would also take a sign ("%+a").
+            let hex =
+                std::str::from_utf8(b.get(i + 1..i + 3)?).ok().filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {

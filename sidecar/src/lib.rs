@@ -11,6 +11,7 @@ pub mod issuer;
 pub mod keys;
 pub mod longlived;
 pub mod metrics;
+pub mod paths;
 pub mod proxy;
 pub mod server;
 pub mod session;

@@ -18,6 +18,7 @@ use authrealm_contract::FailurePolicy;
 
 use crate::app::{App, Body, BoxError, full, json_response, now_unix};
 use crate::longlived::Grant;
+use crate::paths::path_is_public_candidate;
 
 /// Responses announcing at most this many bytes are not re-checked while they stream.
 const SHORT_BODY_BYTES: u64 = 256 * 1024;
@@ -156,17 +157,8 @@ fn grant(v: crate::token::Verified) -> Grant {
 
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
     let path = req.uri().path();
-    // Dot segments and encoded '.' or '/' could make a public prefix reach a private path
-    // after the app normalises it: such paths never count as public.
-    let lower = path.to_ascii_lowercase();
-    let ambiguous = lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
-        || lower.contains("%3b")
-        // `..;` and `.;x`: servlet containers drop path parameters before normalising.
-        || path.split('/').any(|seg| matches!(seg.split(';').next(), Some(".") | Some("..")));
-    if !ambiguous && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
+    // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`).
+    if path_is_public_candidate(path) && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
     }
