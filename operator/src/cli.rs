@@ -213,7 +213,7 @@ pub async fn run(cfg: Config) -> i32 {
             return 1;
         }
     };
-    let client = match kube::Client::try_from(kube_config) {
+    let client = match kube::Client::try_from(kube_config.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("authrealm-operator: cannot build a Kubernetes client (kubeconfig or in-cluster config): {e}");
@@ -270,10 +270,11 @@ pub async fn run(cfg: Config) -> i32 {
             controller::run(client, settings, metrics, stopped()).await.map_err(leader::LeaderError::from)
         }
         Some(lease) => {
-            let c = client.clone();
             let m = metrics.clone();
-            leader::run_elected(client, lease, metrics, stopped(), move |stop| async move {
-                controller::run(c, settings, m, async move {
+            leader::run_elected(client, lease, metrics, stopped(), move |term, stop| async move {
+                // The controller's own client, whose writes stop with the term.
+                let c = leader::fenced_client(kube_config, &term).map_err(controller::Error::Client)?;
+                controller::run_in_term(c, settings, m, term, async move {
                     let _ = stop.await;
                 })
                 .await
