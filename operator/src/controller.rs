@@ -164,11 +164,6 @@ impl Context {
         }
     }
 
-    /// Number of realms whose key set is held in memory.
-    pub fn cached_key_sets(&self) -> usize {
-        self.keys.len()
-    }
-
     /// Keeps `cached` as the realm's key set, unless the controller's store no longer holds the
     /// live realm (deleted, or being deleted): then its keys are forgotten instead.
     fn remember_keys(&self, realm: &AuthRealm, cached: Cached) {

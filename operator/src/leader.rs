@@ -13,7 +13,7 @@
 //! # Terms and the write fence
 //!
 //! Election alone does not stop a leader that is slow to notice it was deposed: a process paused
-//! (SIGSTOP, a long GC-like stall, a frozen VM) past the lease duration wakes up with reconciles
+//! (SIGSTOP, a stalled node, a debugger) past the lease duration wakes up with reconciles
 //! in flight and timers due, and used to write before its renew loop found out. So each
 //! leadership period is a [`Term`] with a deadline on this process's monotonic clock:
 //!
@@ -27,25 +27,31 @@
 //! * **Checked before every write that matters.** The controller's Kubernetes client carries a
 //!   [`FenceLayer`]: every mutating request (POST, PUT, PATCH, DELETE — keys Secret, JWKS and
 //!   sidecar ConfigMaps, status, finalizers, events) is refused with [`TermError`] unless the
-//!   term is valid *at the moment the request is dispatched* (checked in the Client's dispatch
-//!   worker, right before the HTTP exchange starts, so no call site can forget it). The
-//!   controller also checks before its Redis session purge, and before each write of a keys
-//!   Secret it re-reads the Lease and requires that it still names this replica with the
-//!   `leaseTransitions` of this term ([`Term::verify_lease`]) — a check that does not depend on
-//!   clocks at all (it also catches a deleted and re-created Lease, and a suspended machine whose
-//!   monotonic clock stood still). The client used by the controller does not retry failed
-//!   writes by itself (a retry would bypass the check); the reconcile is retried instead.
+//!   term is valid *when the request is dispatched*: checked when the client's dispatch worker
+//!   hands the request to the HTTP stack, and again when that stack first runs, right before
+//!   the request goes out (so no call site can forget it, and a reconcile that was in flight
+//!   when the process was paused is stopped at its next write). The controller also checks
+//!   before its Redis session purge, and before each write of a keys Secret it re-reads the
+//!   Lease and requires that it still names this replica with the `leaseTransitions` of this
+//!   term ([`Term::verify_lease`]) — a check that does not depend on clocks at all (it also
+//!   catches a deleted and re-created Lease, and a suspended machine whose monotonic clock stood
+//!   still). The client used by the controller does not retry failed writes by itself (a retry
+//!   would bypass the check); the reconcile is retried instead.
 //! * **Expiry is final.** Once the deadline has passed, the term is over for good, even if a
 //!   later renewal would still succeed: the renew loop stops the controller and the process
 //!   exits, to be restarted as a follower with an empty key cache. A process resumed after a
-//!   pause longer than the renew deadline therefore finds its monotonic clock past the deadline
-//!   before it sends anything.
+//!   pause that outlasted its term therefore finds its monotonic clock past the deadline before
+//!   it sends any write.
 //!
-//! What remains: a process paused in the few instructions between the check and the moment the
-//! request bytes reach the socket sends that one request late. No client-side rule can close
-//! that gap (only the API server could, and Kubernetes has no fencing tokens); keys Secret
-//! updates are in addition conditional on the resourceVersion read, so such a late write fails
-//! if the new leader has written the Secret since.
+//! What remains: a process paused between the last check and the moment the request bytes are
+//! written to the socket (a few instructions, or a connection set-up) sends that one request
+//! late. No client-side rule can close that gap (only the API server could, and Kubernetes has
+//! no fencing tokens for arbitrary objects); keys Secret updates are in addition conditional on
+//! the resourceVersion read, so such a late write fails if the new leader has written the
+//! Secret since. Also, Rust's monotonic clock (`CLOCK_MONOTONIC`) does not advance while the
+//! whole machine is suspended; the Lease re-read covers key writes in that case, other writes
+//! rely on the renew loop, which finds the Lease taken on waking and stops. The Redis session
+//! purge of a deleted realm is checked once before it starts (it is idempotent).
 
 use std::future::Future;
 use std::pin::Pin;
