@@ -263,6 +263,20 @@ pub struct Limits {
     /// token: it ends within this long of the token being revoked, and at its expiry (ms).
     #[serde(default = "default_revalidate_interval_ms")]
     pub revalidate_interval_ms: u64,
+    /// Most tokens whose verification is remembered (signature and claims checked once per
+    /// token, not per request; 0 turns the cache off).
+    #[serde(default = "default_token_cache_entries")]
+    pub verified_token_cache_entries: u32,
+    /// Most bytes the verified-token cache may hold.
+    #[serde(default = "default_token_cache_bytes")]
+    pub verified_token_cache_bytes: u64,
+}
+
+fn default_token_cache_entries() -> u32 {
+    10_000
+}
+fn default_token_cache_bytes() -> u64 {
+    16 * 1024 * 1024
 }
 
 fn default_idle_timeout_ms() -> u64 {
@@ -306,6 +320,8 @@ impl Default for Limits {
             max_connections: default_max_connections(),
             max_concurrent_streams: default_max_concurrent_streams(),
             revalidate_interval_ms: default_revalidate_interval_ms(),
+            verified_token_cache_entries: default_token_cache_entries(),
+            verified_token_cache_bytes: default_token_cache_bytes(),
         }
     }
 }

@@ -68,11 +68,18 @@ pub struct App {
     pub draining: AtomicBool,
     /// Upgraded connections (WebSocket) hold one of these: at most `limits.maxConnections`.
     pub tunnels: Arc<tokio::sync::Semaphore>,
+    /// Tokens verified before (see `tokencache`).
+    pub token_cache: crate::tokencache::TokenCache,
 }
 
 impl App {
     pub fn new(cfg: SidecarConfig, keys: KeyStore, metrics: Metrics) -> Arc<App> {
         let cfg_max_connections = cfg.limits.max_connections as usize;
+        let token_cache = crate::tokencache::TokenCache::new(
+            cfg.limits.verified_token_cache_entries as usize,
+            cfg.limits.verified_token_cache_bytes as usize,
+            metrics.token_cache.clone(),
+        );
         let policy = Policy {
             issuer: cfg.issuer.clone(),
             audiences: cfg.audiences.clone(),
@@ -112,6 +119,7 @@ impl App {
             started: Instant::now(),
             draining: AtomicBool::new(false),
             tunnels: Arc::new(tokio::sync::Semaphore::new(cfg_max_connections)),
+            token_cache,
         })
     }
 

@@ -37,14 +37,7 @@ use crate::app::{App, BoxError, now_unix_ms};
 use crate::session::SessionState;
 
 /// What a long-lived exchange needs to re-check the token that opened it.
-#[derive(Clone, Debug)]
-pub struct Grant {
-    pub kid: String,
-    pub sub: Option<String>,
-    pub jti: Option<String>,
-    pub iat: Option<i64>,
-    pub exp: i64,
-}
+pub type Grant = Arc<crate::tokencache::VerifiedToken>;
 
 /// Why an exchange ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,7 +319,7 @@ type CheckFuture = tokio::task::JoinHandle<Result<Option<End>, ()>>;
 pub struct Revalidated<B> {
     inner: B,
     app: Arc<App>,
-    grant: Arc<Grant>,
+    grant: Grant,
     /// End cleanly (`text/event-stream`) instead of aborting.
     clean_end: bool,
     next_check: Instant,
@@ -350,7 +343,7 @@ impl<B> Revalidated<B> {
         Revalidated {
             inner,
             app,
-            grant: Arc::new(grant),
+            grant,
             clean_end,
             next_check: Instant::now() + first,
             timer: None,

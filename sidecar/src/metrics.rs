@@ -68,6 +68,7 @@ pub struct Metrics {
     pub connections_idle_closed: Counter,
     /// Upgraded connections and streaming responses ended by a re-check, by reason.
     pub long_lived_ended: Family<OutcomeLabel, Counter>,
+    pub token_cache: crate::tokencache::CacheStats,
 }
 
 impl Metrics {
@@ -123,7 +124,21 @@ impl Metrics {
             "Upgraded connections (WebSocket) and streaming responses ended because their token was revoked, expired or its key retired",
             long_lived_ended.clone(),
         );
+        let token_cache = crate::tokencache::CacheStats::default();
+        r.register(
+            "token_cache_hits",
+            "Requests whose token was found verified in the cache (only exp/nbf/iat checked again)",
+            token_cache.hits.clone(),
+        );
+        r.register("token_cache_misses", "Requests whose token was verified in full", token_cache.misses.clone());
+        r.register(
+            "token_cache_evictions",
+            "Verified tokens evicted to stay within the cache's bounds",
+            token_cache.evictions.clone(),
+        );
+        r.register("token_cache_entries", "Verified tokens held in the cache", token_cache.entries.clone());
         Metrics {
+            token_cache,
             connections,
             connections_refused,
             connections_idle_closed,

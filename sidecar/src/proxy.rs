@@ -18,6 +18,7 @@ use authrealm_contract::FailurePolicy;
 
 use crate::app::{App, Body, BoxError, full, json_response, now_unix};
 use crate::longlived::Grant;
+use crate::tokencache::VerifiedToken;
 use crate::paths::path_is_public_candidate;
 
 /// Responses announcing at most this many bytes are not re-checked while they stream.
@@ -146,13 +147,39 @@ fn join_cookies(headers: &mut http::HeaderMap) {
 /// Outcome of authentication for one request.
 enum Auth {
     Public,
-    /// The identity headers for the app, computed once from the verified claims, and what a
-    /// long-lived exchange needs to re-check the token.
-    Allowed(Vec<(HeaderName, HeaderValue)>, Grant),
+    /// The verified token: its identity headers for the app, and what a long-lived exchange
+    /// needs to re-check it.
+    Allowed(Grant),
 }
 
-fn grant(v: crate::token::Verified) -> Grant {
-    Grant { kid: v.kid, sub: v.sub, jti: v.jti, iat: v.iat, exp: v.exp }
+/// Verify `token`, or find it verified in the cache (then only the time checks run again).
+fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
+    let ring = app.keys.ring();
+    if let Some(v) = app.token_cache.get(token, &ring.digest) {
+        v.check_time(now, app.policy.leeway)?;
+        return Ok(v);
+    }
+    let started = Instant::now();
+    let verified = validate(token, &ring, &app.policy, now);
+    app.metrics.validation_seconds.observe(started.elapsed().as_secs_f64());
+    let v = verified?;
+    let mut identity = Vec::with_capacity(app.identity.len());
+    for ih in &app.identity {
+        if let Some(value) = identity_value(v.claims.get(&ih.claim))? {
+            identity.push((ih.name.clone(), value));
+        }
+    }
+    let grant = Arc::new(VerifiedToken {
+        kid: v.kid,
+        sub: v.sub,
+        jti: v.jti,
+        iat: v.iat,
+        nbf: v.nbf,
+        exp: v.exp,
+        identity,
+    });
+    app.token_cache.insert(token, &ring.digest, grant.clone());
+    Ok(grant)
 }
 
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
@@ -171,27 +198,13 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Ok(t) => t,
         Err(r) => return reject(r),
     };
-    let started = Instant::now();
-    let verified = {
-        let ring = app.keys.ring();
-        validate(token, &ring, &app.policy, now_unix())
-    };
-    app.metrics.validation_seconds.observe(started.elapsed().as_secs_f64());
-    let verified = match verified {
+    let verified = match verify(app, token, now_unix()) {
         Ok(v) => v,
         Err(r) => return reject(r),
     };
-    let mut identity = Vec::with_capacity(app.identity.len());
-    for ih in &app.identity {
-        match identity_value(verified.claims.get(&ih.claim)) {
-            Ok(Some(value)) => identity.push((ih.name.clone(), value)),
-            Ok(None) => {}
-            Err(r) => return reject(r),
-        }
-    }
     if !app.stateful() {
         app.metrics.request("allowed", "ok");
-        return Ok(Auth::Allowed(identity, grant(verified)));
+        return Ok(Auth::Allowed(verified));
     }
     let (sub, jti) = (verified.sub.as_deref().unwrap_or(""), verified.jti.as_deref().unwrap_or(""));
     let redis_started = Instant::now();
@@ -203,7 +216,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Ok(SessionState::Active) => {
             app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
             app.metrics.request("allowed", "ok");
-            Ok(Auth::Allowed(identity, grant(verified)))
+            Ok(Auth::Allowed(verified))
         }
         Ok(SessionState::Revoked) => {
             app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
@@ -220,7 +233,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
                 FailurePolicy::Open => {
                     app.note_fail_open(e.kind());
                     app.metrics.request("fail_open", e.kind());
-                    Ok(Auth::Allowed(identity, grant(verified)))
+                    Ok(Auth::Allowed(verified))
                 }
             }
         }
@@ -302,9 +315,9 @@ async fn handle_inner(
         parts.headers.remove(n);
     }
     let grant = match auth {
-        Auth::Allowed(identity, grant) => {
-            for (name, value) in identity {
-                parts.headers.insert(name, value);
+        Auth::Allowed(grant) => {
+            for (name, value) in &grant.identity {
+                parts.headers.insert(name.clone(), value.clone());
             }
             Some(grant)
         }

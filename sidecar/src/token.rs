@@ -115,6 +115,7 @@ pub struct Verified {
     pub sub: Option<String>,
     pub jti: Option<String>,
     pub iat: Option<i64>,
+    pub nbf: Option<i64>,
     pub exp: i64,
     pub claims: Map<String, Value>,
 }
@@ -269,12 +270,16 @@ pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Resul
     if now > exp.saturating_add(leeway) {
         return Err(Reject::Expired);
     }
-    if let Some(v) = claims.get("nbf") {
-        let nbf = numeric_date(v).ok_or(Reject::BadClaims)?;
-        if nbf > now.saturating_add(leeway) {
-            return Err(Reject::NotYetValid);
+    let nbf = match claims.get("nbf") {
+        Some(v) => {
+            let nbf = numeric_date(v).ok_or(Reject::BadClaims)?;
+            if nbf > now.saturating_add(leeway) {
+                return Err(Reject::NotYetValid);
+            }
+            Some(nbf)
         }
-    }
+        None => None,
+    };
     let iat = match claims.get("iat") {
         Some(v) => {
             let iat = numeric_date(v).ok_or(Reject::BadClaims)?;
@@ -328,7 +333,7 @@ pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Resul
     if policy.required_claims.iter().any(|c| !claims.contains_key(c)) {
         return Err(Reject::MissingClaim);
     }
-    Ok(Verified { kid: kid.clone(), sub, jti, iat, exp, claims })
+    Ok(Verified { kid: kid.clone(), sub, jti, iat, nbf, exp, claims })
 }
 
 /// Claims a caller may not set when minting.

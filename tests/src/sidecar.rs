@@ -441,6 +441,10 @@ pub fn test_config(realm: &str, redis_seeds: Option<Vec<String>>) -> SidecarConf
     c
 }
 
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
