@@ -18,8 +18,8 @@ use authrealm_contract::FailurePolicy;
 
 use crate::app::{App, Body, BoxError, full, json_response, now_unix};
 use crate::longlived::Grant;
-use crate::tokencache::VerifiedToken;
 use crate::paths::path_is_public_candidate;
+use crate::tokencache::VerifiedToken;
 
 /// Responses announcing at most this many bytes are not re-checked while they stream.
 const SHORT_BODY_BYTES: u64 = 256 * 1024;
@@ -169,15 +169,8 @@ fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
             identity.push((ih.name.clone(), value));
         }
     }
-    let grant = Arc::new(VerifiedToken {
-        kid: v.kid,
-        sub: v.sub,
-        jti: v.jti,
-        iat: v.iat,
-        nbf: v.nbf,
-        exp: v.exp,
-        identity,
-    });
+    let grant =
+        Arc::new(VerifiedToken { kid: v.kid, sub: v.sub, jti: v.jti, iat: v.iat, nbf: v.nbf, exp: v.exp, identity });
     app.token_cache.insert(token, &ring.digest, grant.clone());
     Ok(grant)
 }

@@ -178,7 +178,7 @@ impl TokenCache {
         if !self.seen_before(hash) {
             return;
         }
-        if self.admitted.fetch_add(1, Ordering::Relaxed) % (DOORKEEPER_BITS as u64 / 8) == 0 {
+        if (self.admitted.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(DOORKEEPER_BITS as u64 / 8) {
             for w in &self.doorkeeper {
                 w.store(0, Ordering::Relaxed);
             }
@@ -190,12 +190,20 @@ impl TokenCache {
         }
         let mut shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
         if shard.digest != *digest {
-            // Verified with another key set: everything older goes.
-            self.stats.entries.dec_by(shard.map.len() as i64);
-            shard.map.clear();
-            shard.clock.clear();
-            shard.bytes = 0;
-            shard.digest = *digest;
+            // The key set changed: everything verified with an earlier one goes, in every shard
+            // (lookups already ignore it; this frees the memory at once).
+            drop(shard);
+            for other in &self.shards {
+                let mut o = other.lock().unwrap_or_else(|p| p.into_inner());
+                if o.digest != *digest {
+                    self.stats.entries.dec_by(o.map.len() as i64);
+                    o.map.clear();
+                    o.clock.clear();
+                    o.bytes = 0;
+                    o.digest = *digest;
+                }
+            }
+            shard = self.shard(hash).lock().unwrap_or_else(|p| p.into_inner());
         }
         if let Some(old) = shard.map.get_mut(&hash) {
             // Same hash (the same token verified again, or a collision): replace in place; the
