@@ -3,7 +3,7 @@
 #   redis-server  -> /usr/bin/redis-server   (tests/src/redis_cluster.rs)
 #   redis-tools   -> /usr/bin/redis-cli      (cluster create, CLUSTER/INFO queries)
 #   openssl       -> /usr/bin/openssl        (test certificates)
-#   faketime      -> /usr/bin/faketime       (sidecars whose clocks differ, tests/tests/sidecar_clocks.rs)
+#   faketime      -> /usr/bin/faketime       (sidecars whose clocks differ, tests/tests/sidecar_revocation.rs)
 # Idempotent: does nothing (and no apt-get update) when all commands are present.
 # Does not touch the Rust or Go toolchains.
 set -euo pipefail
