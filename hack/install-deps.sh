@@ -10,6 +10,7 @@
 #   containernetworking-plugins -> /usr/lib/cni/bridge, host-local, …  (pod network)
 #   iptables                    -> /usr/sbin/iptables                  (kube-proxy, drop rule)
 #   busybox-static              -> /bin/busybox                        (test image with a shell)
+#   jq                          -> /usr/bin/jq                         (OCI image configs, hack/images.sh)
 # Idempotent: does nothing (and no apt-get update) when everything is present.
 # Debian's containerd package starts no daemon here (no systemd); hack/node.sh runs its own.
 # Does not touch the Rust or Go toolchains.
@@ -29,6 +30,7 @@ checks=(
     /usr/lib/cni/loopback:containernetworking-plugins
     iptables:iptables
     /bin/busybox:busybox-static
+    jq:jq
 )
 
 present() {
@@ -54,7 +56,7 @@ missing_packages() {
 mapfile -t missing < <(missing_packages)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "install-deps: redis-server, redis-cli, openssl, shellcheck, containerd, runc, CNI plugins, iptables and busybox already present"
+    echo "install-deps: redis-server, redis-cli, openssl, shellcheck, containerd, runc, CNI plugins, iptables, busybox and jq already present"
     exit 0
 fi
 
