@@ -702,7 +702,7 @@ mounts_under_state_dir() { findmnt -rn -o TARGET | awk -v d="${NODE_DIR}/" 'inde
 teardown() (
   set +e
   trap '' INT
-  local quiet=${1:-} p pass m socket
+  local quiet=${1:-} p m socket
   local -a sockets=()
   [[ -e ${NODE_DIR} ]] || [[ -n $(cgroup_pids) ]] || ip link show "${HOST_IF}" >/dev/null 2>&1 || return 0
   [[ -n ${quiet} ]] || log "tearing down ${NODE_DIR}"
@@ -712,7 +712,7 @@ teardown() (
   stop_pids 5 $(recorded_pids kube-proxy kubelet)
   # 2. Every container (they live in our cgroups only), at once.
   mapfile -t sockets < <(shim_sockets)
-  for pass in 1 2 3 4 5; do
+  for _ in 1 2 3 4 5; do
     p=$(cgroup_pids)
     [[ -n ${p} ]] || break
     # shellcheck disable=SC2086
@@ -731,7 +731,7 @@ teardown() (
 
   # 4. Mounts under the state dir (container rootfs, shm, pod netns, kubelet volumes, the shared
   #    kubelet dir, the node netns), deepest first; a few passes for stacked mounts.
-  for pass in 1 2 3 4 5; do
+  for _ in 1 2 3 4 5; do
     m=$(mounts_under_state_dir)
     [[ -n ${m} ]] || break
     while read -r p; do umount "${p}" 2>/dev/null || umount -l "${p}" 2>/dev/null; done <<<"${m}"
