@@ -122,6 +122,7 @@ start() {
   shift
   setsid "$@" </dev/null >>"${LOG_DIR}/${name}.log" 2>&1 9>&- &
   pid=$!
+  disown "${pid}"
   printf '%s %s %s\n' "${name}" "${pid}" "$(proc_start "${pid}")" >>"${PIDS}"
   log "started ${name} (pid ${pid})"
 }
@@ -674,7 +675,7 @@ pids_naming_state_dir() {
     pid=${f#/proc/}
     pid=${pid%/cmdline}
     [[ ${ancestors} == *" ${pid} "* ]] && continue
-    if tr '\0' '\n' <"${f}" 2>/dev/null | grep -qF "${NODE_DIR}/"; then echo "${pid}"; fi
+    if { tr '\0' '\n' <"${f}"; } 2>/dev/null | grep -qF "${NODE_DIR}/"; then echo "${pid}"; fi
   done
   return 0
 }
@@ -719,10 +720,12 @@ teardown() (
     kill -KILL ${p} 2>/dev/null
     sleep 0.2
   done
-  # 3. The rest in parallel (graceful, 10 s), then anything else naming the state directory
-  #    (containerd shims, a process whose pid record was lost).
+  # 3. The rest, in two parallel waves (kube-apiserver lingers on SIGTERM once etcd is gone),
+  #    then anything else naming the state directory (containerd shims, a lost pid record).
   # shellcheck disable=SC2046
-  stop_pids 10 $(recorded_pids coredns kube-scheduler kube-controller-manager kube-apiserver etcd containerd)
+  stop_pids 10 $(recorded_pids coredns kube-scheduler kube-controller-manager kube-apiserver)
+  # shellcheck disable=SC2046
+  stop_pids 10 $(recorded_pids etcd containerd)
   # shellcheck disable=SC2046
   stop_pids 0 $(pids_naming_state_dir)
   rm -f "${PIDS}"
