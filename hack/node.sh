@@ -42,7 +42,7 @@
 #   pods 10.97.0.0/24 on the bridge ar-pods0 (gateway 10.97.0.1; CNI bridge + host-local,
 #   ipMasq off: no NAT to anywhere); Services 10.97.128.0/24 (kube-proxy, iptables mode);
 #   node IP 10.97.255.1 on ar-node0, the namespace end of a veth pair whose host end ar-host0
-#   carries 10.97.255.2 and the host's only route added: 10.97.0.0/16 via ar-host0. The host thus
+#   carries 10.97.255.2 and the host's only route added: 10.97.0.0/16 via 10.97.255.1. The host thus
 #   reaches the API server, pods and ClusterIPs; ip_forward stays 0 on the host, so nothing from
 #   the node is forwarded anywhere. In the namespace: no default route (anything outside the range
 #   is unreachable), a blackhole route for the rest of 10.97.0.0/16 (unused pod and Service
@@ -209,7 +209,8 @@ setup_network() {
   ip link add "${HOST_IF}" type veth peer name "${NODE_IF}" netns "${NETNS}"
   ip addr add "${HOST_IP}/32" dev "${HOST_IF}"
   ip link set "${HOST_IF}" up
-  ip route add "${RANGE}" dev "${HOST_IF}" src "${HOST_IP}"
+  # Through the node IP as gateway: the host must ARP for an address the namespace owns.
+  ip route add "${RANGE}" via "${NODE_IP}" dev "${HOST_IF}" src "${HOST_IP}" onlink
   in_node ip link set lo up
   in_node ip addr add "${NODE_IP}/32" dev "${NODE_IF}"
   in_node ip link set "${NODE_IF}" up
