@@ -584,6 +584,7 @@ on_up_exit() {
 }
 
 cmd_up() {
+  local p
   check_host
   mkdir -p "$(dirname "${NODE_DIR}")"
   exec 9>"${LOCK_FILE}"
@@ -607,6 +608,10 @@ cmd_up() {
   mkdir -p "${NODE_DIR}/run" "${LOG_DIR}"
   : >"${PIDS}"
   : >"${NODE_DIR}/run/timings"
+  # Fixed paths outside the state directory that the kubelet, containerd and go-cni create.
+  for p in /var/lib/kubelet /var/lib/cni /run/containerd; do
+    [[ -e ${p} ]] || echo "${p}" >>"${NODE_DIR}/run/created-paths"
+  done
   T0=$(date +%s.%N)
   setup_network
   phase "network namespace + veth + rules"
@@ -689,11 +694,28 @@ cgroup_pids() {
   return 0
 }
 
-shim_sockets() { # unix sockets our shims listen on (kept to delete them after the shims die)
-  local pids
-  pids=$(pids_naming_state_dir | tr '\n' '|')
-  [[ -n ${pids} ]] || return 0
-  ss -xlpH 2>/dev/null | awk -v re="pid=(${pids%|}),fd=" '$0 ~ re && $5 ~ /^\/run\/containerd\/s\// { print $5 }' | sort -u
+# IDs of this node's containerd tasks and pod sandboxes: from the shims' command lines and from
+# containerd's state directory (which outlives a crashed run).
+containerd_ids() {
+  local pid
+  for pid in $(pids_naming_state_dir); do
+    { tr '\0' '\n' <"/proc/${pid}/cmdline"; } 2>/dev/null | grep -A1 -x -- -id | sed -n 2p
+  done
+  find "${CTRD_DIR}/state/io.containerd.runtime.v2.task/k8s.io" \
+    "${CTRD_DIR}/state/io.containerd.grpc.v1.cri/sandboxes" -mindepth 1 -maxdepth 1 -type d \
+    -printf '%f\n' 2>/dev/null
+  return 0
+}
+
+# Files this node leaves at containerd 1.6's and go-cni's fixed paths, named after its IDs:
+# shim sockets /run/containerd/s/sha256(<grpc address>/<namespace>/<id>) and CNI result cache
+# entries <network>-<id>-<interface>.
+fixed_path_files() {
+  local id
+  for id in $(containerd_ids | sort -u); do
+    printf '%s/%s\n' "${SHIM_SOCKETS}" "$(printf '%s' "${CTRD_SOCK}/k8s.io/${id}" | sha256sum | cut -d' ' -f1)"
+    printf '%s\n' "${CNI_CACHE}/${CNI_NETWORK}-${id}-eth0" "${CNI_CACHE}/cni-loopback-${id}-lo"
+  done
 }
 
 mounts_under_state_dir() { findmnt -rn -o TARGET | awk -v d="${NODE_DIR}/" 'index($0, d) == 1' | sort -r; }
@@ -704,16 +726,17 @@ mounts_under_state_dir() { findmnt -rn -o TARGET | awk -v d="${NODE_DIR}/" 'inde
 teardown() (
   set +e
   trap '' INT
-  local quiet=${1:-} p m socket
-  local -a sockets=()
+  local quiet=${1:-} p m f
+  local -a files=()
   [[ -e ${NODE_DIR} ]] || [[ -n $(cgroup_pids) ]] || ip link show "${HOST_IF}" >/dev/null 2>&1 || return 0
   [[ -n ${quiet} ]] || log "tearing down ${NODE_DIR}"
 
   # 1. The node agents first: a running kubelet recreates pods that disappear.
   # shellcheck disable=SC2046
   stop_pids 5 $(recorded_pids kube-proxy kubelet)
+  [[ -n ${quiet} ]] || log "node agents stopped"
   # 2. Every container (they live in our cgroups only), at once.
-  mapfile -t sockets < <(shim_sockets)
+  mapfile -t files < <(fixed_path_files)
   for _ in 1 2 3 4 5; do
     p=$(cgroup_pids)
     [[ -n ${p} ]] || break
@@ -725,13 +748,18 @@ teardown() (
   #    then anything else naming the state directory (containerd shims, a lost pid record).
   # shellcheck disable=SC2046
   stop_pids 10 $(recorded_pids coredns kube-scheduler kube-controller-manager kube-apiserver)
+  [[ -n ${quiet} ]] || log "containers killed, control plane stopped"
   # shellcheck disable=SC2046
   stop_pids 10 $(recorded_pids etcd containerd)
   # shellcheck disable=SC2046
   stop_pids 0 $(pids_naming_state_dir)
   rm -f "${PIDS}"
-  for socket in "${sockets[@]}"; do rm -f "${socket}"; done
-  rmdir "${SHIM_SOCKETS}" /run/containerd 2>/dev/null
+  for f in "${files[@]}"; do rm -f "${f}"; done
+  rmdir "${SHIM_SOCKETS}" /run/containerd "${CNI_CACHE}" /var/lib/cni 2>/dev/null
+  # The kubelet's device-plugin socket directory is a fixed path; remove it if `up` created it.
+  if grep -qx /var/lib/kubelet "${NODE_DIR}/run/created-paths" 2>/dev/null; then
+    rm -rf --one-file-system /var/lib/kubelet
+  fi
 
   # 4. Mounts under the state dir (container rootfs, shm, pod netns, kubelet volumes, the shared
   #    kubelet dir, the node netns), deepest first; a few passes for stacked mounts.
@@ -748,9 +776,6 @@ teardown() (
     sleep 0.1
   done
   ip link del "${HOST_IF}" 2>/dev/null
-  # go-cni's result cache of this node's network (named after it, so only ours).
-  rm -f "${CNI_CACHE}/${CNI_NETWORK}-"* 2>/dev/null
-  rmdir "${CNI_CACHE}" /var/lib/cni 2>/dev/null
 
   # 6. cgroups, deepest first.
   while read -r m; do
