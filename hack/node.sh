@@ -733,7 +733,7 @@ teardown() (
 
   # 1. The node agents first: a running kubelet recreates pods that disappear.
   # shellcheck disable=SC2046
-  stop_pids 5 $(recorded_pids kube-proxy kubelet)
+  stop_pids 3 $(recorded_pids kube-proxy kubelet)
   [[ -n ${quiet} ]] || log "node agents stopped"
   # 2. Every container (they live in our cgroups only), at once.
   mapfile -t files < <(fixed_path_files)
@@ -744,13 +744,13 @@ teardown() (
     kill -KILL ${p} 2>/dev/null
     sleep 0.2
   done
-  # 3. The rest, in two parallel waves (kube-apiserver lingers on SIGTERM once etcd is gone),
-  #    then anything else naming the state directory (containerd shims, a lost pid record).
+  [[ -n ${quiet} ]] || log "containers killed"
+  # 3. The rest at once, then anything else naming the state directory (containerd shims, a lost
+  #    pid record). Nothing here has state worth a graceful stop (etcd runs without fsync and is
+  #    wiped), so the grace period is short: kube-apiserver alone lingers for seconds once etcd
+  #    is gone.
   # shellcheck disable=SC2046
-  stop_pids 10 $(recorded_pids coredns kube-scheduler kube-controller-manager kube-apiserver)
-  [[ -n ${quiet} ]] || log "containers killed, control plane stopped"
-  # shellcheck disable=SC2046
-  stop_pids 10 $(recorded_pids etcd containerd)
+  stop_pids 3 $(recorded_pids coredns kube-scheduler kube-controller-manager kube-apiserver etcd containerd)
   # shellcheck disable=SC2046
   stop_pids 0 $(pids_naming_state_dir)
   rm -f "${PIDS}"
