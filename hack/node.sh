@@ -643,15 +643,17 @@ cmd_up() {
 # down
 
 stop_pids() { # SECONDS PID...: SIGTERM, wait up to SECONDS, then SIGKILL
-  local secs=$1 p deadline
+  local secs=$1 p i alive
   shift
   (($# > 0)) || return 0
   kill -TERM "$@" 2>/dev/null || true
-  deadline=$((SECONDS + secs))
-  for p in "$@"; do
-    while kill -0 "${p}" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-    kill -KILL "${p}" 2>/dev/null || true
+  for ((i = 0; i < secs * 10; i++)); do
+    alive=0
+    for p in "$@"; do kill -0 "${p}" 2>/dev/null && alive=1 && break; done
+    ((alive)) || return 0
+    sleep 0.1
   done
+  kill -KILL "$@" 2>/dev/null || true
   for p in "$@"; do
     while kill -0 "${p}" 2>/dev/null; do sleep 0.05; done
   done
@@ -671,18 +673,16 @@ recorded_pids() { # NAME... -> live PIDs recorded under those names (start time 
 # PIDs whose command line mentions the state directory (containerd shims name our socket), except
 # this script and its ancestors.
 pids_naming_state_dir() {
-  local f pid self=$$ ancestors=" "
-  local p=${self}
+  local f pid p=$$ ancestors=" "
   while [[ -n ${p} && ${p} != 0 && ${p} != 1 ]]; do
     ancestors+="${p} "
     p=$(awk '{ sub(/^.*\) /, ""); print $2 }' "/proc/${p}/stat" 2>/dev/null || true)
   done
-  for f in /proc/[0-9]*/cmdline; do
+  while read -r f; do
     pid=${f#/proc/}
     pid=${pid%/cmdline}
-    [[ ${ancestors} == *" ${pid} "* ]] && continue
-    if { tr '\0' '\n' <"${f}"; } 2>/dev/null | grep -qF "${NODE_DIR}/"; then echo "${pid}"; fi
-  done
+    [[ ${ancestors} == *" ${pid} "* ]] || echo "${pid}"
+  done < <(grep -laF -- "${NODE_DIR}/" /proc/[0-9]*/cmdline 2>/dev/null)
   return 0
 }
 
@@ -727,7 +727,7 @@ teardown() (
   set +e
   trap '' INT
   local quiet=${1:-} p m f
-  local -a files=()
+  local -a files=() pids=()
   [[ -e ${NODE_DIR} ]] || [[ -n $(cgroup_pids) ]] || ip link show "${HOST_IF}" >/dev/null 2>&1 || return 0
   [[ -n ${quiet} ]] || log "tearing down ${NODE_DIR}"
 
@@ -738,21 +738,20 @@ teardown() (
   # 2. Every container (they live in our cgroups only), at once.
   mapfile -t files < <(fixed_path_files)
   for _ in 1 2 3 4 5; do
-    p=$(cgroup_pids)
-    [[ -n ${p} ]] || break
-    # shellcheck disable=SC2086
-    kill -KILL ${p} 2>/dev/null
+    mapfile -t pids < <(cgroup_pids | sort -u)
+    ((${#pids[@]} > 0)) || break
+    kill -KILL "${pids[@]}" 2>/dev/null
     sleep 0.2
   done
   [[ -n ${quiet} ]] || log "containers killed"
   # 3. The rest at once, then anything else naming the state directory (containerd shims, a lost
   #    pid record). Nothing here has state worth a graceful stop (etcd runs without fsync and is
-  #    wiped), so the grace period is short: kube-apiserver alone lingers for seconds once etcd
-  #    is gone.
+  #    wiped), so the grace period is short: kube-apiserver alone lingers for more than 8 s.
   # shellcheck disable=SC2046
-  stop_pids 3 $(recorded_pids coredns kube-scheduler kube-controller-manager kube-apiserver etcd containerd)
+  stop_pids 2 $(recorded_pids coredns kube-scheduler kube-controller-manager kube-apiserver etcd containerd)
   # shellcheck disable=SC2046
   stop_pids 0 $(pids_naming_state_dir)
+  [[ -n ${quiet} ]] || log "control plane, CoreDNS and containerd stopped"
   rm -f "${PIDS}"
   for f in "${files[@]}"; do rm -f "${f}"; done
   rmdir "${SHIM_SOCKETS}" /run/containerd "${CNI_CACHE}" /var/lib/cni 2>/dev/null
@@ -769,6 +768,7 @@ teardown() (
     while read -r p; do umount "${p}" 2>/dev/null || umount -l "${p}" 2>/dev/null; done <<<"${m}"
   done
 
+  [[ -n ${quiet} ]] || log "mounts removed"
   # 5. Network: the namespace went with its last mount and process (bridge, veths, iptables);
   #    its destruction is asynchronous, and the host end of the veth goes with it.
   for _ in $(seq 1 50); do
@@ -776,6 +776,7 @@ teardown() (
     sleep 0.1
   done
   ip link del "${HOST_IF}" 2>/dev/null
+  [[ -n ${quiet} ]] || log "network namespace gone"
 
   # 6. cgroups, deepest first.
   while read -r m; do
