@@ -671,9 +671,10 @@ recorded_pids() { # NAME... -> live PIDs recorded under those names (start time 
 }
 
 # PIDs whose command line mentions the state directory (containerd shims name our socket), except
-# this script and its ancestors.
+# this script and its ancestors (the pattern goes to grep through a file, so that grep's own
+# command line does not match).
 pids_naming_state_dir() {
-  local f pid p=$$ ancestors=" "
+  local f pid p=${BASHPID} ancestors=" "
   while [[ -n ${p} && ${p} != 0 && ${p} != 1 ]]; do
     ancestors+="${p} "
     p=$(awk '{ sub(/^.*\) /, ""); print $2 }' "/proc/${p}/stat" 2>/dev/null || true)
@@ -682,7 +683,7 @@ pids_naming_state_dir() {
     pid=${f#/proc/}
     pid=${pid%/cmdline}
     [[ ${ancestors} == *" ${pid} "* ]] || echo "${pid}"
-  done < <(grep -laF -- "${NODE_DIR}/" /proc/[0-9]*/cmdline 2>/dev/null)
+  done < <(grep -laF -f <(printf '%s/\n' "${NODE_DIR}") /proc/[0-9]*/cmdline 2>/dev/null)
   return 0
 }
 
