@@ -258,6 +258,10 @@ egress_rule_first() {
   in_node iptables -I FORWARD 1 -j "${EGRESS_CHAIN}"
 }
 
+egress_rule_is_first() {
+  [[ $(in_node iptables -S FORWARD 2>/dev/null | sed -n 2p) == "-A FORWARD -j ${EGRESS_CHAIN}" ]]
+}
+
 start_containerd() {
   mkdir -p "${CTRD_DIR}"
   cat >"${CTRD_DIR}/config.toml" <<TOML
@@ -633,6 +637,8 @@ cmd_up() {
   wait_for "CoreDNS ready" 60 coredns in_node curl -fsS --max-time 2 http://127.0.0.1:8181/ready
   wait_for "kubernetes.default.svc.cluster.local via CoreDNS" 30 coredns dns_answers
   phase "ServiceAccount + DNS ready"
+  egress_rule_first # again: kube-proxy's first sync may have come after the first time
+  egress_rule_is_first || die "${EGRESS_CHAIN} is not the first rule of FORWARD in the node's namespace"
   UP_DONE=1
   trap - EXIT INT TERM
   log "up: kubectl --kubeconfig ${KUBECONFIG_OUT} get pods -A   (down: hack/node.sh down)"
@@ -843,6 +849,7 @@ health_check() { # exit 0 healthy, 1 nothing, 2 partial
   api_ready >/dev/null 2>&1 || { log "kube-apiserver: not ready"; return 2; }
   node_ready || { log "node ${NODE_NAME}: not Ready"; return 2; }
   log "node ${NODE_NAME}: Ready"
+  egress_rule_is_first || { log "${EGRESS_CHAIN} is not the first rule of FORWARD"; return 2; }
   return 0
 }
 
