@@ -24,6 +24,8 @@
 #           with everything in it, the host's veth, the cgroups, containerd's state, the CNI
 #           result cache entries and the containerd shim sockets of this node. Idempotent; exit 0
 #           when nothing is left, 1 (with a list on stderr) otherwise. Keeps $NODE_DIR/log.
+#           The machine-wide names (below) are only touched by the state directory written in
+#           /run/authrealm-node.owner (while a node is up); `up` refuses while another owns them.
 #   status  Exit 0 when the node is up and healthy (then prints the kubeconfig path as the last
 #           stdout line), 1 when nothing runs, 2 when it is partly up. Details on stderr.
 #   env     Prints KEY=VALUE lines (kubeconfig, addresses, ranges, containerd socket, netns, bin
@@ -104,6 +106,9 @@ CTRD_SOCK="${CTRD_DIR}/containerd.sock"
 KUBELET_DIR="${NODE_DIR}/kubelet"
 CNI_CACHE=/var/lib/cni/results   # go-cni's fixed cache dir (containerd 1.6 has no setting)
 SHIM_SOCKETS=/run/containerd/s   # containerd 1.6's fixed shim socket dir
+# Names the state directory of the node that owns the machine-wide names (interface, route,
+# cgroup): a teardown of another state directory leaves those alone.
+OWNER_FILE=/run/authrealm-node.owner
 
 log() { printf '[node %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -197,6 +202,8 @@ check_host() {
   done
   [[ -d /sys/fs/cgroup/pids || -f /sys/fs/cgroup/cgroup.controllers ]] || die "no cgroup file system"
 }
+
+owned_by_other() { [[ -f ${OWNER_FILE} && $(cat "${OWNER_FILE}") != "${NODE_DIR}" ]]; }
 
 cgroup_mounts() { awk '$3 == "cgroup" || $3 == "cgroup2" { print $2 }' /proc/self/mounts; }
 
@@ -602,6 +609,9 @@ cmd_up() {
   trap 'log "interrupted"; exit 130' INT
   trap 'log "terminated"; exit 143' TERM
   teardown quiet || die "leftovers of a previous node could not be removed"
+  if owned_by_other; then
+    die "the node of $(cat "${OWNER_FILE}") is up: AUTHREALM_NODE_DIR=$(cat "${OWNER_FILE}") hack/node.sh down"
+  fi
   if ip link show "${HOST_IF}" >/dev/null 2>&1 || ip route show "${RANGE}" | grep -q .; then
     die "${HOST_IF} or a route for ${RANGE} already exists: another node (other AUTHREALM_NODE_DIR?) is up"
   fi
@@ -616,6 +626,7 @@ cmd_up() {
   for p in /var/lib/kubelet /var/lib/cni /run/containerd; do
     [[ -e ${p} ]] || echo "${p}" >>"${NODE_DIR}/run/created-paths"
   done
+  echo "${NODE_DIR}" >"${OWNER_FILE}"
   T0=$(date +%s.%N)
   setup_network
   phase "network namespace + veth + rules"
@@ -733,8 +744,13 @@ mounts_under_state_dir() { findmnt -rn -o TARGET | awk -v d="${NODE_DIR}/" 'inde
 teardown() (
   set +e
   trap '' INT
-  local quiet=${1:-} p m f
+  local quiet=${1:-} p m f shared=1
   local -a files=() pids=()
+  if owned_by_other; then
+    shared=0
+    [[ -e ${NODE_DIR} ]] || return 0
+    log "${HOST_IF}, ${RANGE} and the /${CGROUP_NAME} cgroups belong to the node of $(cat "${OWNER_FILE}"): left alone"
+  fi
   [[ -e ${NODE_DIR} ]] || [[ -n $(cgroup_pids) ]] || ip link show "${HOST_IF}" >/dev/null 2>&1 || return 0
   [[ -n ${quiet} ]] || log "tearing down ${NODE_DIR}"
 
@@ -745,6 +761,7 @@ teardown() (
   # 2. Every container (they live in our cgroups only), at once.
   mapfile -t files < <(fixed_path_files)
   for _ in 1 2 3 4 5; do
+    ((shared)) || break
     mapfile -t pids < <(cgroup_pids | sort -u)
     ((${#pids[@]} > 0)) || break
     kill -KILL "${pids[@]}" 2>/dev/null
@@ -763,7 +780,7 @@ teardown() (
   for f in "${files[@]}"; do rm -f "${f}"; done
   rmdir "${SHIM_SOCKETS}" /run/containerd "${CNI_CACHE}" /var/lib/cni 2>/dev/null
   # The kubelet's device-plugin socket directory is a fixed path; remove it if `up` created it.
-  if grep -qx /var/lib/kubelet "${NODE_DIR}/run/created-paths" 2>/dev/null; then
+  if ((shared)) && grep -qx /var/lib/kubelet "${NODE_DIR}/run/created-paths" 2>/dev/null; then
     rm -rf --one-file-system /var/lib/kubelet
   fi
 
@@ -778,36 +795,40 @@ teardown() (
   [[ -n ${quiet} ]] || log "mounts removed"
   # 5. Network: the namespace went with its last mount and process (bridge, veths, iptables);
   #    its destruction is asynchronous, and the host end of the veth goes with it.
-  for _ in $(seq 1 50); do
-    ip link show "${HOST_IF}" >/dev/null 2>&1 || break
-    sleep 0.1
-  done
-  ip link del "${HOST_IF}" 2>/dev/null
-  [[ -n ${quiet} ]] || log "network namespace gone"
+  if ((shared)); then
+    for _ in $(seq 1 50); do
+      ip link show "${HOST_IF}" >/dev/null 2>&1 || break
+      sleep 0.1
+    done
+    ip link del "${HOST_IF}" 2>/dev/null
+    [[ -n ${quiet} ]] || log "network namespace gone"
 
-  # 6. cgroups, deepest first.
-  while read -r m; do
-    [[ -d "${m}/${CGROUP_NAME}" ]] && find "${m}/${CGROUP_NAME}" -depth -type d -exec rmdir {} + 2>/dev/null
-  done < <(cgroup_mounts)
+    # 6. cgroups, deepest first.
+    while read -r m; do
+      [[ -d "${m}/${CGROUP_NAME}" ]] && find "${m}/${CGROUP_NAME}" -depth -type d -exec rmdir {} + 2>/dev/null
+    done < <(cgroup_mounts)
+  fi
 
   # 7. State (kept: the logs of the last run and the lock file).
   rm -rf --one-file-system "${NODE_DIR:?}/run" "${PKI}" "${NODE_DIR}/etcd" "${CTRD_DIR}" \
     "${KUBELET_DIR}" "${NODE_DIR}/runc" "${NODE_DIR}/cni" "${NODE_DIR}/pod-logs" \
     "${NODE_DIR}/coredns" "${NODE_DIR}"/*.yaml "${KUBECONFIG_OUT}" 2>/dev/null
-  leftovers
+  ((shared)) && rm -f "${OWNER_FILE}"
+  leftovers "${shared}"
 )
 
-leftovers() { # prints what is left of the node; returns 1 if anything is
-  local left=()
+leftovers() { # [SHARED]: prints what is left of the node; returns 1 if anything is
+  local left=() m
   [[ -z $(pids_naming_state_dir) ]] || left+=("processes: $(pids_naming_state_dir | tr '\n' ' ')")
-  [[ -z $(cgroup_pids) ]] || left+=("processes in /${CGROUP_NAME} cgroups: $(cgroup_pids | tr '\n' ' ')")
   [[ -z $(mounts_under_state_dir) ]] || left+=("mounts: $(mounts_under_state_dir | tr '\n' ' ')")
-  ! ip link show "${HOST_IF}" >/dev/null 2>&1 || left+=("interface ${HOST_IF}")
-  [[ -z $(ip route show "${RANGE}") ]] || left+=("route ${RANGE}")
-  local m
-  while read -r m; do
-    [[ ! -d "${m}/${CGROUP_NAME}" ]] || left+=("cgroup ${m}/${CGROUP_NAME}")
-  done < <(cgroup_mounts)
+  if ((${1:-1})); then
+    [[ -z $(cgroup_pids) ]] || left+=("processes in /${CGROUP_NAME} cgroups: $(cgroup_pids | tr '\n' ' ')")
+    ! ip link show "${HOST_IF}" >/dev/null 2>&1 || left+=("interface ${HOST_IF}")
+    [[ -z $(ip route show "${RANGE}") ]] || left+=("route ${RANGE}")
+    while read -r m; do
+      [[ ! -d "${m}/${CGROUP_NAME}" ]] || left+=("cgroup ${m}/${CGROUP_NAME}")
+    done < <(cgroup_mounts)
+  fi
   ((${#left[@]} == 0)) && return 0
   printf '[node] left over: %s\n' "${left[@]}" >&2
   return 1
