@@ -39,14 +39,15 @@
 # otherwise hack/control-plane.sh / hack/node-bins.sh are run), AUTHREALM_NODE_KEEP.
 #
 # Network. The node lives in a network namespace made by this script (bind-mounted at
-# $NODE_DIR/run/netns); every component, pod and iptables rule is in it, so the host's iptables,
-# routes and sysctls are never changed. Inside, everything is in 10.97.0.0/16:
+# $NODE_DIR/run/netns); every component, pod and iptables rule is in it, so the host's iptables
+# and sysctls are never changed (the host only gets one veth and one route). Inside, everything
+# is in 10.97.0.0/16:
 #   pods 10.97.0.0/24 on the bridge ar-pods0 (gateway 10.97.0.1; CNI bridge + host-local,
 #   ipMasq off: no NAT to anywhere); Services 10.97.128.0/24 (kube-proxy, iptables mode);
 #   node IP 10.97.255.1 on ar-node0, the namespace end of a veth pair whose host end ar-host0
-#   carries 10.97.255.2 and the host's only route added: 10.97.0.0/16 via 10.97.255.1. The host thus
-#   reaches the API server, pods and ClusterIPs; ip_forward stays 0 on the host, so nothing from
-#   the node is forwarded anywhere. In the namespace: no default route (anything outside the range
+#   carries 10.97.255.2 and the route 10.97.0.0/16 via 10.97.255.1. The host thus reaches the
+#   API server, pods and ClusterIPs; the host's ip_forward is left as it is (0 here), so it does
+#   not route the node's traffic anywhere. In the namespace: no default route (anything outside the range
 #   is unreachable), a blackhole route for the rest of 10.97.0.0/16 (unused pod and Service
 #   addresses), and the chain AR-NODE-EGRESS, first in FORWARD, drops anything that arrives from
 #   the pod bridge and would leave by another interface, except replies to connections the host
