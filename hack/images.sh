@@ -24,8 +24,8 @@
 # --from=build line) are READ from the Dockerfile's last stage, so the two cannot drift. That stage
 # must be FROM gcr.io/distroless/cc-debian12:nonroot, which this script stands in for with what the
 # distroless image holds and is built from: this Debian 12 host's glibc libraries (as ldd names
-# them), CA certificates, /etc/passwd and /etc/group with root and nonroot (65532), /tmp and
-# /home/nonroot, and its default config (user 65532, WorkingDir /home/nonroot, PATH, SSL_CERT_FILE).
+# them), CA certificates, /etc/passwd and /etc/group with root and nonroot (65532),
+# /etc/nsswitch.conf, /tmp and /home/nonroot, and its default config (user 65532, WorkingDir /home/nonroot, PATH, SSL_CERT_FILE).
 # No shell is added: like distroless, the image has none.
 #
 # The release binaries come from ${AUTHREALM_RELEASE_DIR:-${CARGO_TARGET_DIR:-target}/release}:
@@ -211,6 +211,7 @@ image_from_dockerfile() { # SHORT DOCKERFILE
   done
   install -D -m 0644 /etc/ssl/certs/ca-certificates.crt "${root}/etc/ssl/certs/ca-certificates.crt"
   passwd_files "${root}" root:0 nobody:65534 nonroot:65532
+  printf 'hosts: files dns\n' >"${root}/etc/nsswitch.conf"
   tmp_dir "${root}"
   mkdir -p "${root}/home/nonroot"
   pack "${short}" "localhost/authrealm/authrealm-${short}:dev" "${root}" <<<"${cfg}"
