@@ -25,7 +25,8 @@
 # must be FROM gcr.io/distroless/cc-debian12:nonroot, which this script stands in for with what the
 # distroless image holds and is built from: this Debian 12 host's glibc libraries (as ldd names
 # them), CA certificates, /etc/passwd and /etc/group with root and nonroot (65532),
-# /etc/nsswitch.conf, /tmp and /home/nonroot, and its default config (user 65532, WorkingDir /home/nonroot, PATH, SSL_CERT_FILE).
+# /etc/nsswitch.conf, /tmp and /home/nonroot, and its default config (user 65532, WorkingDir
+# /home/nonroot, PATH, SSL_CERT_FILE).
 # No shell is added: like distroless, the image has none.
 #
 # The release binaries come from ${AUTHREALM_RELEASE_DIR:-${CARGO_TARGET_DIR:-target}/release}:
