@@ -122,6 +122,14 @@ in_node() { nsenter --net="${NETNS}" -- "$@"; }
 # Start time of a process (field 22 of /proc/PID/stat), to tell our PID from a reused one.
 proc_start() { awk '{ sub(/^.*\) /, ""); print $20 }' "/proc/$1/stat" 2>/dev/null; }
 
+# True while PID runs. Not `kill -0`: our daemons are re-parented to PID 1, which on this kind of
+# machine (a sandbox's process manager) reaps them late, and a zombie answers kill -0.
+alive() {
+  local state
+  state=$(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ -n ${state} && ${state} != Z && ${state} != X ]]
+}
+
 # start NAME CMD...: a daemon in its own session, logs to $LOG_DIR/NAME.log, recorded in $PIDS.
 start() {
   local name=$1 pid
@@ -138,7 +146,7 @@ recorded_alive() { # NAME -> true if the recorded process of NAME still runs
   [[ -f ${PIDS} ]] || return 1
   while read -r name pid st; do
     [[ ${name} == "$1" ]] || continue
-    [[ -n ${st} && "$(proc_start "${pid}")" == "${st}" ]] && return 0
+    [[ -n ${st} && "$(proc_start "${pid}")" == "${st}" ]] && alive "${pid}" && return 0
   done <"${PIDS}"
   return 1
 }
@@ -661,19 +669,19 @@ cmd_up() {
 # down
 
 stop_pids() { # SECONDS PID...: SIGTERM, wait up to SECONDS, then SIGKILL
-  local secs=$1 p i alive
+  local secs=$1 p i running
   shift
   (($# > 0)) || return 0
   kill -TERM "$@" 2>/dev/null || true
   for ((i = 0; i < secs * 10; i++)); do
-    alive=0
-    for p in "$@"; do kill -0 "${p}" 2>/dev/null && alive=1 && break; done
-    ((alive)) || return 0
+    running=0
+    for p in "$@"; do alive "${p}" && running=1 && break; done
+    ((running)) || return 0
     sleep 0.1
   done
   kill -KILL "$@" 2>/dev/null || true
   for p in "$@"; do
-    while kill -0 "${p}" 2>/dev/null; do sleep 0.05; done
+    while alive "${p}"; do sleep 0.05; done
   done
 }
 
@@ -682,7 +690,7 @@ recorded_pids() { # NAME... -> live PIDs recorded under those names (start time 
   [[ -f ${PIDS} ]] || return 0
   while read -r name pid st; do
     for want in "$@"; do
-      [[ ${name} == "${want}" && -n ${st} && "$(proc_start "${pid}")" == "${st}" ]] && echo "${pid}"
+      [[ ${name} == "${want}" && -n ${st} && "$(proc_start "${pid}")" == "${st}" ]] && alive "${pid}" && echo "${pid}"
     done
   done <"${PIDS}"
   return 0
