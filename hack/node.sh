@@ -64,7 +64,8 @@
 # Runtime. Debian's containerd 1.6 with its own socket, config, root and state under $NODE_DIR;
 # restrict_oom_score_adj (root here lacks CAP_SYS_RESOURCE, so runc cannot give the pause container
 # -998), no AppArmor, cgroupfs driver, sandbox image localhost/authrealm/pause. Pods run in the
-# cgroup subtree /authrealm-node of every hierarchy (kubelet cgroupRoot), cgroup v1 tolerated.
+# cgroup subtree /authrealm-node of every hierarchy (kubelet cgroupRoot), cgroup v1 tolerated
+# (the only layout tested: this kind of machine has v1 plus an empty v2 hierarchy).
 # Images come from hack/images.sh archives only; nothing is pulled (no route out).
 #
 # DNS. CoreDNS runs on the node (in the namespace) at 10.97.255.1:53, authoritative for
