@@ -18,6 +18,8 @@
 #                                                     user 999 like the kind manifests
 #   operator  localhost/authrealm/authrealm-operator:dev   release binaries, in the runtime shape
 #   sidecar   localhost/authrealm/authrealm-sidecar:dev    of images/{operator,sidecar}.Dockerfile
+#   login-app localhost/authrealm/login-app:dev       examples/login-app (Python) in the shape of its
+#                                                     Dockerfile, on this host's Debian python3
 #
 # The operator and sidecar images are not hand-written twins of the Dockerfiles: their config
 # (USER, EXPOSE, ENTRYPOINT, CMD, ENV, WORKDIR, LABEL) and the binary's destination (the COPY
@@ -39,7 +41,7 @@ source hack/lib/oci.sh
 CACHE_ROOT=${AUTHREALM_CACHE:-$HOME/.cache/authrealm}
 IMAGES_DIR=${AUTHREALM_IMAGES_DIR:-${CACHE_ROOT}/images}
 RELEASE_DIR=${AUTHREALM_RELEASE_DIR:-${CARGO_TARGET_DIR:-target}/release}
-ALL=(pause busybox redis operator sidecar)
+ALL=(pause busybox redis operator sidecar login-app)
 DISTROLESS_BASE=gcr.io/distroless/cc-debian12:nonroot
 
 log() { printf '[images] %s\n' "$*" >&2; }
@@ -51,7 +53,7 @@ for arg in "$@"; do
   case "${arg}" in
     --no-import) import=0 ;;
     base) wanted+=(pause busybox) ;;
-    pause | busybox | redis | operator | sidecar) wanted+=("${arg}") ;;
+    pause | busybox | redis | operator | sidecar | login-app) wanted+=("${arg}") ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown image '${arg}' (one of: ${ALL[*]}, base)" ;;
   esac
@@ -163,47 +165,55 @@ dockerfile_runtime_stage() {
 # words of a shell-quoted string, one per line (LABEL a="b c" d=e -> a=b c / d=e)
 words() { printf '%s' "$1" | xargs -n 1 printf '%s\n'; }
 
-image_from_dockerfile() { # SHORT DOCKERFILE
-  local short=$1 dockerfile=$2 root="${WORK}/$1" kw args from="" src dest binary
-  local cfg='{"User": "65532", "WorkingDir": "/home/nonroot", "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"]}'
-  local -a copies=()
+# parse_stage DOCKERFILE BASE_CONFIG_JSON: reads the last stage of DOCKERFILE into STAGE_FROM,
+# STAGE_CFG (BASE_CONFIG_JSON with USER, WORKDIR, EXPOSE, ENTRYPOINT, CMD, ENV and LABEL applied),
+# STAGE_COPIES (the arguments of each COPY) and STAGE_RUNS (each RUN, for the caller to judge).
+# Anything else in the stage is refused: the recipe would silently differ from the Dockerfile.
+parse_stage() {
+  local dockerfile=$1 kw args kv
+  STAGE_FROM="" STAGE_CFG=$2 STAGE_COPIES=() STAGE_RUNS=()
   while read -r kw args; do
     case "${kw^^}" in
-      FROM) from=${args%% *} ;;
-      USER) cfg=$(jq -c --arg u "${args}" '.User = $u' <<<"${cfg}") ;;
-      WORKDIR) cfg=$(jq -c --arg d "${args}" '.WorkingDir = $d' <<<"${cfg}") ;;
+      FROM) STAGE_FROM=${args%% *} ;;
+      USER) STAGE_CFG=$(jq -c --arg u "${args}" '.User = $u' <<<"${STAGE_CFG}") ;;
+      WORKDIR) STAGE_CFG=$(jq -c --arg d "${args}" '.WorkingDir = $d' <<<"${STAGE_CFG}") ;;
       EXPOSE)
-        cfg=$(jq -c --arg p "${args}" '.ExposedPorts = ((.ExposedPorts // {}) + ([$p | splits(" +") | select(. != "")
-          | if test("/") then . else . + "/tcp" end | {(.): {}}] | add))' <<<"${cfg}") ;;
+        STAGE_CFG=$(jq -c --arg p "${args}" '.ExposedPorts = ((.ExposedPorts // {}) + ([$p | splits(" +") | select(. != "")
+          | if test("/") then . else . + "/tcp" end | {(.): {}}] | add))' <<<"${STAGE_CFG}") ;;
       ENTRYPOINT | CMD)
         [[ ${args} == \[* ]] || die "${dockerfile}: only the exec (JSON) form of ${kw} is supported"
-        cfg=$(jq -c --arg k "${kw^^}" --argjson v "${args}" \
-          '(if $k == "CMD" then "Cmd" else "Entrypoint" end) as $key | .[$key] = $v' <<<"${cfg}") ;;
+        STAGE_CFG=$(jq -c --arg k "${kw^^}" --argjson v "${args}" \
+          '(if $k == "CMD" then "Cmd" else "Entrypoint" end) as $key | .[$key] = $v' <<<"${STAGE_CFG}") ;;
       ENV | LABEL)
-        local kv
         while read -r kv; do
           [[ ${kv} == *=* ]] || die "${dockerfile}: only the key=value form of ${kw} is supported"
           if [[ ${kw^^} == ENV ]]; then
-            cfg=$(jq -c --arg k "${kv%%=*}" --arg kv "${kv}" \
-              '.Env = ([.Env[] | select(startswith($k + "=") | not)] + [$kv])' <<<"${cfg}")
+            STAGE_CFG=$(jq -c --arg k "${kv%%=*}" --arg kv "${kv}" \
+              '.Env = ([(.Env // [])[] | select(startswith($k + "=") | not)] + [$kv])' <<<"${STAGE_CFG}")
           else
-            cfg=$(jq -c --arg k "${kv%%=*}" --arg v "${kv#*=}" '.Labels[$k] = $v' <<<"${cfg}")
+            STAGE_CFG=$(jq -c --arg k "${kv%%=*}" --arg v "${kv#*=}" '.Labels[$k] = $v' <<<"${STAGE_CFG}")
           fi
         done < <(words "${args}")
         ;;
-      COPY)
-        [[ ${args} == --from=build\ * ]] || die "${dockerfile}: unexpected COPY in the runtime stage: ${args}"
-        copies+=("${args#--from=build }") ;;
+      COPY) STAGE_COPIES+=("${args}") ;;
+      RUN) STAGE_RUNS+=("${args}") ;;
       ARG | "") ;;
       *) die "${dockerfile}: the runtime stage has ${kw}, which this recipe does not reproduce" ;;
     esac
   done < <(dockerfile_runtime_stage "${dockerfile}")
-  [[ ${from} == "${DISTROLESS_BASE}" ]] ||
-    die "${dockerfile}: runtime stage is FROM '${from}'; this recipe stands in for ${DISTROLESS_BASE} only"
-  ((${#copies[@]} > 0)) || die "${dockerfile}: no COPY --from=build in the runtime stage"
+}
 
-  for src in "${copies[@]}"; do
-    read -r src dest <<<"${src}"
+image_from_dockerfile() { # SHORT DOCKERFILE: a release binary on the distroless stand-in
+  local short=$1 dockerfile=$2 root="${WORK}/$1" copy src dest binary
+  parse_stage "${dockerfile}" '{"User": "65532", "WorkingDir": "/home/nonroot", "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"]}'
+  [[ ${STAGE_FROM} == "${DISTROLESS_BASE}" ]] ||
+    die "${dockerfile}: runtime stage is FROM '${STAGE_FROM}'; this recipe stands in for ${DISTROLESS_BASE} only"
+  ((${#STAGE_RUNS[@]} == 0)) || die "${dockerfile}: RUN in a distroless runtime stage: ${STAGE_RUNS[0]}"
+  ((${#STAGE_COPIES[@]} > 0)) || die "${dockerfile}: no COPY --from=build in the runtime stage"
+
+  for copy in "${STAGE_COPIES[@]}"; do
+    [[ ${copy} == --from=build\ * ]] || die "${dockerfile}: unexpected COPY in the runtime stage: ${copy}"
+    read -r src dest <<<"${copy#--from=build }"
     # The build stage installs target/release/NAME as /out/NAME.
     binary="${RELEASE_DIR}/$(basename "${src}")"
     [[ -x ${binary} ]] || die "${binary} not found: cargo build --release -p $(basename "${src}") (or set AUTHREALM_RELEASE_DIR)"
@@ -215,7 +225,53 @@ image_from_dockerfile() { # SHORT DOCKERFILE
   printf 'hosts: files dns\n' >"${root}/etc/nsswitch.conf"
   tmp_dir "${root}"
   mkdir -p "${root}/home/nonroot"
-  pack "${short}" "localhost/authrealm/authrealm-${short}:dev" "${root}" <<<"${cfg}"
+  pack "${short}" "localhost/authrealm/authrealm-${short}:dev" "${root}" <<<"${STAGE_CFG}"
+}
+
+# The example login app (Python standard library only) from examples/login-app/Dockerfile, whose
+# single stage is FROM python:3-slim. The stand-in for that base is this host's Debian python3
+# (interpreter, standard library without its tests and GUI/dev parts, and the shared libraries of
+# the interpreter and its C modules), linked as python3 in /usr/local/bin like the official image.
+# The Dockerfile's RUN steps are reproduced here, each one checked against the text: the user
+# app (10001) in passwd/group, the files 0444, and the app's own `check` (run on the host).
+image_login_app() {
+  local dir=examples/login-app root="${WORK}/login-app" py stdlib so run copy src dest
+  parse_stage "${dir}/Dockerfile" '{"Env": ["PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"], "Cmd": ["python3"]}'
+  [[ ${STAGE_FROM} == python:3-slim ]] || die "${dir}/Dockerfile: FROM '${STAGE_FROM}'; this recipe stands in for python:3-slim only"
+  for run in "${STAGE_RUNS[@]}"; do
+    run=$(tr -s '[:space:]' ' ' <<<"${run}")
+    case "${run% }" in
+      "groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app "*) ;;
+      "chmod 0444 /app/app.py /app/users.json && python3 /app/app.py check") ;;
+      *) die "${dir}/Dockerfile: a RUN step this recipe does not reproduce: ${run}" ;;
+    esac
+  done
+  py=$(readlink -f /usr/bin/python3) || die "/usr/bin/python3 missing: run hack/install-deps.sh"
+  stdlib="/usr/lib/$(basename "${py}")"
+  [[ -d ${stdlib} ]] || die "no standard library at ${stdlib}"
+  oci_add_binary "${root}" "${py}" "${py}"
+  ln -s "$(basename "${py}")" "${root}/usr/bin/python3"
+  mkdir -p "${root}/usr/local/bin"
+  ln -s "${py}" "${root}/usr/local/bin/python3"
+  mkdir -p "${root}${stdlib}"
+  tar -C "${stdlib}" --exclude=./test --exclude=./idlelib --exclude=./tkinter --exclude=./turtledemo \
+    --exclude=./ensurepip --exclude=./lib2to3 --exclude=./pydoc_data --exclude='./config-*' \
+    --exclude=./site-packages --exclude=./dist-packages -cf - . | tar -C "${root}${stdlib}" -xf -
+  for so in "${root}${stdlib}"/lib-dynload/*.so; do
+    oci_add_binary "${WORK}/login-app-libs" "${so}" /so
+  done
+  tar -C "${WORK}/login-app-libs" --exclude=./so -cf - . | tar -C "${root}" -xf -
+  for copy in "${STAGE_COPIES[@]}"; do
+    [[ ${copy} != --* ]] || die "${dir}/Dockerfile: unexpected COPY ${copy}"
+    dest=${copy##* }
+    for src in ${copy% *}; do
+      install -D -m 0444 "${dir}/${src}" "${root}${dest%/}/${src}"
+    done
+  done
+  "${py}" "${dir}/app.py" check >/dev/null || die "python3 app.py check failed"
+  passwd_files "${root}" root:0 app:10001 nobody:65534
+  tmp_dir "${root}"
+  pack login-app localhost/authrealm/login-app:dev "${root}" <<<"${STAGE_CFG}"
 }
 
 for image in "${wanted[@]}"; do
@@ -225,6 +281,7 @@ for image in "${wanted[@]}"; do
     redis) image_redis ;;
     operator) image_from_dockerfile operator images/operator.Dockerfile ;;
     sidecar) image_from_dockerfile sidecar images/sidecar.Dockerfile ;;
+    login-app) image_login_app ;;
   esac
 done
 

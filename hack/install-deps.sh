@@ -11,6 +11,7 @@
 #   iptables                    -> /usr/sbin/iptables                  (kube-proxy, drop rule)
 #   busybox-static              -> /bin/busybox                        (test image with a shell)
 #   jq                          -> /usr/bin/jq                         (OCI image configs, hack/images.sh)
+#   python3                     -> /usr/bin/python3                    (the login app's image, hack/images.sh)
 # Idempotent: does nothing (and no apt-get update) when everything is present.
 # Debian's containerd package starts no daemon here (no systemd); hack/node.sh runs its own.
 # Does not touch the Rust or Go toolchains.
@@ -31,6 +32,7 @@ checks=(
     iptables:iptables
     /bin/busybox:busybox-static
     jq:jq
+    /usr/bin/python3:python3
 )
 
 present() {
@@ -56,7 +58,7 @@ missing_packages() {
 mapfile -t missing < <(missing_packages)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "install-deps: redis-server, redis-cli, openssl, shellcheck, containerd, runc, CNI plugins, iptables, busybox and jq already present"
+    echo "install-deps: redis-server, redis-cli, openssl, shellcheck, containerd, runc, CNI plugins, iptables, busybox, jq and python3 already present"
     exit 0
 fi
 
