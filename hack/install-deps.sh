@@ -4,6 +4,7 @@
 #   redis-tools   -> /usr/bin/redis-cli      (cluster create, CLUSTER/INFO queries)
 #   openssl       -> /usr/bin/openssl        (test certificates)
 #   /usr/bin/shellcheck (package shellcheck): lint of hack/*.sh
+#   faketime      -> /usr/bin/faketime       (sidecars whose clocks differ, tests/tests/sidecar_clocks.rs)
 # and what the local one-node Kubernetes (hack/node.sh, hack/images.sh) needs:
 #   containerd                  -> /usr/bin/containerd, /usr/bin/ctr   (container runtime, CRI)
 #   runc                        -> /usr/sbin/runc                      (OCI runtime)
@@ -23,6 +24,7 @@ checks=(
     redis-cli:redis-tools
     openssl:openssl
     shellcheck:shellcheck
+    faketime:faketime
     containerd:containerd
     ctr:containerd
     runc:runc
@@ -58,7 +60,7 @@ missing_packages() {
 mapfile -t missing < <(missing_packages)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "install-deps: redis-server, redis-cli, openssl, shellcheck, containerd, runc, CNI plugins, iptables, busybox, jq and python3 already present"
+    echo "install-deps: redis-server, redis-cli, openssl, shellcheck, faketime, containerd, runc, CNI plugins, iptables, busybox, jq and python3 already present"
     exit 0
 fi
 

@@ -242,9 +242,43 @@ pub struct Limits {
     /// Longest accepted bearer token; longer ones get 401 before any decoding.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
-    /// Time allowed for a client to send its request headers (ms).
+    /// Time allowed for a client to send its request headers (ms); on HTTP/1 also the longest a
+    /// kept-alive connection may wait for its next request.
     #[serde(default = "default_header_read_timeout_ms")]
     pub header_read_timeout_ms: u64,
+    /// A connection (HTTP/1 or HTTP/2) with no request started or in progress for this long is
+    /// closed gracefully (HTTP/2: GOAWAY; streams still open finish first) (ms).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Longest pause between two pieces of a request body; then the request is aborted (ms).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Most connections the public listener holds open at once; more are closed on accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Most concurrent HTTP/2 streams per connection.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// How often an upgraded connection (WebSocket) or a long streaming response re-checks its
+    /// token: it ends within this long of the token being revoked, and at its expiry (ms).
+    #[serde(default = "default_revalidate_interval_ms")]
+    pub revalidate_interval_ms: u64,
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_connections() -> u32 {
+    4096
+}
+fn default_max_concurrent_streams() -> u32 {
+    256
+}
+fn default_revalidate_interval_ms() -> u64 {
+    5_000
 }
 
 fn default_max_sessions_per_subject() -> u32 {
@@ -267,6 +301,11 @@ impl Default for Limits {
             max_header_bytes: default_max_header_bytes(),
             max_token_bytes: default_max_token_bytes(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            revalidate_interval_ms: default_revalidate_interval_ms(),
         }
     }
 }
@@ -476,6 +515,16 @@ impl SidecarConfig {
         }
         if self.limits.max_token_bytes < 64 || self.limits.max_token_bytes > self.limits.max_header_bytes {
             return Err(err("limits.maxTokenBytes", "must be between 64 and maxHeaderBytes"));
+        }
+        let l = &self.limits;
+        if [l.header_read_timeout_ms, l.idle_timeout_ms, l.body_read_timeout_ms].contains(&0) {
+            return Err(err("limits", "headerReadTimeoutMs, idleTimeoutMs and bodyReadTimeoutMs must be > 0"));
+        }
+        if l.max_connections == 0 || l.max_concurrent_streams == 0 {
+            return Err(err("limits", "maxConnections and maxConcurrentStreams must be > 0"));
+        }
+        if !(100..=300_000).contains(&l.revalidate_interval_ms) {
+            return Err(err("limits.revalidateIntervalMs", "must be between 100 and 300000"));
         }
         for (i, r) in self.public_routes.iter().enumerate() {
             if !r.path.starts_with('/') {

@@ -202,7 +202,18 @@ pub async fn run(cfg: Config) -> i32 {
         }
     };
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    let client = match kube::Client::try_default().await {
+    let kube_config = match kube::Config::infer().await {
+        Ok(mut c) => {
+            // API server audit logs then tell the replicas' requests apart.
+            c.headers.push((http::header::USER_AGENT, user_agent(&cfg.settings.identity)));
+            c
+        }
+        Err(e) => {
+            eprintln!("authrealm-operator: cannot load a Kubernetes client config (kubeconfig or in-cluster): {e}");
+            return 1;
+        }
+    };
+    let client = match kube::Client::try_from(kube_config.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("authrealm-operator: cannot build a Kubernetes client (kubeconfig or in-cluster config): {e}");
@@ -259,10 +270,11 @@ pub async fn run(cfg: Config) -> i32 {
             controller::run(client, settings, metrics, stopped()).await.map_err(leader::LeaderError::from)
         }
         Some(lease) => {
-            let c = client.clone();
             let m = metrics.clone();
-            leader::run_elected(client, lease, metrics, stopped(), move |stop| async move {
-                controller::run(c, settings, m, async move {
+            leader::run_elected(client, lease, metrics, stopped(), move |term, stop| async move {
+                // The controller's own client, whose writes stop with the term.
+                let c = leader::fenced_client(kube_config, &term).map_err(controller::Error::Client)?;
+                controller::run_in_term(c, settings, m, term, async move {
                     let _ = stop.await;
                 })
                 .await
@@ -283,6 +295,13 @@ pub async fn run(cfg: Config) -> i32 {
     }
 }
 
+/// `authrealm-operator/<version> (<identity>)`, or without the identity if it cannot be a header.
+pub fn user_agent(identity: &str) -> http::HeaderValue {
+    let base = concat!("authrealm-operator/", env!("CARGO_PKG_VERSION"));
+    http::HeaderValue::from_str(&format!("{base} ({identity})"))
+        .unwrap_or_else(|_| http::HeaderValue::from_static(base))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +318,18 @@ mod tests {
         assert_eq!(cfg.settings.redis_check_interval, Duration::from_secs(60));
         assert!(args(&["--leader-elect", "false"]).run.validate().unwrap().lease.is_none());
         assert!(matches!(args(&["crdgen"]).command, Some(Command::Crdgen)));
+    }
+
+    #[test]
+    fn the_user_agent_names_the_replica() {
+        assert_eq!(
+            user_agent("op-0").to_str().unwrap(),
+            concat!("authrealm-operator/", env!("CARGO_PKG_VERSION"), " (op-0)")
+        );
+        assert_eq!(
+            user_agent("bad\nname").to_str().unwrap(),
+            concat!("authrealm-operator/", env!("CARGO_PKG_VERSION"))
+        );
     }
 
     #[test]

@@ -7,8 +7,13 @@
 //! ([`MANAGER`]). The Secret is always written before anything that depends on it (JWKS, status),
 //! and conditionally on the resourceVersion it was read at, so a crash at any point, or a stale
 //! second writer, can neither lose nor fork the key set.
+//!
+//! Under leader election the controller runs for one [`Term`]: its client refuses every write
+//! once the term is over, and each keys Secret write is preceded by a re-read of the Lease
+//! ([`crate::leader`] explains the rule). The in-memory copy of the key sets lives in
+//! [`KeyCache`] for that term only, and forgets a realm as soon as it is deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,13 +25,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::conditions::{self, Cond, Status, reason};
 use crate::crd::{AuthRealm, AuthRealmStatus, KeyStatus};
 use crate::events::{self, Publisher, Severity};
+use crate::key_cache::KeyCache;
+use crate::leader::{Term, TermError};
 use crate::metrics::{EventLabel, KindLabel, Metrics};
 use crate::recovery::{self, Cached, Incident, Recovery, RecoveryKind};
 use crate::redis_check::{self, CheckError, Connect};
@@ -67,6 +75,10 @@ pub enum Error {
     List(#[source] kube::Error),
     #[error("AuthRealm {0} has no namespace")]
     NoNamespace(String),
+    #[error(transparent)]
+    NotLeader(#[from] TermError),
+    #[error("failed to build the controller's Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
 }
 
 impl Error {
@@ -83,6 +95,8 @@ impl Error {
             Error::CrdMissing => "crd_missing",
             Error::List(_) => "list",
             Error::NoNamespace(_) => "no_namespace",
+            Error::NotLeader(_) => "not_leader",
+            Error::Client(_) => "client",
         }
     }
 }
@@ -121,8 +135,12 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Metrics,
     pub events: Publisher,
+    /// The leadership term the controller runs in.
+    pub term: Term,
+    /// The controller's view of the AuthRealms (its watch).
+    realms: Store<AuthRealm>,
     /// Realm UID → the key set this replica last wrote.
-    cache: Mutex<HashMap<String, Cached>>,
+    keys: KeyCache,
     /// Realm UID → consecutive failed reconciles (for the backoff).
     failures: Mutex<HashMap<String, u32>>,
     /// Realm UID → the spec generation whose short propagation delay was warned about.
@@ -130,16 +148,66 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, settings: Settings, metrics: Metrics) -> Self {
+    pub fn new(client: Client, settings: Settings, metrics: Metrics, term: Term, realms: Store<AuthRealm>) -> Self {
         let events = Publisher::new(client.clone(), &settings.identity);
+        let keys = KeyCache::new(metrics.cached_key_sets.clone());
         Context {
             client,
             settings,
             metrics,
             events,
-            cache: Mutex::new(HashMap::new()),
+            term,
+            realms,
+            keys,
             failures: Mutex::new(HashMap::new()),
             delay_warned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Keeps `cached` as the realm's key set, unless the controller's store no longer holds the
+    /// live realm (deleted, or being deleted): then its keys are forgotten instead.
+    fn remember_keys(&self, realm: &AuthRealm, cached: Cached) {
+        let uid = realm.uid().unwrap_or_default();
+        self.keys.insert_if(&uid, cached, || {
+            self.realms
+                .get(&ObjectRef::from(realm))
+                .is_some_and(|r| r.uid().as_deref() == Some(uid.as_str()) && r.metadata.deletion_timestamp.is_none())
+        });
+    }
+
+    /// Forgets the keys of realms that are deleted or being deleted, as the controller's
+    /// AuthRealm watch reports them.
+    fn on_realm_event(&self, event: &watcher::Event<AuthRealm>) {
+        match event {
+            watcher::Event::Delete(r) => self.forget_keys(r, "deleted"),
+            watcher::Event::Apply(r) | watcher::Event::InitApply(r) if r.metadata.deletion_timestamp.is_some() => {
+                self.forget_keys(r, "being deleted")
+            }
+            // After a (re-)list the store holds exactly the realms that exist: drop the rest
+            // (deleted while the watch was down).
+            watcher::Event::InitDone => {
+                let live: HashSet<String> = self
+                    .realms
+                    .state()
+                    .iter()
+                    .filter(|r| r.metadata.deletion_timestamp.is_none())
+                    .filter_map(|r| r.uid())
+                    .collect();
+                self.keys.retain(|uid| live.contains(uid));
+            }
+            _ => {}
+        }
+    }
+
+    fn forget_keys(&self, realm: &AuthRealm, why: &str) {
+        if let Some(uid) = realm.uid()
+            && self.keys.remove(&uid)
+        {
+            tracing::info!(
+                realm = %realm.name_any(),
+                namespace = %realm.namespace().unwrap_or_default(),
+                "realm {why}: forgot its keys"
+            );
         }
     }
 }
@@ -206,6 +274,7 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
     let name = realm.name_any();
     let ns = realm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let api: Api<AuthRealm> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.term.check()?;
 
     if realm.metadata.deletion_timestamp.is_some() {
         return cleanup(realm, &api, ctx).await;
@@ -568,7 +637,7 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
         || old.key_count.unwrap_or(0) > 0
         || published.as_ref().is_some_and(|p| !p.keys.is_empty());
 
-    let cached = ctx.cache.lock().expect("lock").get(&uid).cloned();
+    let cached = ctx.keys.get(&uid);
     let state = recovery::classify(secret.as_ref());
     let trusted = matches!(state, recovery::SecretState::Trusted { .. });
     let decision = recovery::decide(state, cached.as_ref(), published.as_ref(), had_keys, now);
@@ -617,16 +686,11 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
     };
     let desired = render::signing_keys_secret(realm, &set, &lifetimes, incident.as_ref(), None);
     let write_err = |source| Error::Write { kind: "Secret", namespace: ns.clone(), name: secret_name.clone(), source };
-    match &secret {
-        None => {
-            // Created by apply too (not POST), so that the field manager owns every field as
-            // Apply and can later drop one (the incident annotation). Two creators at once
-            // would need two leaders; updates below are conditional on the version read.
-            secrets
-                .patch(&secret_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
-                .await
-                .map_err(write_err)?;
-        }
+    let write = match &secret {
+        // Created by apply too (not POST), so that the field manager owns every field as Apply
+        // and can later drop one (the incident annotation). Two creators at once would need two
+        // leaders; updates below are conditional on the version read.
+        None => Some(desired),
         Some(existing)
             if !trusted
                 || outcome.modified
@@ -637,14 +701,19 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
             // reconcile is retried from a fresh read.
             let mut desired = desired;
             desired.metadata.resource_version = existing.metadata.resource_version.clone();
-            secrets
-                .patch(&secret_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
-                .await
-                .map_err(write_err)?;
+            Some(desired)
         }
-        Some(_) => {}
+        Some(_) => None,
+    };
+    if let Some(desired) = write {
+        // Key material is written only while the Lease still names this term's holder.
+        ctx.term.verify_lease(&ctx.client).await?;
+        secrets
+            .patch(&secret_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+            .await
+            .map_err(write_err)?;
     }
-    ctx.cache.lock().expect("lock").insert(uid, Cached { set: set.clone(), lifetimes: lifetimes.clone() });
+    ctx.remember_keys(realm, Cached { set: set.clone(), lifetimes: lifetimes.clone() });
     for c in &outcome.changes {
         tracing::info!(realm = %name, namespace = %ns, change = ?c, "key set changed");
     }
@@ -861,6 +930,7 @@ async fn set_finalizer(api: &Api<AuthRealm>, realm: &AuthRealm, want: bool) -> R
 /// Deletion: purge the realm's session records if asked, then let it go. Owned objects are
 /// removed by the garbage collector through their owner references.
 async fn cleanup(realm: &AuthRealm, api: &Api<AuthRealm>, ctx: &Context) -> Result<Action, Error> {
+    ctx.forget_keys(realm, "being deleted");
     if !realm.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
@@ -868,6 +938,7 @@ async fn cleanup(realm: &AuthRealm, api: &Api<AuthRealm>, ctx: &Context) -> Resu
     let ns = realm.namespace().unwrap_or_default();
     let target = render::resolve(&name, &ns, &realm.spec).ok().and_then(|r| r.redis).filter(|r| r.purge_on_delete);
     if let Some(target) = target {
+        ctx.term.check()?;
         let result = async {
             let c = connect_params(&target, &ns, &ctx.client).await?;
             redis_check::purge_realm(&c, &target.key_prefix, &name).await
@@ -916,11 +987,25 @@ pub async fn check_crd(realms: &Api<AuthRealm>) -> Result<(), Error> {
     }
 }
 
-/// Runs the controller until `shutdown` resolves (then finishes in-flight reconciles).
+/// Runs the controller without leader election until `shutdown` resolves (then finishes
+/// in-flight reconciles).
 pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    run_in_term(client, settings, metrics, Term::unbounded(), shutdown).await
+}
+
+/// Runs the controller for one leadership term until `shutdown` resolves (then finishes
+/// in-flight reconciles). `client` should refuse writes once the term is over
+/// ([`crate::leader::fenced_client`]). The key-set copies are dropped when it returns.
+pub async fn run_in_term(
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    term: Term,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
     let (realms, secrets, cms): (Api<AuthRealm>, Api<Secret>, Api<ConfigMap>) = match &settings.namespace {
@@ -933,21 +1018,33 @@ pub async fn run(
     };
     check_crd(&realms).await?;
     let concurrency = settings.concurrency;
-    let ctx = Arc::new(Context::new(client, settings, metrics));
+    let (store, writer) = reflector::store();
+    let ctx = Arc::new(Context::new(client, settings, metrics, term, store.clone()));
+    // What `Controller::new` does, plus a look at each event (the store already updated) so
+    // that deleted realms' keys are forgotten.
+    let events_ctx = Arc::downgrade(&ctx);
+    let realm_events = reflector::reflector(writer, watcher(realms, watcher::Config::default()))
+        .inspect(move |ev| {
+            if let (Ok(ev), Some(ctx)) = (ev, events_ctx.upgrade()) {
+                ctx.on_realm_event(ev);
+            }
+        })
+        .applied_objects();
     let owned = watcher::Config::default().labels(render::OWNED_SELECTOR);
     tracing::info!("controller started");
-    Controller::new(realms, watcher::Config::default())
+    Controller::for_stream(realm_events, store)
         .owns(secrets, owned.clone())
         .owns(cms, owned)
         .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!("controller: {e}");
             }
         })
         .await;
+    ctx.keys.clear();
     tracing::info!("controller stopped");
     Ok(())
 }

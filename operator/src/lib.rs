@@ -5,11 +5,12 @@
 //! * [`crd`] — the AuthRealm types (the single import surface) and the generated CRD;
 //! * [`rotation`] — the key rotation schedule, a pure function of (key set, schedule, now);
 //! * [`recovery`] — what happens when the keys Secret was deleted or edited;
+//! * [`key_cache`] — the in-memory copy of each realm's key set, and when it is forgotten;
 //! * [`render`] — names, labels and the objects and sidecar config derived from a realm;
 //! * [`conditions`] — status conditions;
 //! * [`controller`] — the reconcile loop;
 //! * [`redis_check`] — the `RedisReachable` check and the session purge;
-//! * [`leader`] — leader election with a Lease;
+//! * [`leader`] — leader election with a Lease, and the term fence on the controller's writes;
 //! * [`events`], [`metrics`], [`server`] — observability; [`cli`] — flags and the run loop;
 //! * [`webhook`] — sidecar injection (mutating admission webhook) and its TLS.
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod events;
+pub mod key_cache;
 pub mod leader;
 pub mod metrics;
 pub mod recovery;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub key_events: Family<EventLabel, Counter>,
     /// 1 while this replica holds the leader lease (or runs without leader election).
     pub leader: Gauge,
+    /// Realms whose key set (private keys included) the controller holds in memory.
+    pub cached_key_sets: Gauge,
     /// The sidecar-injection webhook (`authrealm_operator_webhook_*`).
     pub webhook: crate::webhook::WebhookMetrics,
 }
@@ -56,9 +58,15 @@ impl Metrics {
         r.register("key_events", "Key lifecycle changes and key-set recoveries", key_events.clone());
         let leader = Gauge::default();
         r.register("leader", "1 while this replica is the leader", leader.clone());
+        let cached_key_sets = Gauge::default();
+        r.register(
+            "cached_key_sets",
+            "Realms whose key set (private keys included) the controller holds in memory",
+            cached_key_sets.clone(),
+        );
         let webhook = crate::webhook::WebhookMetrics::new();
         webhook.register(&mut r);
-        Metrics { registry: Arc::new(r), reconciles, errors, duration, key_events, leader, webhook }
+        Metrics { registry: Arc::new(r), reconciles, errors, duration, key_events, leader, cached_key_sets, webhook }
     }
 
     /// Text exposition format.

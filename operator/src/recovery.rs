@@ -51,11 +51,26 @@ pub enum SecretState {
     },
 }
 
-/// What the operator last wrote for a realm.
+/// What the operator last wrote for a realm (see [`crate::key_cache`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cached {
     pub set: KeySet,
     pub lifetimes: Lifetimes,
+}
+
+/// Private key material of a dropped copy is overwritten with zeros.
+impl Drop for Cached {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        for k in &mut self.set.keys {
+            if let Some(pem) = k.private_key_pem.as_mut() {
+                pem.zeroize();
+            }
+            if let Some(secret) = k.secret.as_mut() {
+                secret.zeroize();
+            }
+        }
+    }
 }
 
 /// The last recovery of a realm's key set, kept as an annotation on the keys Secret (read fresh

@@ -15,7 +15,8 @@ use crate::metrics::Metrics;
 use crate::session::SessionStore;
 use crate::token::Policy;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
 
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
@@ -31,6 +32,11 @@ pub fn json_response(status: http::StatusCode, v: &serde_json::Value) -> http::R
 
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// One identity header: the claim it carries and every spelling of its name a client could
@@ -60,10 +66,13 @@ pub struct App {
     last_fail_open_log: AtomicU64,
     started: Instant,
     pub draining: AtomicBool,
+    /// Upgraded connections (WebSocket) hold one of these: at most `limits.maxConnections`.
+    pub tunnels: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
     pub fn new(cfg: SidecarConfig, keys: KeyStore, metrics: Metrics) -> Arc<App> {
+        let cfg_max_connections = cfg.limits.max_connections as usize;
         let policy = Policy {
             issuer: cfg.issuer.clone(),
             audiences: cfg.audiences.clone(),
@@ -102,6 +111,7 @@ impl App {
             last_fail_open_log: AtomicU64::new(0),
             started: Instant::now(),
             draining: AtomicBool::new(false),
+            tunnels: Arc::new(tokio::sync::Semaphore::new(cfg_max_connections)),
         })
     }
 

@@ -11,9 +11,9 @@ use serde_json::{Map, Value, json};
 
 use authrealm_contract::SessionMode;
 
-use crate::app::{App, Body, json_response, now_unix};
+use crate::app::{App, Body, json_response, now_unix, now_unix_ms};
 use crate::proxy::json_error;
-use crate::session::{Durability, SessionState, StoreError};
+use crate::session::{Durability, SessionState, StoreError, latest_exp_for_iat};
 use crate::token::{MAX_ID_BYTES, MintError, Reject, mint, validate};
 
 const MAX_BODY: usize = 64 * 1024;
@@ -37,7 +37,9 @@ pub fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            // Two hex digits exactly: `from_str_radix` alone would also take a sign ("%+a").
+            let hex =
+                std::str::from_utf8(b.get(i + 1..i + 3)?).ok().filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -188,10 +190,13 @@ async fn mint_token(app: &App, req: Request<Incoming>) -> Response<Body> {
             ),
         );
     }
-    let now = now_unix();
+    let iat = match issue_time(app, &m.subject).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let minted = {
         let ring = app.keys.ring();
-        mint(&ring, &app.cfg.issuer, &m.subject, audience, m.claims.unwrap_or_default(), now, ttl as i64)
+        mint(&ring, &app.cfg.issuer, &m.subject, audience, m.claims.unwrap_or_default(), iat, ttl as i64)
     };
     let minted = match minted {
         Ok(t) => t,
@@ -224,7 +229,7 @@ async fn mint_token(app: &App, req: Request<Incoming>) -> Response<Body> {
     });
     if app.stateful() {
         let Some(store) = app.sessions() else { return store_error(app, OP, &StoreError::NotConnected) };
-        match store.register(&m.subject, &minted.jti, minted.exp, now).await {
+        match store.register(&m.subject, &minted.jti, minted.exp, now_unix_ms()).await {
             Ok((replaced, d)) => {
                 if !d.acknowledged() {
                     return not_replicated(app, OP, d, json!({}));
@@ -238,6 +243,36 @@ async fn mint_token(app: &App, req: Request<Incoming>) -> Response<Body> {
     ok(app, OP, StatusCode::CREATED, body)
 }
 
+/// The `iat` of a token minted now for `subject`. In denylist realms "log out everywhere" revokes
+/// every token with `iat` at or before the subject's cut-off, a whole second: a token minted in the
+/// same second as the log-out would be refused forever. So a mint whose second is not past the
+/// cut-off waits for the next second (at most about a second; a "sign out all other sessions,
+/// keep this one" flow just works). A cut-off further ahead (written by a pod whose clock runs
+/// ahead of ours) is not waited for: the token's `iat` becomes the second after the cut-off.
+async fn issue_time(app: &App, subject: &str) -> Result<i64, Response<Body>> {
+    const OP: &str = "mint";
+    let now_ms = now_unix_ms();
+    if app.cfg.session_mode != SessionMode::Denylist {
+        return Ok(now_ms.div_euclid(1000));
+    }
+    let Some(store) = app.sessions() else { return Err(store_error(app, OP, &StoreError::NotConnected)) };
+    let cut = match store.cutoff(subject).await {
+        Ok(c) => c,
+        Err(e) => return Err(store_error(app, OP, &e)),
+    };
+    Ok(match cut {
+        Some(cut) if cut >= now_ms.div_euclid(1000) => {
+            let first_ok_ms = (cut + 1) * 1000;
+            let wait = first_ok_ms - now_unix_ms();
+            if wait > 0 && wait <= 2000 {
+                tokio::time::sleep(std::time::Duration::from_millis(wait as u64)).await;
+            }
+            now_unix().max(cut + 1)
+        }
+        _ => now_ms.div_euclid(1000),
+    })
+}
+
 async fn revoke_token(app: &App, jti: Option<String>, subject: Option<String>) -> Response<Body> {
     const OP: &str = "revoke";
     let Some(jti) = jti.filter(|j| valid_id(j)) else {
@@ -247,7 +282,7 @@ async fn revoke_token(app: &App, jti: Option<String>, subject: Option<String>) -
         return bad(app, OP, StatusCode::CONFLICT, "stateless_realm", "tokens of a stateless realm cannot be revoked");
     }
     let Some(store) = app.sessions() else { return store_error(app, OP, &StoreError::NotConnected) };
-    let now = now_unix();
+    let now_ms = now_unix_ms();
     let located = match store.locate(&jti).await {
         Ok(l) => l,
         Err(e) => return store_error(app, OP, &e),
@@ -256,9 +291,11 @@ async fn revoke_token(app: &App, jti: Option<String>, subject: Option<String>) -
         (Some((exp, sub)), _) => (exp, sub),
         // Tokens minted elsewhere (denylist realms): the caller names the subject.
         (None, Some(sub)) if app.cfg.session_mode == SessionMode::Denylist && valid_id(&sub) => {
-            // Such a token is accepted only while exp - iat <= max + leeway and iat <= now + leeway
-            // (token::validate), so it expires by now + max + 2·leeway.
-            (now + app.cfg.max_token_ttl_seconds as i64 + 2 * app.cfg.leeway_seconds as i64, sub)
+            // Such a token is accepted only while iat <= now + leeway on the verifying pod, whose
+            // clock may run up to leeway ahead of ours, and exp - iat <= max + leeway
+            // (token::validate).
+            let latest_iat = now_ms.div_euclid(1000) + 2 * app.cfg.leeway_seconds as i64;
+            (latest_exp_for_iat(latest_iat, app.cfg.max_token_ttl_seconds, app.cfg.leeway_seconds), sub)
         }
         (None, _) => {
             return bad(
@@ -270,7 +307,7 @@ async fn revoke_token(app: &App, jti: Option<String>, subject: Option<String>) -
             );
         }
     };
-    match store.revoke(&sub, &jti, exp + app.cfg.leeway_seconds as i64, now).await {
+    match store.revoke(&sub, &jti, exp, now_ms).await {
         Ok((revoked, d)) if d.acknowledged() => ok(
             app,
             OP,
@@ -291,10 +328,7 @@ async fn revoke_subject(app: &App, subject: Option<String>) -> Response<Body> {
         return bad(app, OP, StatusCode::CONFLICT, "stateless_realm", "tokens of a stateless realm cannot be revoked");
     }
     let Some(store) = app.sessions() else { return store_error(app, OP, &StoreError::NotConnected) };
-    // A token issued before the cut-off (iat <= cut) expires by cut + max + leeway and is accepted
-    // until leeway after that; +1 because exp is inclusive.
-    let cutoff_ttl = (app.cfg.max_token_ttl_seconds + 2 * app.cfg.leeway_seconds) as i64 + 1;
-    match store.revoke_subject(&subject, now_unix(), cutoff_ttl).await {
+    match store.revoke_subject(&subject, now_unix_ms(), app.cfg.max_token_ttl_seconds).await {
         Ok((n, d)) => {
             let mut body = json!({ "subject": subject, "replicas_confirmed": d.replicas_confirmed, "replicas_required": d.replicas_required });
             // Denylist realms revoke by time cut-off: the count of tokens is unknown.

@@ -60,6 +60,14 @@ pub struct Metrics {
     pub issuer_requests: Family<OpLabel, Counter>,
     pub redis_ready: Gauge,
     pub in_flight: Gauge,
+    /// Open connections on the public listener.
+    pub connections: Gauge,
+    /// Connections closed at accept because the listener held `limits.maxConnections`.
+    pub connections_refused: Counter,
+    /// Connections closed because they stayed idle for `limits.idleTimeoutMs`.
+    pub connections_idle_closed: Counter,
+    /// Upgraded connections and streaming responses ended by a re-check, by reason.
+    pub long_lived_ended: Family<OutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -95,7 +103,31 @@ impl Metrics {
         r.register("redis_ready", "1 when the Redis Cluster answered the last readiness check", redis_ready.clone());
         let in_flight = Gauge::default();
         r.register("in_flight_requests", "Requests being proxied now", in_flight.clone());
+        let connections = Gauge::default();
+        r.register("connections", "Open connections on the public listener", connections.clone());
+        let connections_refused = Counter::default();
+        r.register(
+            "connections_refused",
+            "Connections closed at accept because the listener was at limits.maxConnections",
+            connections_refused.clone(),
+        );
+        let connections_idle_closed = Counter::default();
+        r.register(
+            "connections_idle_closed",
+            "Connections closed after limits.idleTimeoutMs without a request",
+            connections_idle_closed.clone(),
+        );
+        let long_lived_ended = Family::<OutcomeLabel, Counter>::default();
+        r.register(
+            "long_lived_ended",
+            "Upgraded connections (WebSocket) and streaming responses ended because their token was revoked, expired or its key retired",
+            long_lived_ended.clone(),
+        );
         Metrics {
+            connections,
+            connections_refused,
+            connections_idle_closed,
+            long_lived_ended,
             registry: Arc::new(r),
             requests,
             validation_seconds,

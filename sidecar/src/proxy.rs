@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -15,11 +16,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use authrealm_contract::FailurePolicy;
 
-use crate::app::{App, Body, full, json_response, now_unix};
+use crate::app::{App, Body, BoxError, full, json_response, now_unix};
+use crate::longlived::Grant;
+use crate::paths::path_is_public_candidate;
+
+/// Responses announcing at most this many bytes are not re-checked while they stream.
+const SHORT_BODY_BYTES: u64 = 256 * 1024;
 use crate::session::SessionState;
 use crate::token::{Reject, extract_bearer, identity_value, validate};
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, crate::longlived::BodyDeadline<Incoming>>;
 
 pub fn upstream_client(app: &App) -> UpstreamClient {
     let mut conn = HttpConnector::new();
@@ -140,23 +146,19 @@ fn join_cookies(headers: &mut http::HeaderMap) {
 /// Outcome of authentication for one request.
 enum Auth {
     Public,
-    /// The identity headers for the app, computed once from the verified claims.
-    Allowed(Vec<(HeaderName, HeaderValue)>),
+    /// The identity headers for the app, computed once from the verified claims, and what a
+    /// long-lived exchange needs to re-check the token.
+    Allowed(Vec<(HeaderName, HeaderValue)>, Grant),
+}
+
+fn grant(v: crate::token::Verified) -> Grant {
+    Grant { kid: v.kid, sub: v.sub, jti: v.jti, iat: v.iat, exp: v.exp }
 }
 
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
     let path = req.uri().path();
-    // Dot segments and encoded '.' or '/' could make a public prefix reach a private path
-    // after the app normalises it: such paths never count as public.
-    let lower = path.to_ascii_lowercase();
-    let ambiguous = lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
-        || lower.contains("%3b")
-        // `..;` and `.;x`: servlet containers drop path parameters before normalising.
-        || path.split('/').any(|seg| matches!(seg.split(';').next(), Some(".") | Some("..")));
-    if !ambiguous && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
+    // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`).
+    if path_is_public_candidate(path) && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
     }
@@ -189,7 +191,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
     }
     if !app.stateful() {
         app.metrics.request("allowed", "ok");
-        return Ok(Auth::Allowed(identity));
+        return Ok(Auth::Allowed(identity, grant(verified)));
     }
     let (sub, jti) = (verified.sub.as_deref().unwrap_or(""), verified.jti.as_deref().unwrap_or(""));
     let redis_started = Instant::now();
@@ -201,7 +203,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Ok(SessionState::Active) => {
             app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
             app.metrics.request("allowed", "ok");
-            Ok(Auth::Allowed(identity))
+            Ok(Auth::Allowed(identity, grant(verified)))
         }
         Ok(SessionState::Revoked) => {
             app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
@@ -218,7 +220,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
                 FailurePolicy::Open => {
                     app.note_fail_open(e.kind());
                     app.metrics.request("fail_open", e.kind());
-                    Ok(Auth::Allowed(identity))
+                    Ok(Auth::Allowed(identity, grant(verified)))
                 }
             }
         }
@@ -299,11 +301,15 @@ async fn handle_inner(
     for n in spoofed {
         parts.headers.remove(n);
     }
-    if let Auth::Allowed(identity) = auth {
-        for (name, value) in identity {
-            parts.headers.insert(name, value);
+    let grant = match auth {
+        Auth::Allowed(identity, grant) => {
+            for (name, value) in identity {
+                parts.headers.insert(name, value);
+            }
+            Some(grant)
         }
-    }
+        Auth::Public => None,
+    };
     if let (Some(value), Some(_)) = (upgrade.clone(), client_upgrade.as_ref()) {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, value);
@@ -332,7 +338,8 @@ async fn handle_inner(
         join_cookies(&mut parts.headers);
     }
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+    let body_limit = Duration::from_millis(app.cfg.limits.body_read_timeout_ms);
+    let upstream_req = Request::from_parts(parts, crate::longlived::BodyDeadline::new(body, body_limit));
 
     let started = Instant::now();
     let timeout = Duration::from_millis(app.cfg.upstream.response_timeout_ms);
@@ -358,15 +365,25 @@ async fn handle_inner(
         let Some(client_upgrade) = client_upgrade else {
             return plain(StatusCode::BAD_GATEWAY, "unexpected protocol switch\n");
         };
+        let Ok(slot) = app.tunnels.clone().try_acquire_owned() else {
+            app.metrics.connections_refused.inc();
+            return plain(StatusCode::SERVICE_UNAVAILABLE, "too many upgraded connections\n");
+        };
+        let websocket = resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let app = app.clone();
         tokio::spawn(async move {
             match (client_upgrade.await, upstream_upgrade.await) {
                 (Ok(c), Ok(u)) => {
-                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    crate::longlived::tunnel(app, grant, TokioIo::new(c), TokioIo::new(u), websocket).await;
                 }
                 _ => tracing::debug!("upgrade failed"),
             }
+            drop(slot);
         });
         let (mut parts, _) = resp.into_parts();
         let upgrade = parts.headers.get(header::UPGRADE).cloned();
@@ -379,7 +396,25 @@ async fn handle_inner(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.boxed())
+    let body = body.map_err(BoxError::from);
+    // A response that may stream for long re-checks its token while it does (see longlived).
+    let short = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= SHORT_BODY_BYTES);
+    match grant {
+        Some(grant) if !short && !body.is_end_stream() => {
+            let sse = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+            Response::from_parts(parts, crate::longlived::Revalidated::new(body, app.clone(), grant, sse).boxed())
+        }
+        _ => Response::from_parts(parts, body.boxed()),
+    }
 }
 
 /// A JSON error body for the issuer API and admin listener.

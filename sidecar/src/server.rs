@@ -1,18 +1,28 @@
 //! Listeners, connection serving and graceful shutdown.
+//!
+//! Every listener bounds what one client can hold: at most `limits.maxConnections` connections
+//! (more are closed at accept and counted), a connection with no request started or in progress
+//! for `limits.idleTimeoutMs` is shut down gracefully (HTTP/1 closes, HTTP/2 sends GOAWAY and lets
+//! open streams finish), request heads must arrive within `limits.headerReadTimeoutMs` (on
+//! HTTP/1 this also bounds the wait for the next request of a kept-alive connection), and HTTP/2
+//! connections carry at most `limits.maxConcurrentStreams` streams. HTTP/2 flood protections are
+//! the h2 crate's (checked by the hostile-client tests): a client that resets streams faster than
+//! it opens them (rapid reset, CVE-2023-44487) or provokes too many stream errors gets GOAWAY,
+//! header blocks (CONTINUATION frames included) are bounded by `limits.maxHeaderBytes`, and only
+//! one PING answer and one SETTINGS acknowledgement are ever queued.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::app::{App, Body};
 
@@ -33,16 +43,90 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)))
-        .max_concurrent_streams(256);
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // Rapid reset: streams the client opened and reset before the service saw them.
+        .max_pending_accept_reset_streams(Some(20))
+        // Streams the server had to reset because the client broke the protocol.
+        .max_local_error_reset_streams(Some(256))
+        .max_send_buf_size(256 * 1024);
     b
 }
 
+/// When a connection last started or finished a request, and how many are in progress.
+struct Activity {
+    epoch: Instant,
+    in_progress: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity { epoch: Instant::now(), in_progress: AtomicUsize::new(0), last_ms: AtomicU64::new(0) })
+    }
+    fn touch(&self) {
+        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// The instant the connection becomes idle if nothing happens before.
+    fn idle_at(&self, idle: Duration) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+    }
+    fn idle(&self, idle: Duration) -> bool {
+        self.in_progress.load(Ordering::Relaxed) == 0 && Instant::now() >= self.idle_at(idle)
+    }
+}
+
+/// Counts a request in progress until dropped (also when hyper drops the request's future).
+struct InProgress(Arc<Activity>);
+
+impl InProgress {
+    fn new(a: &Arc<Activity>) -> InProgress {
+        a.in_progress.fetch_add(1, Ordering::Relaxed);
+        a.touch();
+        InProgress(a.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_progress.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serve one connection until it ends: shut it down gracefully when it has been idle for
+/// `idle`, or when the listener drains.
+macro_rules! drive {
+    ($conn:expr, $activity:expr, $idle:expr, $shutdown:expr, $app:expr) => {{
+        let mut conn = std::pin::pin!($conn);
+        let mut shutdown = $shutdown;
+        let mut closing = false;
+        loop {
+            let idle_at = tokio::time::Instant::from_std($activity.idle_at($idle));
+            tokio::select! {
+                _ = conn.as_mut() => break,
+                _ = shutdown.changed(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = tokio::time::sleep_until(idle_at), if !closing => {
+                    if $activity.idle($idle) {
+                        $app.metrics.connections_idle_closed.inc();
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+    }};
+}
+
 /// Accept connections on `listener` until `shutdown` flips, then drain in-flight requests
-/// for at most `drain`.
+/// for at most `drain`. `public`: the proxied listener (framing guard on, connections counted).
 pub async fn serve<F, Fut>(
     app: Arc<App>,
     listener: TcpListener,
-    guard_framing: bool,
+    public: bool,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     handler: F,
@@ -50,10 +134,13 @@ pub async fn serve<F, Fut>(
     F: Fn(SocketAddr, http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let builder = builder(&app);
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder(&app));
+    let max_conns = app.cfg.limits.max_connections as usize;
+    let slots = Arc::new(Semaphore::new(max_conns));
+    let idle = Duration::from_millis(app.cfg.limits.idle_timeout_ms);
     // Above hyper's limit: hyper has answered 431 before the guard would stop inspecting a head.
     let max_head = hyper_buf_size(&app) + 1;
+    let (close_tx, close_rx) = watch::channel(false);
     loop {
         let (stream, peer): (TcpStream, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -66,34 +153,60 @@ pub async fn serve<F, Fut>(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            app.metrics.connections_refused.inc();
+            tracing::debug!(%peer, max = max_conns, "connection limit reached; closing the new connection");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
-        if guard_framing {
-            // Set when this connection answers 101: the guard then steps aside for the new protocol.
-            let switched = Arc::new(AtomicBool::new(false));
-            let flag = switched.clone();
-            let svc = service_fn(move |req| {
-                let (h, flag) = (h.clone(), flag.clone());
-                async move {
-                    let resp = h(peer, req).await?;
-                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        flag.store(true, Ordering::Release);
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let io = TokioIo::new(crate::framing::Guarded::new(stream, max_head, switched));
-            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-            tokio::spawn(graceful.watch(conn));
-        } else {
-            let svc = service_fn(move |req| h(peer, req));
-            let io = TokioIo::new(stream);
-            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-            tokio::spawn(graceful.watch(conn));
+        let activity = Activity::new();
+        let (app, builder, close_rx) = (app.clone(), builder.clone(), close_rx.clone());
+        if public {
+            app.metrics.connections.inc();
         }
+        tokio::spawn(async move {
+            if public {
+                // Set when this connection answers 101: the guard then steps aside for the new protocol.
+                let switched = Arc::new(AtomicBool::new(false));
+                let (flag, act) = (switched.clone(), activity.clone());
+                let svc = service_fn(move |req| {
+                    let (h, flag) = (h.clone(), flag.clone());
+                    let busy = InProgress::new(&act);
+                    async move {
+                        let resp = h(peer, req).await?;
+                        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                            flag.store(true, Ordering::Release);
+                        }
+                        drop(busy);
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let io = TokioIo::new(crate::framing::Guarded::new(stream, max_head, switched));
+                drive!(builder.serve_connection_with_upgrades(io, svc), activity, idle, close_rx, app);
+                app.metrics.connections.dec();
+            } else {
+                let act = activity.clone();
+                let svc = service_fn(move |req| {
+                    let busy = InProgress::new(&act);
+                    let fut = h(peer, req);
+                    async move {
+                        let r = fut.await;
+                        drop(busy);
+                        r
+                    }
+                });
+                let io = TokioIo::new(stream);
+                drive!(builder.serve_connection_with_upgrades(io, svc), activity, idle, close_rx, app);
+            }
+            drop(slot);
+        });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    let _ = close_tx.send(true);
+    let all = u32::try_from(max_conns).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, slots.acquire_many(all)).await.is_err() {
         tracing::warn!("drain deadline passed with connections still open");
     }
 }

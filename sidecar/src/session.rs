@@ -12,9 +12,9 @@
 //! |---------------------|--------|------------------|--------------------------|----------------|
 //! | `P{R:S}:t:J`        | string | exp (unix s)     | token's remaining life   | single, multi  |
 //! | `P{R:S}:idx`        | zset   | jti → exp        | latest exp of the subject| single, multi  |
-//! | `P{R:S}:d:J`        | string | `1`              | remaining life + leeway  | denylist       |
-//! | `P{R:S}:cut`        | string | unix s (only grows) | max TTL + 2·leeway + 1 | denylist     |
-//! | `P{R:j:J}:loc`      | string | `exp sub`        | remaining life + leeway  | all but stateless |
+//! | `P{R:S}:d:J`        | string | `1`              | [`record_ttl_ms`] of exp | denylist       |
+//! | `P{R:S}:cut`        | string | unix s (only grows) | [`record_ttl_ms`] of the latest exp a token issued by then can have | denylist |
+//! | `P{R:j:J}:loc`      | string | `exp sub`        | [`record_ttl_ms`] of exp | all but stateless |
 //!
 //! No token is stored: only ids and expiry times. The request path runs exactly one
 //! command (`EXISTS` or `MGET` on keys of one slot).
@@ -25,7 +25,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, Script, Value};
+use redis::{Cmd, Value};
 
 use authrealm_contract::SessionMode;
 use authrealm_contract::config::RedisConfig;
@@ -95,6 +95,29 @@ pub fn key_slot(key: &str) -> u16 {
         return crc16(&bytes[open + 1..open + 1 + len]) % 16384;
     }
     crc16(bytes) % 16384
+}
+
+/// How long a record that revokes or locates a token must live, in milliseconds from `now_ms`
+/// (the writing pod's clock) — the one rule every deny record, cut-off and jti locator follows.
+///
+/// A pod accepts a token while its clock, in whole seconds, reads at most `exp + leeway`: until
+/// `exp + leeway + 1 s` of its own clock. The realm allows the pods' clocks to differ by up to
+/// `leeway`, so a verifying pod whose clock runs `leeway` behind the writer's still accepts the
+/// token until `exp + 2·leeway + 1 s` of the writer's clock. The record lives one more second
+/// beyond that, so neither the whole-second rounding nor a skew at the limit can open a window in
+/// which a revoked token is accepted (or `DELETE /v1/tokens/{jti}` cannot find a live token).
+/// Only the token's claims and the skew bound enter; `now_ms` merely converts the deadline into
+/// the relative TTL Redis measures on its own clock. Never less than one second.
+pub fn record_ttl_ms(exp: i64, leeway_secs: u64, now_ms: i64) -> u64 {
+    let leeway = i64::try_from(leeway_secs).unwrap_or(i64::MAX / 4_000);
+    let until_ms = exp.saturating_add(2 * leeway + 2).saturating_mul(1000);
+    until_ms.saturating_sub(now_ms).max(1000) as u64
+}
+
+/// The latest `exp` a token of a denylist realm can carry when its `iat` is at most `iat_max`
+/// ([`crate::token::validate`] refuses `exp − iat > max lifetime + leeway`).
+pub fn latest_exp_for_iat(iat_max: i64, max_lifetime_secs: u64, leeway_secs: u64) -> i64 {
+    iat_max.saturating_add(max_lifetime_secs.saturating_add(leeway_secs).min(i64::MAX as u64 / 4) as i64)
 }
 
 /// Result of the per-request session check.
@@ -209,17 +232,40 @@ return n
 /// only ever grows, so a later log-out from a pod whose clock is behind cannot lower an
 /// earlier cut-off and bring revoked tokens back.
 const CUTOFF_SCRIPT: &str = r#"
--- KEYS[1] cut-off; ARGV: cut-off (unix seconds), ttl (seconds)
+-- KEYS[1] cut-off; ARGV: cut-off (unix seconds), ttl (milliseconds)
 local v = redis.call('GET', KEYS[1])
 local cur = v and tonumber(v)
 if (not cur) or cur < tonumber(ARGV[1]) then
   redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
 end
-if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return redis.call('GET', KEYS[1])
 "#;
+
+/// A deny record: created if absent; its TTL only ever grows (a second revocation computed on a
+/// clock that is behind never shortens it). Returns 1 when the record is new.
+const DENY_SCRIPT: &str = r#"
+-- KEYS[1] deny record; ARGV[1] ttl (milliseconds)
+if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then
+  return 1
+end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"#;
+
+/// `EVAL src numkeys keys…`; the caller appends the arguments.
+fn eval_cmd(src: &str, keys: &[&str]) -> Cmd {
+    let mut c = redis::cmd("EVAL");
+    c.arg(src).arg(keys.len());
+    for k in keys {
+        c.arg(*k);
+    }
+    c
+}
 
 const REVOKE_ONE_SCRIPT: &str = r#"
 -- KEYS[1] index, KEYS[2] token record; ARGV[1] jti-member
@@ -242,13 +288,9 @@ pub struct SessionStore {
     timeout: Duration,
     wait_replicas: u32,
     wait_timeout_ms: u64,
-    mint_script: Script,
-    revoke_all_script: Script,
-    revoke_one_script: Script,
-    cutoff_script: Script,
     /// `multi` mode: most live sessions per subject.
     max_sessions: u32,
-    /// Clock leeway: a token is accepted until `exp + leeway`, so its jti locator lives as long.
+    /// Clock leeway: enters every revocation record's lifetime ([`record_ttl_ms`]).
     leeway_secs: u64,
 }
 
@@ -314,10 +356,6 @@ impl SessionStore {
             timeout: Duration::from_millis(cfg.command_timeout_ms),
             wait_replicas: cfg.wait_replicas,
             wait_timeout_ms: cfg.wait_timeout_ms,
-            mint_script: Script::new(MINT_SCRIPT),
-            revoke_all_script: Script::new(REVOKE_ALL_SCRIPT),
-            revoke_one_script: Script::new(REVOKE_ONE_SCRIPT),
-            cutoff_script: Script::new(CUTOFF_SCRIPT),
             leeway_secs: cfg_leeway_secs,
             max_sessions: max_sessions.max(1),
         }
@@ -366,29 +404,42 @@ impl SessionStore {
         self.timeout.max(Duration::from_millis(1000))
     }
 
-    /// `WAIT` on the master that owns `key`'s slot, so the preceding write is confirmed by
-    /// replicas before it is acknowledged.
-    async fn wait_for_replicas(&self, key: &str) -> Result<Durability, StoreError> {
-        if self.wait_replicas == 0 {
-            return Ok(Durability { replicas_confirmed: 0, replicas_required: 0 });
-        }
+    /// Run `write` on the master that owns `key`'s slot and, in the same pipeline on the same
+    /// connection, `WAIT` for replicas. `WAIT` counts only the writes made on the connection it
+    /// arrives on: sent separately, a reconnect in between (or the client library re-sending a
+    /// `WAIT` whose connection dropped) would count replicas that never saw the write — a false
+    /// "replicated". In one pipeline the write and its `WAIT` travel together; if the connection
+    /// drops, the library re-sends both (every issuer write is idempotent) or the call fails.
+    async fn write_and_wait(&self, key: &str, write: Cmd) -> Result<(Value, Durability), StoreError> {
         let mut conn = self.writer.clone();
-        let mut cmd = Cmd::new();
-        cmd.arg("WAIT").arg(self.wait_replicas).arg(self.wait_timeout_ms);
-        let route =
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master)));
+        let mut pipe = redis::pipe();
+        pipe.add_command(write);
+        if self.wait_replicas > 0 {
+            pipe.cmd("WAIT").arg(self.wait_replicas).arg(self.wait_timeout_ms);
+        }
+        let count = if self.wait_replicas > 0 { 2 } else { 1 };
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master));
         let limit = Duration::from_millis(self.wait_timeout_ms) + self.write_limit();
-        let v = self.bounded(limit, conn.route_command(cmd, route)).await?;
-        match v {
-            Value::Int(n) => Ok(Durability { replicas_confirmed: n, replicas_required: self.wait_replicas }),
+        let mut replies = self.bounded(limit, conn.route_pipeline(pipe, 0, count, route)).await?.into_iter();
+        let written = replies.next().ok_or(StoreError::Protocol)?;
+        if let Value::ServerError(e) = &written {
+            return Err(StoreError::Redis(redis::RedisError::from(e.clone())));
+        }
+        if self.wait_replicas == 0 {
+            return Ok((written, Durability { replicas_confirmed: 0, replicas_required: 0 }));
+        }
+        match replies.next() {
+            Some(Value::Int(n)) => {
+                Ok((written, Durability { replicas_confirmed: n, replicas_required: self.wait_replicas }))
+            }
             _ => Err(StoreError::Protocol),
         }
     }
 
     /// Register a freshly minted token. In `single` mode this replaces (revokes) every
     /// earlier token of the subject. Returns how many earlier sessions were replaced.
-    pub async fn register(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(i64, Durability), StoreError> {
-        self.write_retrying(|| self.register_once(sub, jti, exp, now)).await
+    pub async fn register(&self, sub: &str, jti: &str, exp: i64, now_ms: i64) -> Result<(i64, Durability), StoreError> {
+        self.write_retrying(|| self.register_once(sub, jti, exp, now_ms)).await
     }
 
     /// Issuer writes are idempotent (same jti, same records, deny records set if absent,
@@ -410,46 +461,51 @@ impl SessionStore {
         }
     }
 
-    async fn register_once(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(i64, Durability), StoreError> {
-        let ttl_ms = ((exp - now).max(1) * 1000) as u64;
-        // The locator lets DELETE /v1/tokens/{jti} find the subject. It lives in the jti's slot,
-        // usually on another master than the subject's records, so both writes are WAITed for:
-        // a token whose locator were lost in a failover could no longer be revoked by jti.
+    async fn register_once(
+        &self,
+        sub: &str,
+        jti: &str,
+        exp: i64,
+        now_ms: i64,
+    ) -> Result<(i64, Durability), StoreError> {
+        // The locator lets DELETE /v1/tokens/{jti} find the subject for as long as any pod could
+        // accept the token. It lives in the jti's slot, usually on another master than the
+        // subject's records, so both writes are WAITed for: a token whose locator were lost in a
+        // failover could no longer be revoked by jti. One after the other: when both keys live
+        // on one master, a second WAIT would queue behind the first on its connection.
         let loc = self.layout.locator(jti);
-        let mut locator_conn = self.writer.clone();
         let mut set_locator = redis::cmd("SET");
-        set_locator.arg(&loc).arg(format!("{exp} {sub}")).arg("PX").arg(ttl_ms + self.leeway_secs * 1000);
-        let locator = self.bounded(self.write_limit(), set_locator.query_async::<()>(&mut locator_conn));
-        match self.mode {
+        set_locator.arg(&loc).arg(format!("{exp} {sub}")).arg("PX").arg(record_ttl_ms(exp, self.leeway_secs, now_ms));
+        let replaced = match self.mode {
             SessionMode::Single | SessionMode::Multi => {
-                let mut conn = self.writer.clone();
                 let idx = self.layout.index(sub);
                 let rec = self.layout.token(sub, jti);
+                // The session record lives until exp: its absence means "revoked", so it may
+                // disappear early, never late.
+                let ttl_ms = (exp.saturating_mul(1000) - now_ms).max(1000);
                 let single = if self.mode == SessionMode::Single { "1" } else { "0" };
-                let mut inv = self.mint_script.prepare_invoke();
-                inv.key(&idx)
-                    .key(&rec)
-                    .arg(KeyLayout::jti_member(jti))
+                let mut eval = eval_cmd(MINT_SCRIPT, &[&idx, &rec]);
+                eval.arg(KeyLayout::jti_member(jti))
                     .arg(exp)
                     .arg(ttl_ms)
-                    .arg(now)
+                    .arg(now_ms.div_euclid(1000))
                     .arg(single)
                     .arg(self.layout.token_prefix(sub))
                     .arg(self.max_sessions);
-                let session = self.bounded(self.write_limit(), inv.invoke_async::<i64>(&mut conn));
-                let ((), replaced) = tokio::try_join!(locator, session)?;
-                // One after the other: when both keys live on one master, concurrent WAITs would
-                // queue behind each other on its connection and the second could run out of time.
-                let a = self.wait_for_replicas(&rec).await?;
-                let b = self.wait_for_replicas(&loc).await?;
-                Ok((replaced, a.min(b)))
+                let (v, d) = self.write_and_wait(&rec, eval).await?;
+                let replaced = match v {
+                    Value::Int(n) => n,
+                    _ => return Err(StoreError::Protocol),
+                };
+                Some((replaced, d))
             }
-            _ => {
-                locator.await?;
-                let d = self.wait_for_replicas(&loc).await?;
-                Ok((0, d))
-            }
-        }
+            _ => None,
+        };
+        let (_, d_loc) = self.write_and_wait(&loc, set_locator).await?;
+        Ok(match replaced {
+            Some((n, d)) => (n, d.min(d_loc)),
+            None => (0, d_loc),
+        })
     }
 
     /// Find the subject and expiry of a jti minted by this realm.
@@ -467,62 +523,78 @@ impl SessionStore {
         }))
     }
 
-    /// Revoke one token. `exp` bounds how long a denylist entry must live.
-    pub async fn revoke(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(bool, Durability), StoreError> {
-        self.write_retrying(|| self.revoke_once(sub, jti, exp, now)).await
+    /// The subject's "log out everywhere" cut-off (denylist realms): tokens with `iat` at or
+    /// before it are revoked.
+    pub async fn cutoff(&self, sub: &str) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        self.bounded(
+            self.timeout.max(Duration::from_millis(500)),
+            redis::cmd("GET").arg(self.layout.cutoff(sub)).query_async(&mut conn),
+        )
+        .await
     }
 
-    async fn revoke_once(&self, sub: &str, jti: &str, exp: i64, now: i64) -> Result<(bool, Durability), StoreError> {
-        let mut conn = self.writer.clone();
+    /// Revoke one token whose `exp` is known (from its locator, or the latest a token of the
+    /// realm could carry).
+    pub async fn revoke(&self, sub: &str, jti: &str, exp: i64, now_ms: i64) -> Result<(bool, Durability), StoreError> {
+        self.write_retrying(|| self.revoke_once(sub, jti, exp, now_ms)).await
+    }
+
+    async fn revoke_once(&self, sub: &str, jti: &str, exp: i64, now_ms: i64) -> Result<(bool, Durability), StoreError> {
         match self.mode {
             SessionMode::Stateless => Ok((false, Durability { replicas_confirmed: 0, replicas_required: 0 })),
             SessionMode::Single | SessionMode::Multi => {
                 let idx = self.layout.index(sub);
                 let rec = self.layout.token(sub, jti);
-                let mut inv = self.revoke_one_script.prepare_invoke();
-                inv.key(&idx).key(&rec).arg(KeyLayout::jti_member(jti));
-                let n: i64 = self.bounded(self.write_limit(), inv.invoke_async(&mut conn)).await?;
-                let d = self.wait_for_replicas(&rec).await?;
-                Ok((n > 0, d))
+                let mut eval = eval_cmd(REVOKE_ONE_SCRIPT, &[&idx, &rec]);
+                eval.arg(KeyLayout::jti_member(jti));
+                let (v, d) = self.write_and_wait(&rec, eval).await?;
+                Ok((matches!(v, Value::Int(n) if n > 0), d))
             }
             SessionMode::Denylist => {
                 let key = self.layout.deny(sub, jti);
-                let ttl = (exp - now).max(1);
-                let created: Option<String> = self
-                    .bounded(
-                        self.write_limit(),
-                        redis::cmd("SET").arg(&key).arg(1).arg("EX").arg(ttl).arg("NX").query_async(&mut conn),
-                    )
-                    .await?;
-                let d = self.wait_for_replicas(&key).await?;
-                Ok((created.is_some(), d))
+                let mut eval = eval_cmd(DENY_SCRIPT, &[&key]);
+                eval.arg(record_ttl_ms(exp, self.leeway_secs, now_ms));
+                let (v, d) = self.write_and_wait(&key, eval).await?;
+                Ok((matches!(v, Value::Int(1)), d))
             }
         }
     }
 
-    /// Revoke every token of a subject ("log out everywhere").
-    pub async fn revoke_subject(&self, sub: &str, now: i64, cutoff_ttl: i64) -> Result<(i64, Durability), StoreError> {
-        self.write_retrying(|| self.revoke_subject_once(sub, now, cutoff_ttl)).await
+    /// Revoke every token of a subject ("log out everywhere"). `max_lifetime_secs` bounds the
+    /// tokens a denylist cut-off must outlive.
+    pub async fn revoke_subject(
+        &self,
+        sub: &str,
+        now_ms: i64,
+        max_lifetime_secs: u64,
+    ) -> Result<(i64, Durability), StoreError> {
+        self.write_retrying(|| self.revoke_subject_once(sub, now_ms, max_lifetime_secs)).await
     }
 
-    async fn revoke_subject_once(&self, sub: &str, now: i64, cutoff_ttl: i64) -> Result<(i64, Durability), StoreError> {
-        let mut conn = self.writer.clone();
+    async fn revoke_subject_once(
+        &self,
+        sub: &str,
+        now_ms: i64,
+        max_lifetime_secs: u64,
+    ) -> Result<(i64, Durability), StoreError> {
         match self.mode {
             SessionMode::Stateless => Ok((0, Durability { replicas_confirmed: 0, replicas_required: 0 })),
             SessionMode::Single | SessionMode::Multi => {
                 let idx = self.layout.index(sub);
-                let mut inv = self.revoke_all_script.prepare_invoke();
-                inv.key(&idx).arg(self.layout.token_prefix(sub));
-                let n: i64 = self.bounded(self.write_limit(), inv.invoke_async(&mut conn)).await?;
-                let d = self.wait_for_replicas(&idx).await?;
-                Ok((n, d))
+                let mut eval = eval_cmd(REVOKE_ALL_SCRIPT, &[&idx]);
+                eval.arg(self.layout.token_prefix(sub));
+                let (v, d) = self.write_and_wait(&idx, eval).await?;
+                Ok((if let Value::Int(n) = v { n } else { 0 }, d))
             }
             SessionMode::Denylist => {
                 let key = self.layout.cutoff(sub);
-                let mut inv = self.cutoff_script.prepare_invoke();
-                inv.key(&key).arg(now).arg(cutoff_ttl.max(1));
-                self.bounded(self.write_limit(), inv.invoke_async::<String>(&mut conn)).await?;
-                let d = self.wait_for_replicas(&key).await?;
+                let cut = now_ms.div_euclid(1000);
+                // Every token issued by then (iat <= cut) expires by this exp.
+                let latest_exp = latest_exp_for_iat(cut, max_lifetime_secs, self.leeway_secs);
+                let mut eval = eval_cmd(CUTOFF_SCRIPT, &[&key]);
+                eval.arg(cut).arg(record_ttl_ms(latest_exp, self.leeway_secs, now_ms));
+                let (_, d) = self.write_and_wait(&key, eval).await?;
                 Ok((-1, d))
             }
         }
@@ -557,6 +629,70 @@ impl SessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Acceptance as `token::validate` decides it: on a pod whose clock reads `clock_ms`, a token
+    /// is accepted while `floor(clock / 1 s) <= exp + leeway`.
+    fn accepted(exp: i64, leeway: i64, clock_ms: i64) -> bool {
+        clock_ms.div_euclid(1000) <= exp + leeway
+    }
+
+    #[test]
+    fn revocation_records_outlive_acceptance_on_every_pod() {
+        // Real time in ms; the writer's and the verifier's clocks are offset from it by up to the
+        // leeway between them. A record written at real time `w` (≤ the token's end everywhere)
+        // with the rule's TTL must still exist at every real instant some pod accepts the token.
+        for leeway in [0i64, 1, 2, 5, 30] {
+            for exp_real_offset_ms in [0i64, 10, 500, 999] {
+                let exp = 1_800_000_000i64;
+                for writer_skew_ms in (-leeway * 1000..=leeway * 1000).step_by(250) {
+                    for verifier_skew_ms in (-leeway * 1000..=leeway * 1000).step_by(250) {
+                        if (writer_skew_ms - verifier_skew_ms).abs() > leeway * 1000 {
+                            continue;
+                        }
+                        // Writes from long before exp up to the writer's own last accepting moment.
+                        for written_real_ms in [
+                            exp * 1000 - 3_600_000,
+                            exp * 1000 - 1000 + exp_real_offset_ms,
+                            exp * 1000 + exp_real_offset_ms,
+                            (exp + leeway) * 1000 + 999 - writer_skew_ms,
+                        ] {
+                            let ttl = record_ttl_ms(exp, leeway as u64, written_real_ms + writer_skew_ms) as i64;
+                            let gone_at = written_real_ms + ttl;
+                            // The last real instant the verifier accepts.
+                            let last_accepting = (exp + leeway + 1) * 1000 - 1 - verifier_skew_ms;
+                            assert!(accepted(exp, leeway, last_accepting + verifier_skew_ms));
+                            assert!(!accepted(exp, leeway, last_accepting + 1 + verifier_skew_ms));
+                            assert!(
+                                gone_at > last_accepting,
+                                "leeway {leeway}, writer {writer_skew_ms} ms, verifier {verifier_skew_ms} ms, \
+                                 written {written_real_ms}: record gone at {gone_at}, accepted until {last_accepting}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // The old rule (exp + leeway - now, whole seconds) failed exactly there: written at
+        // S + 10 ms with exp = S + 2, leeway 0, the record vanished at S + 2.01 s while the
+        // token was accepted until S + 2.999 s.
+        let s = 1_800_000_000i64;
+        let old_gone_at = s * 1000 + 10 + (s + 2 - s) * 1000;
+        assert!(old_gone_at < (s + 3) * 1000 - 1);
+        assert!(record_ttl_ms(s + 2, 0, s * 1000 + 10) as i64 + s * 1000 + 10 > (s + 3) * 1000);
+        // Never below a second, never negative.
+        assert_eq!(record_ttl_ms(s, 0, (s + 100) * 1000), 1000);
+    }
+
+    #[test]
+    fn a_cutoff_outlives_every_token_it_revokes() {
+        // Every token with iat <= cut and exp - iat <= max + leeway.
+        let (cut, max, leeway) = (1_800_000_000i64, 900u64, 30u64);
+        let latest = latest_exp_for_iat(cut, max, leeway);
+        assert_eq!(latest, cut + 930);
+        let ttl = record_ttl_ms(latest, leeway, cut * 1000 + 999) as i64;
+        let verifier_behind_ms = leeway as i64 * 1000;
+        assert!(cut * 1000 + 999 + ttl > (latest + leeway as i64 + 1) * 1000 + verifier_behind_ms - 1000);
+    }
 
     #[test]
     fn slots_match_redis() {

@@ -153,10 +153,7 @@ pub fn identity_value(v: Option<&Value>) -> Result<Option<http::HeaderValue>, Re
 /// supported: query strings end up in logs).
 pub fn extract_bearer<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result<&'a str, Reject> {
     if let Some(q) = query
-        && q.split('&').any(|kv| {
-            let k = kv.split('=').next().unwrap_or("");
-            k.eq_ignore_ascii_case("access_token") || k.eq_ignore_ascii_case("access%5Ftoken")
-        })
+        && q.split('&').any(|kv| is_access_token_key(kv.split('=').next().unwrap_or("")))
     {
         return Err(Reject::AmbiguousCredentials);
     }
@@ -175,6 +172,28 @@ pub fn extract_bearer<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Result
         return Err(Reject::Malformed);
     }
     Ok(token)
+}
+
+/// True when a query-string key reads `access_token` once its `%XX` escapes are decoded (in
+/// any letter case): `acc%65ss_token` is the same parameter to the app as `access_token`.
+fn is_access_token_key(k: &str) -> bool {
+    const NAME: &[u8] = b"access_token";
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut decoded = Vec::with_capacity(NAME.len());
+    let mut rest = k.as_bytes();
+    while let Some((&c, tail)) = rest.split_first() {
+        if decoded.len() == NAME.len() {
+            return false;
+        }
+        let escaped = match tail {
+            [h, l, after @ ..] if c == b'%' => hex(*h).zip(hex(*l)).map(|(h, l)| ((h * 16 + l) as u8, after)),
+            _ => None,
+        };
+        let (byte, next) = escaped.unwrap_or((c, tail));
+        decoded.push(byte);
+        rest = next;
+    }
+    decoded.eq_ignore_ascii_case(NAME)
 }
 
 fn is_b64url(s: &str) -> bool {
@@ -532,6 +551,13 @@ mod tests {
         h.insert("authorization", "BeArEr abc".parse().unwrap());
         assert_eq!(extract_bearer(&h, None), Ok("abc"));
         assert_eq!(extract_bearer(&h, Some("x=1&access_token=abc")), Err(Reject::AmbiguousCredentials));
+        // Found by a property test: only `access%5Ftoken` was recognised among encoded spellings.
+        for q in ["ACCESS_TOKEN=a", "access%5ftoken=a", "acc%65ss_token=a", "%61ccess_toke%6E", "x&access%5Ftoken"] {
+            assert_eq!(extract_bearer(&h, Some(q)), Err(Reject::AmbiguousCredentials), "{q}");
+        }
+        for q in ["access_tokens=a", "access_token%=a", "access%255Ftoken=a", "x=access_token"] {
+            assert_eq!(extract_bearer(&h, Some(q)), Ok("abc"), "{q}");
+        }
         h.append("authorization", "Bearer abc".parse().unwrap());
         assert_eq!(extract_bearer(&h, None), Err(Reject::AmbiguousCredentials));
         let mut h = HeaderMap::new();

@@ -184,6 +184,17 @@ pub fn sidecar_bin() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
+/// libfaketime's multi-threaded library (Debian package `faketime`; hack/install-deps.sh).
+pub fn libfaketime() -> Result<PathBuf> {
+    for dir in ["/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime"] {
+        let p = Path::new(dir).join("libfaketimeMT.so.1");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("libfaketimeMT.so.1 not found: install Debian's faketime package (hack/install-deps.sh)")
+}
+
 pub struct Sidecar {
     child: Option<Child>,
     pub dir: PathBuf,
@@ -231,7 +242,28 @@ impl Reply {
 
 impl Sidecar {
     /// Start a sidecar for `config` (listener addresses and `keySetFile` are filled in).
-    pub async fn start(mut config: SidecarConfig, keys: &KeySet, upstream: SocketAddr) -> Result<Sidecar> {
+    pub async fn start(config: SidecarConfig, keys: &KeySet, upstream: SocketAddr) -> Result<Sidecar> {
+        Self::start_inner(config, keys, upstream, None).await
+    }
+
+    /// Like [`Sidecar::start`], with the process's wall clock `offset_secs` ahead (negative:
+    /// behind) of the machine's, through libfaketime (Debian package `faketime`). Monotonic time
+    /// is left alone, so timers and timeouts behave.
+    pub async fn start_with_clock(
+        config: SidecarConfig,
+        keys: &KeySet,
+        upstream: SocketAddr,
+        offset_secs: i64,
+    ) -> Result<Sidecar> {
+        Self::start_inner(config, keys, upstream, Some(offset_secs)).await
+    }
+
+    async fn start_inner(
+        mut config: SidecarConfig,
+        keys: &KeySet,
+        upstream: SocketAddr,
+        clock_offset: Option<i64>,
+    ) -> Result<Sidecar> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "authrealm-sidecar-{}-{}",
@@ -253,18 +285,27 @@ impl Sidecar {
         let cfg_path = dir.join("sidecar.json");
         std::fs::write(&cfg_path, config.to_json_pretty())?;
         let log = std::fs::File::create(dir.join("sidecar.log"))?;
-        let child = Command::new(sidecar_bin()?)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(sidecar_bin()?);
+        cmd.args(["run", "--config"])
             .arg(&cfg_path)
             .args(["--drain-seconds", "5"])
             .env("AUTHREALM_LOG", std::env::var("AUTHREALM_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn sidecar")?;
+            .stderr(log);
+        if let Some(offset) = clock_offset {
+            cmd.env("LD_PRELOAD", libfaketime()?)
+                .env("FAKETIME", format!("{offset:+}"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_NO_CACHE", "1");
+        }
+        let child = cmd.spawn().context("spawn sidecar")?;
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
         let s = Sidecar { child: Some(child), dir, public, issuer, admin, config, key_set_path, client };
-        s.wait_healthy(Duration::from_secs(20)).await?;
+        if let Err(e) = s.wait_healthy(Duration::from_secs(20)).await {
+            let log = std::fs::read_to_string(s.dir.join("sidecar.log")).unwrap_or_default();
+            bail!("{e}\n--- sidecar log ---\n{log}");
+        }
         Ok(s)
     }
 

@@ -1,0 +1,225 @@
+//! Revocation outlives acceptance, on every pod: two real sidecar processes whose wall clocks
+//! differ by the realm's leeway (libfaketime), a real Redis Cluster, and a `WAIT` that cannot
+//! count replicas that never saw the write.
+
+use std::time::{Duration, Instant};
+
+use authrealm_contract::keygen::generate;
+use authrealm_contract::{Alg, KeySet, KeyState, SessionMode, SidecarConfig};
+use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions, key_slot};
+use authrealm_tests::sidecar::{Sidecar, Upstream, test_config};
+use base64::Engine as _;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+const LEEWAY: u64 = 2;
+/// The revoking/minting pod's clock runs this far ahead of the verifying pod's (= the leeway,
+/// the most the realm allows).
+const SKEW: i64 = LEEWAY as i64;
+
+fn key_set() -> KeySet {
+    KeySet {
+        version: authrealm_contract::keyset::KEYSET_VERSION.into(),
+        keys: vec![generate(Alg::ES256, "k1", 0, KeyState::Current).unwrap()],
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Sleep until `ms` past the start of a (real) second.
+async fn align_to_second(ms: i64) {
+    let now = now_ms();
+    let mut wait = (1000 + ms - now.rem_euclid(1000)).rem_euclid(1000);
+    if wait < 50 {
+        wait += 1000;
+    }
+    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+}
+
+fn denylist_config(cluster: &RedisCluster) -> SidecarConfig {
+    let mut cfg = test_config("clocks", Some(cluster.seeds()));
+    cfg.session_mode = SessionMode::Denylist;
+    cfg.leeway_seconds = LEEWAY;
+    cfg.max_token_ttl_seconds = 120;
+    cfg.token_ttl_seconds = 60;
+    cfg
+}
+
+fn token(v: &Value) -> String {
+    v["access_token"].as_str().unwrap().to_string()
+}
+
+/// Present `t` to every sidecar every 10 ms until real time `until_ms`; return every (pod, ms
+/// since start, status) that was not 401.
+async fn accepted_until(pods: &[&Sidecar], t: &str, until_ms: i64) -> Vec<(usize, i64, StatusCode)> {
+    let mut bad = Vec::new();
+    let start = now_ms();
+    while now_ms() < until_ms {
+        for (i, p) in pods.iter().enumerate() {
+            let r = p.get("/x", Some(t)).await.unwrap();
+            if r.status != StatusCode::UNAUTHORIZED {
+                bad.push((i, now_ms() - start, r.status));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bad
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stays_refused_on_every_pod_until_it_expires_everywhere() {
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let keys = key_set();
+    let cfg = denylist_config(&cluster);
+    // Pod A (issuer) runs SKEW seconds ahead of pod B and of this test.
+    let a = Sidecar::start_with_clock(cfg.clone(), &keys, upstream.addr, SKEW).await.unwrap();
+    let b = Sidecar::start(cfg.clone(), &keys, upstream.addr).await.unwrap();
+    a.wait_ready(Duration::from_secs(20)).await.unwrap();
+    b.wait_ready(Duration::from_secs(20)).await.unwrap();
+
+    // ---- revoke by jti right after minting, just past a second boundary (the whole-second
+    // rounding window of the old TTL), then present the token on both pods until every pod
+    // would refuse it as expired anyway.
+    align_to_second(10).await;
+    let m = a.mint_with(json!({"subject": "alice", "ttl_seconds": 2})).await.unwrap();
+    let t = token(&m);
+    assert_eq!(b.get("/x", Some(&t)).await.unwrap().status, StatusCode::OK, "valid on the skewed-behind pod");
+    let r = a.issuer_call("DELETE", &format!("/v1/tokens/{}", m["jti"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert_eq!(r.json()["revoked"], true);
+    // exp was written by A's clock; B (whose clock is the test's) accepts the token while its
+    // clock reads at most exp + leeway: until real time exp + leeway + 1 s.
+    let exp = m["expires_in"].as_i64().unwrap();
+    let claims = decode_claims(&t);
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), exp);
+    let b_accepts_until_ms = (claims["exp"].as_i64().unwrap() + LEEWAY as i64 + 1) * 1000;
+    let bad = accepted_until(&[&a, &b], &t, b_accepts_until_ms + 500).await;
+    assert!(
+        bad.is_empty(),
+        "a revoked token was accepted {} times (pod, ms after revocation, status): first {:?}, last {:?}",
+        bad.len(),
+        bad.first(),
+        bad.last()
+    );
+    // Afterwards it is simply expired everywhere.
+    assert_eq!(b.get("/x", Some(&t)).await.unwrap().status, StatusCode::UNAUTHORIZED);
+
+    // ---- revoke-by-jti finds the token for as long as any pod accepts it: mint, wait until the
+    // last second in which B still accepts it, then revoke through A.
+    align_to_second(10).await;
+    let m = a.mint_with(json!({"subject": "bob", "ttl_seconds": 1})).await.unwrap();
+    let t = token(&m);
+    let exp = decode_claims(&t)["exp"].as_i64().unwrap();
+    // B's last accepting second starts at real exp + leeway.
+    let last_second_ms = (exp + LEEWAY as i64) * 1000 + 200;
+    tokio::time::sleep(Duration::from_millis((last_second_ms - now_ms()).max(0) as u64)).await;
+    assert_eq!(b.get("/x", Some(&t)).await.unwrap().status, StatusCode::OK, "B still accepts the token");
+    let r = a.issuer_call("DELETE", &format!("/v1/tokens/{}", m["jti"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "revoke-by-jti must find a token some pod still accepts: {:?}", r.json());
+    assert_eq!(b.get("/x", Some(&t)).await.unwrap().status, StatusCode::UNAUTHORIZED);
+
+    // ---- log out everywhere, then mint in the same second: the new token works everywhere,
+    // the old one is refused everywhere.
+    let old = token(&a.mint("carol").await.unwrap());
+    align_to_second(50).await;
+    let r = a.issuer_call("DELETE", "/v1/subjects/carol/tokens", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    let fresh = a.mint("carol").await.unwrap();
+    let fresh = token(&fresh);
+    for (name, pod) in [("A", &a), ("B", &b)] {
+        assert_eq!(pod.get("/x", Some(&fresh)).await.unwrap().status, StatusCode::OK, "fresh token on {name}");
+        assert_eq!(pod.get("/x", Some(&old)).await.unwrap().status, StatusCode::UNAUTHORIZED, "old token on {name}");
+    }
+    // And it keeps working (it is not refused once the second turns).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(b.get("/x", Some(&fresh)).await.unwrap().status, StatusCode::OK);
+}
+
+fn decode_claims(t: &str) -> Value {
+    let p = t.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).unwrap()).unwrap()
+}
+
+/// `WAIT` counts only writes made on its own connection. Kill the sidecar's connections to the
+/// master while a `WAIT` blocks (its replica frozen): the client library reconnects and re-sends;
+/// a `WAIT` re-sent alone would count the frozen replica at once (it never saw the write) and
+/// the revocation would be reported "replicated".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_never_counts_replicas_that_missed_the_write() {
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let keys = key_set();
+    for mode in [SessionMode::Single, SessionMode::Denylist] {
+        let mut cfg = test_config("waits", Some(cluster.seeds()));
+        cfg.session_mode = mode;
+        let r = cfg.redis.as_mut().unwrap();
+        r.wait_replicas = 1;
+        r.wait_timeout_ms = 1500;
+        let prefix = r.key_prefix.clone();
+        let s = Sidecar::start(cfg, &keys, upstream.addr).await.unwrap();
+        s.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let sub = format!("wait-{mode:?}");
+        let m = s.mint(&sub).await.unwrap();
+        let t = token(&m);
+
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&sub);
+        let master = cluster.master_for_slot(key_slot(format!("{prefix}{{waits:{b64}}}:idx").as_bytes())).unwrap();
+        let replica = cluster.replicas_of(&master.addr).unwrap().remove(0);
+        cluster.pause(&replica.addr).unwrap();
+
+        let jti = m["jti"].as_str().unwrap().to_string();
+        let started = Instant::now();
+        let revoke = {
+            let (issuer, jti) = (s.issuer, jti.clone());
+            tokio::spawn(async move {
+                let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+                let req = http::Request::delete(format!("http://{issuer}/v1/tokens/{jti}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                let resp = c.request(req).await.unwrap();
+                let status = resp.status();
+                let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+                (status, serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
+            })
+        };
+        // While the WAIT blocks on the frozen replica, drop every client connection of the master.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let killed = cluster.cli(&master.addr, &["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
+        let (status, body) = revoke.await.unwrap();
+        cluster.resume(&replica.addr).unwrap();
+        eprintln!(
+            "{mode:?}: killed {} connections; revoke answered {status} {body} after {:?}",
+            killed.trim(),
+            started.elapsed()
+        );
+        assert!(
+            !(status == StatusCode::OK && body["replicas_confirmed"].as_i64().unwrap_or(0) >= 1),
+            "{mode:?}: reported replicated while the only replica was frozen: {body}"
+        );
+        // Not done, retry: either the write was confirmed by no replica, or the cluster client
+        // was still repairing its connections when the operation's deadline passed.
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{mode:?}: {body}");
+        assert!(body["error"] == "not_replicated" || body["error"] == "temporarily_unavailable", "{mode:?}: {body}");
+        // The revocation itself was applied on the master, and a retry once the replica is back
+        // is acknowledged.
+        assert_eq!(s.get("/x", Some(&t)).await.unwrap().status, StatusCode::UNAUTHORIZED, "{mode:?}");
+        cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+        let again = s.issuer_call("DELETE", &format!("/v1/tokens/{jti}"), None).await.unwrap();
+        let again_json = again.json();
+        if mode == SessionMode::Denylist {
+            assert_eq!(again.status, StatusCode::OK, "{again_json}");
+            assert!(again_json["replicas_confirmed"].as_i64().unwrap() >= 1, "{again_json}");
+        } else {
+            // Single mode deleted the record: the jti is still located, its record is gone.
+            assert_eq!(again.status, StatusCode::OK, "{again_json}");
+            assert_eq!(again_json["revoked"], false);
+            assert!(again_json["replicas_confirmed"].as_i64().unwrap() >= 1, "{again_json}");
+        }
+    }
+}
