@@ -31,8 +31,11 @@
 # /home/nonroot, PATH, SSL_CERT_FILE).
 # No shell is added: like distroless, the image has none.
 #
-# The release binaries come from ${AUTHREALM_RELEASE_DIR:-${CARGO_TARGET_DIR:-target}/release}:
+# The binaries come from ${AUTHREALM_BIN_DIR:-${AUTHREALM_RELEASE_DIR:-${CARGO_TARGET_DIR:-target}/release}}:
 #   cargo build --release -p authrealm-operator -p authrealm-sidecar
+# AUTHREALM_BIN_DIR may name a debug profile directory instead (the end-to-end tests pack the
+# debug binaries `cargo test` already built, e.g. target/debug). Debug info is stripped from the
+# image's copy either way (`strip --strip-debug`); the code is the binary's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=hack/lib/oci.sh
@@ -40,7 +43,7 @@ source hack/lib/oci.sh
 
 CACHE_ROOT=${AUTHREALM_CACHE:-$HOME/.cache/authrealm}
 IMAGES_DIR=${AUTHREALM_IMAGES_DIR:-${CACHE_ROOT}/images}
-RELEASE_DIR=${AUTHREALM_RELEASE_DIR:-${CARGO_TARGET_DIR:-target}/release}
+RELEASE_DIR=${AUTHREALM_BIN_DIR:-${AUTHREALM_RELEASE_DIR:-${CARGO_TARGET_DIR:-target}/release}}
 ALL=(pause busybox redis operator sidecar login-app)
 DISTROLESS_BASE=gcr.io/distroless/cc-debian12:nonroot
 
@@ -216,9 +219,10 @@ image_from_dockerfile() { # SHORT DOCKERFILE: a release binary on the distroless
     read -r src dest <<<"${copy#--from=build }"
     # The build stage installs target/release/NAME as /out/NAME.
     binary="${RELEASE_DIR}/$(basename "${src}")"
-    [[ -x ${binary} ]] || die "${binary} not found: cargo build --release -p $(basename "${src}") (or set AUTHREALM_RELEASE_DIR)"
+    [[ -x ${binary} ]] || die "${binary} not found: cargo build --release -p $(basename "${src}") (or set AUTHREALM_BIN_DIR)"
     [[ ${dest} == */ ]] && dest="${dest}$(basename "${src}")"
     oci_add_binary "${root}" "${binary}" "${dest}"
+    strip --strip-debug "${root}${dest}"
   done
   install -D -m 0644 /etc/ssl/certs/ca-certificates.crt "${root}/etc/ssl/certs/ca-certificates.crt"
   passwd_files "${root}" root:0 nobody:65534 nonroot:65532
