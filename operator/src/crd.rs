@@ -45,7 +45,9 @@ pub const MAX_REALM_NAME: usize = 63;
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Algorithm","type":"string","jsonPath":".spec.algorithm"}"#,
     printcolumn = r#"{"name":"Current Key","type":"string","jsonPath":".status.currentKid"}"#,
-    printcolumn = r#"{"name":"Next Rotation","type":"date","jsonPath":".status.nextRotationTime"}"#,
+    // "string", not "date": kubectl prints a "date" column as an age, and a time in the future
+    // as "<invalid>" (found on the local node, tests/tests/node_e2e.rs).
+    printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationTime"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63")
         .message("AuthRealm names are at most 63 characters (the name is used as the authrealm.dev/realm label value on app pods)"),
@@ -642,5 +644,13 @@ mod tests {
             assert!(text.contains(needle), "CRD lacks {needle:?}");
         }
         assert_eq!(crd["spec"]["names"]["shortNames"], json!(["ar"]));
+        // kubectl shows a future time in a "date" column as "<invalid>".
+        let next = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "Next Rotation")
+            .unwrap();
+        assert_eq!(next["type"], "string");
     }
 }
