@@ -739,6 +739,7 @@ async fn redis_master_deleted(ctx: &mut Ctx) -> anyhow::Result<()> {
     let victim = victim.or(first_master).context("no master found")?;
     eprintln!("deleting Redis master {victim} (holds the user's session records: {found})");
     ctx.kubectl(&["-n", DEMO_NS, "delete", "pod", &victim, "--wait=false"])?;
+    let witness = if victim == "redis-cluster-0" { "redis-cluster-1" } else { "redis-cluster-0" }.to_owned();
 
     let started = Instant::now();
     let mut outage = Duration::ZERO;
@@ -750,19 +751,25 @@ async fn redis_master_deleted(ctx: &mut Ctx) -> anyhow::Result<()> {
         );
         let r = http(addr, "GET", "/me", Some(&revoked), None).await?;
         ensure!(r.status != 200, "the revoked token was accepted during the failover");
-        // Past the outage: a new login works (its mint waits for a replica of the session's
-        // master, i.e. for the deleted pod to rejoin as a replica) and its token is accepted.
-        // (A login whose mint reached the master but no replica still supersedes the earlier
-        // tokens, single session mode: only a fresh token tells.)
-        match login(addr).await {
-            Ok(t) => {
-                let me = http(addr, "GET", "/me", Some(&t), None).await?;
-                if me.status == 200 {
-                    break;
+        // Past the outage once every master has a replica again (the deleted pod rejoined as
+        // one; a mint waits for a replica of each master it writes to, and its jti locator lands
+        // on any slot) and a fresh token works. (A login whose mint reached a master but no
+        // replica still supersedes the earlier tokens, single session mode.)
+        let nodes =
+            ctx.kubectl(&["-n", DEMO_NS, "exec", &witness, "-c", "redis", "--", "redis-cli", "cluster", "nodes"])?;
+        if !every_master_has_a_replica(&nodes) {
+            last = format!("not every master has a replica yet:\n{nodes}");
+        } else {
+            match login(addr).await {
+                Ok(t) => {
+                    let me = http(addr, "GET", "/me", Some(&t), None).await?;
+                    if me.status == 200 {
+                        break;
+                    }
+                    last = format!("a fresh token: {} {}", me.status, me.body);
                 }
-                last = format!("a fresh token: {} {}", me.status, me.body);
+                Err(e) => last = format!("login: {e:#}"),
             }
-            Err(e) => last = format!("login: {e:#}"),
         }
         outage = started.elapsed();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -771,11 +778,29 @@ async fn redis_master_deleted(ctx: &mut Ctx) -> anyhow::Result<()> {
     ensure!(r.status == 401, "the revoked token after the failover: {}", r.status);
     let old = http(addr, "GET", "/me", Some(&valid), None).await?;
     ensure!(old.status == 401, "the token superseded by the logins since: {}", old.status);
-    let fresh = login(addr).await.context("login after the failover")?;
-    let me = http(addr, "GET", "/me", Some(&fresh), None).await?;
-    ensure!(me.status == 200, "a new token after the failover: {}", me.status);
+    // Every login works again (each lands its jti locator on a random slot).
+    for i in 0..6 {
+        let fresh = login(addr).await.with_context(|| format!("login {i} after the failover"))?;
+        let me = http(addr, "GET", "/me", Some(&fresh), None).await?;
+        ensure!(me.status == 200, "a new token after the failover: {}", me.status);
+    }
     eprintln!("failover: logins worked again after {outage:.1?}");
     Ok(())
+}
+
+/// `CLUSTER NODES` output: every master that serves slots has a connected replica.
+fn every_master_has_a_replica(nodes: &str) -> bool {
+    let rows: Vec<Vec<&str>> =
+        nodes.lines().map(|l| l.split_whitespace().collect()).filter(|f: &Vec<&str>| f.len() >= 8).collect();
+    let masters: Vec<&str> = rows
+        .iter()
+        .filter(|f| f[2].contains("master") && !f[2].contains("fail") && f.len() >= 9)
+        .map(|f| f[0])
+        .collect();
+    masters.len() == 3
+        && masters.iter().all(|m| {
+            rows.iter().any(|f| f[2].contains("slave") && !f[2].contains("fail") && f[3] == *m && f[7] == "connected")
+        })
 }
 
 /// Key rotation while the pods run: the realm's interval shortened, a new kid appears in newly
