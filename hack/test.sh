@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs what the harnesses need, builds (once,
 # cached outside the repo) the Kubernetes control plane from source, then runs format,
-# lint and the whole test suite against a real Redis Cluster and a real kube-apiserver.
+# lint and the whole test suite against a real Redis Cluster and a real kube-apiserver — and, as
+# root, on a real one-node Kubernetes (tests/tests/node_e2e.rs: hack/node.sh, images packed from
+# the debug binaries this `cargo test` builds; the node binaries are built once and cached).
 #
 #   hack/test.sh            # everything
 #   hack/test.sh -- <args>  # extra arguments for `cargo test` (e.g. a test name filter)
@@ -10,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-step "system packages (redis-server, redis-tools, openssl)"
+step "system packages (redis-server, redis-tools, openssl, faketime, containerd, runc, CNI plugins, iptables, …)"
 bash hack/install-deps.sh
 
 step "toolchains"
@@ -23,13 +25,19 @@ bin_dir=$(bash hack/control-plane.sh | tail -n 1)
 export AUTHREALM_CONTROL_PLANE_BIN="$bin_dir"
 echo "control plane binaries: $bin_dir" >&2
 
+step "local node binaries (kube-scheduler, kubelet, kube-proxy, kubectl, CoreDNS, pause; cached)"
+node_started=$SECONDS
+node_bin_dir=$(bash hack/node-bins.sh | tail -n 1)
+export AUTHREALM_NODE_BIN="$node_bin_dir"
+echo "node binaries: $node_bin_dir ($((SECONDS - node_started)) s)" >&2
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "cargo test (unit tests, real Redis Cluster, real kube-apiserver)"
+step "cargo test (unit tests, real Redis Cluster, real kube-apiserver, real node: node_e2e)"
 extra=()
 if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi
 cargo test --workspace --no-fail-fast -- "${extra[@]}"
