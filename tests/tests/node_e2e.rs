@@ -819,6 +819,20 @@ async fn key_rotation_hot_reload(ctx: &mut Ctx) -> anyhow::Result<()> {
     let before_restarts = restarts(ctx)?;
     let before = login(addr).await?;
     let kid_before = jwt_header(&before)?["kid"].as_str().context("no kid")?.to_owned();
+    // A second subject's token, minted before the rotation through the sidecar's loopback issuer
+    // API from inside the pod (the login app has one user, and in single mode every login of
+    // alice ends her previous token): it must keep working after the rotation, until its key
+    // retires.
+    const MINT_BOB: &str = "import json,os,urllib.request\n\
+        u=os.environ.get('LOGIN_APP_ISSUER_URL','http://127.0.0.1:8444').rstrip('/')+'/v1/tokens'\n\
+        r=urllib.request.Request(u,data=json.dumps({'subject':'bob'}).encode(),\
+        headers={'content-type':'application/json'},method='POST')\n\
+        print(json.load(urllib.request.urlopen(r,timeout=10))['access_token'])\n";
+    let bob = ctx.kubectl(&["-n", DEMO_NS, "exec", &pod, "-c", "app", "--", "python3", "-c", MINT_BOB])?;
+    let bob = bob.trim().to_owned();
+    ensure!(jwt_header(&bob)?["kid"] == kid_before.as_str(), "bob's token is signed with the current key");
+    let me = http(addr, "GET", "/me", Some(&bob), None).await?;
+    ensure!(me.status == 200, "bob's token before the rotation: {} {}", me.status, me.body);
     ctx.kubectl(&[
         "-n",
         DEMO_NS,
@@ -839,6 +853,8 @@ async fn key_rotation_hot_reload(ctx: &mut Ctx) -> anyhow::Result<()> {
     eprintln!("new kid {} after {:.1?}", new.1, started.elapsed());
     let me = http(addr, "GET", "/me", Some(&new.0), None).await?;
     ensure!(me.status == 200, "the token with the new kid: {} {}", me.status, me.body);
+    let me = http(addr, "GET", "/me", Some(&bob), None).await?;
+    ensure!(me.status == 200, "a token minted before the rotation, its key now retired: {} {}", me.status, me.body);
     let pods = ctx.jsonpath(DEMO_NS, "pods -l app.kubernetes.io/name=login-app", "{.items[*].metadata.name}")?;
     ensure!(pods == pod, "the login pod was replaced: {pods} (was {pod})");
     ensure!(restarts(ctx)? == before_restarts, "containers restarted: {} (was {before_restarts})", restarts(ctx)?);
