@@ -58,6 +58,20 @@ pub fn cache_root() -> PathBuf {
 
 /// The cargo profile directory of the running test binary (`target/<profile>/deps/<exe>` →
 /// `target/<profile>`), where `cargo test` puts the workspace's binaries.
+/// The operator and sidecar binaries of the test's own cargo profile (built if stale; a no-op
+/// after `cargo test` built them). Returns their directory.
+pub fn build_binaries() -> anyhow::Result<PathBuf> {
+    let bin_dir = profile_dir()?;
+    let release = bin_dir.file_name().is_some_and(|n| n == "release");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "-q", "-p", "authrealm-operator", "-p", "authrealm-sidecar", "--bins"]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build, "cargo build (operator, sidecar)")?;
+    Ok(bin_dir)
+}
+
 pub fn profile_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
     exe.parent().and_then(Path::parent).map(Path::to_path_buf).context("no target/<profile> above the test binary")
@@ -116,14 +130,7 @@ impl NodeEnv {
         let node_dir = cache.join(NODE_DIR_NAME);
         let images_dir = cache.join(IMAGES_DIR_NAME);
 
-        let bin_dir = profile_dir()?;
-        let release = bin_dir.file_name().is_some_and(|n| n == "release");
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.args(["build", "-q", "-p", "authrealm-operator", "-p", "authrealm-sidecar", "--bins"]);
-        if release {
-            build.arg("--release");
-        }
-        run(&mut build, "cargo build (operator, sidecar)")?;
+        let bin_dir = build_binaries()?;
 
         let t = Instant::now();
         let mut images = script("hack/images.sh");

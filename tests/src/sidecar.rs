@@ -397,6 +397,20 @@ impl Sidecar {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
+    /// Wait (up to 10 s) until the metric line `name` (with its labels, if any) satisfies `want`;
+    /// returns its value.
+    pub async fn wait_metric(&self, name: &str, want: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = metric_value(&self.metrics().await.unwrap(), name);
+            if want(v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{name} = {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> Result<String> {
         let r = self.request(self.admin, "GET", "/metrics", &[], Bytes::new()).await?;
         Ok(String::from_utf8_lossy(&r.body).into_owned())
@@ -428,6 +442,15 @@ impl Sidecar {
             })
             .unwrap_or(0)
     }
+}
+
+/// The value of the metric line `name` (exactly, labels included) in a Prometheus text page; 0
+/// when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A config for tests: realm `realm`, Redis seeds (or stateless), short timeouts.

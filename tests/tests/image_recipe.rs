@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context as _, ensure};
-use authrealm_tests::node_env::{profile_dir, repo_root, run};
+use authrealm_tests::node_env::{build_binaries, repo_root, run};
 use serde_json::{Value, json};
 
 /// USER, ENTRYPOINT, CMD and EXPOSE of the last stage of a Dockerfile, as an image config would
@@ -71,14 +71,7 @@ fn tempdir() -> anyhow::Result<String> {
 
 #[test]
 fn local_images_match_the_dockerfiles_runtime_stage() -> anyhow::Result<()> {
-    let bin_dir = profile_dir()?;
-    let release = bin_dir.file_name().is_some_and(|n| n == "release");
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.args(["build", "-q", "-p", "authrealm-operator", "-p", "authrealm-sidecar", "--bins"]);
-    if release {
-        build.arg("--release");
-    }
-    run(&mut build, "cargo build")?;
+    let bin_dir = build_binaries()?;
 
     let images_dir = tempdir()?;
     let mut pack = Command::new("bash");

@@ -44,25 +44,6 @@ async fn closed_within(c: &mut TcpStream, limit: Duration) -> Option<Duration> {
     }
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn wait_metric(s: &Sidecar, name: &str, want: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = metric(&s.metrics().await.unwrap(), name);
-        if want(v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{name} = {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_idle_and_surplus_connections_are_cut_off() {
     let upstream = Upstream::start().await.unwrap();
@@ -122,7 +103,7 @@ async fn slow_idle_and_surplus_connections_are_cut_off() {
     let ended = tokio::time::timeout(Duration::from_secs(6), conn).await.expect("idle HTTP/2 connection closed");
     assert!(ended.is_ok(), "{ended:?}");
     assert!(started.elapsed() < Duration::from_millis(3500), "{:?}", started.elapsed());
-    wait_metric(&s, "authrealm_sidecar_connections_idle_closed_total", |v| v >= 1.0).await;
+    s.wait_metric("authrealm_sidecar_connections_idle_closed_total", |v| v >= 1.0).await;
 
     // ---- a request body that stalls is aborted; the app does not wait forever.
     let mut c = TcpStream::connect(s.public).await.unwrap();
@@ -141,7 +122,7 @@ async fn slow_idle_and_surplus_connections_are_cut_off() {
 
     // ---- the connection cap: surplus connections are closed at once, counted, and the
     // listener serves again once connections go away.
-    wait_metric(&s, "authrealm_sidecar_connections", |v| v == 0.0).await;
+    s.wait_metric("authrealm_sidecar_connections", |v| v == 0.0).await;
     let mut held = Vec::new();
     for _ in 0..8 {
         let mut c = TcpStream::connect(s.public).await.unwrap();
@@ -150,13 +131,13 @@ async fn slow_idle_and_surplus_connections_are_cut_off() {
         c.read_exact(&mut first).await.unwrap();
         held.push(c);
     }
-    wait_metric(&s, "authrealm_sidecar_connections", |v| v == 8.0).await;
+    s.wait_metric("authrealm_sidecar_connections", |v| v == 8.0).await;
     let mut extra = TcpStream::connect(s.public).await.unwrap();
     let _ = extra.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n").await;
     assert!(closed_within(&mut extra, Duration::from_secs(2)).await.is_some(), "surplus connection closed");
-    assert!(wait_metric(&s, "authrealm_sidecar_connections_refused_total", |v| v >= 1.0).await >= 1.0);
+    assert!(s.wait_metric("authrealm_sidecar_connections_refused_total", |v| v >= 1.0).await >= 1.0);
     drop(held);
-    wait_metric(&s, "authrealm_sidecar_connections", |v| v == 0.0).await;
+    s.wait_metric("authrealm_sidecar_connections", |v| v == 0.0).await;
     assert_eq!(s.get("/x", Some(&token)).await.unwrap().status, StatusCode::OK);
 }
 

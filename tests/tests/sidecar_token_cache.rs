@@ -2,34 +2,15 @@
 //! the moment its key leaves the key set and at exp + leeway, and the session check still runs
 //! on every request.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, KeySet, KeyState};
-use authrealm_tests::sidecar::{Sidecar, Upstream, test_config};
+use authrealm_tests::sidecar::{Sidecar, Upstream, metric_value, test_config};
 use http::StatusCode;
 use serde_json::json;
 
 const RELOADS_OK: &str = "authrealm_sidecar_key_reloads_total{outcome=\"ok\"}";
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn wait_metric(s: &Sidecar, name: &str, want: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = metric(&s.metrics().await.unwrap(), name);
-        if want(v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{name} = {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_tokens_are_refused_when_their_key_goes_and_when_they_expire() {
@@ -46,8 +27,8 @@ async fn cached_tokens_are_refused_when_their_key_goes_and_when_they_expire() {
         assert_eq!(s.get("/x", Some(&t)).await.unwrap().status, StatusCode::OK);
     }
     let m = s.metrics().await.unwrap();
-    assert!(metric(&m, "authrealm_sidecar_token_cache_hits_total") >= 1.0, "{m}");
-    assert!(metric(&m, "authrealm_sidecar_token_cache_entries") >= 1.0, "{m}");
+    assert!(metric_value(&m, "authrealm_sidecar_token_cache_hits_total") >= 1.0, "{m}");
+    assert!(metric_value(&m, "authrealm_sidecar_token_cache_entries") >= 1.0, "{m}");
     // Identity headers come from the cached verification.
     let seen = upstream.seen();
     assert_eq!(seen.last().unwrap().headers["x-auth-subject"], "alice");
@@ -84,18 +65,18 @@ async fn cached_tokens_are_refused_when_their_key_goes_and_when_they_expire() {
     let new = generate(Alg::ES256, "new", 0, KeyState::Current).unwrap();
     let mut retired = old.clone();
     retired.state = KeyState::Retired;
-    let reloads = metric(&s.metrics().await.unwrap(), RELOADS_OK);
+    let reloads = metric_value(&s.metrics().await.unwrap(), RELOADS_OK);
     let rotated =
         KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![new.clone(), retired] };
     s.write_key_set(&rotated).unwrap();
-    wait_metric(&s, RELOADS_OK, |v| v > reloads).await;
+    s.wait_metric(RELOADS_OK, |v| v > reloads).await;
     assert_eq!(s.get("/x", Some(&t)).await.unwrap().status, StatusCode::OK);
     assert_eq!(s.get("/x", Some(&t)).await.unwrap().status, StatusCode::OK);
     // ... then the old key is removed: its token, cached a moment ago, is refused on the very
     // next request.
-    let reloads = metric(&s.metrics().await.unwrap(), RELOADS_OK);
+    let reloads = metric_value(&s.metrics().await.unwrap(), RELOADS_OK);
     let only_new = KeySet { version: authrealm_contract::keyset::KEYSET_VERSION.into(), keys: vec![new] };
     s.write_key_set(&only_new).unwrap();
-    wait_metric(&s, RELOADS_OK, |v| v > reloads).await;
+    s.wait_metric(RELOADS_OK, |v| v > reloads).await;
     assert_eq!(s.get("/x", Some(&t)).await.unwrap().status, StatusCode::UNAUTHORIZED);
 }
