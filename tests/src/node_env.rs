@@ -230,6 +230,25 @@ impl NodeEnv {
         cmd
     }
 
+    /// `hack/up.sh --kubeconfig <admin> --images local ARGS…`: the README's first command aimed at
+    /// this node as at any existing cluster (the node's images are already imported), with this
+    /// node's kubectl and helm (and helm's caches in the node's state directory).
+    pub fn up_sh_existing(&self, args: &[&str]) -> Command {
+        let mut cmd = script("hack/up.sh");
+        let home = self.node_dir.join("helm");
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--images", "local"])
+            .args(args)
+            .env("AUTHREALM_NODE_BIN", &self.node_bin)
+            .env("AUTHREALM_CONTROL_PLANE_BIN", &self.control_plane_bin)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// Tears the node down now (also done on drop); errors if `down` reports leftovers.
     pub fn down(&mut self) -> anyhow::Result<()> {
         let out = self.node_sh("down").output().context("run hack/node.sh down")?;

@@ -38,6 +38,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("operator_pod_deleted_other_serves_leadership_moves_no_flap", |c| Box::pin(operator_pod_deleted(c))),
     ("redis_master_deleted_revoked_stays_revoked", |c| Box::pin(redis_master_deleted(c))),
     ("key_rotation_reaches_the_running_sidecar", |c| Box::pin(key_rotation_hot_reload(c))),
+    ("up_sh_on_an_existing_cluster_twice_removes_only_its_own", |c| Box::pin(up_sh_existing_cluster(c))),
 ];
 
 fn main() {
@@ -868,5 +869,64 @@ async fn key_rotation_hot_reload(ctx: &mut Ctx) -> anyhow::Result<()> {
         "-p",
         r#"{"spec":{"tokenTtl":"15m","keyRotation":{"interval":"24h","propagationDelay":"2m"}}}"#,
     ])?;
+    Ok(())
+}
+
+/// `hack/up.sh --kubeconfig … --images local --exit`, the README's first command aimed at an
+/// existing cluster (this node, as a user's kind or other cluster would be): run once while the
+/// chart, Redis and the login app from the scenarios above are there (it reuses them, tells the
+/// story through a port-forward, and leaves them alone), then once more on a cluster without them
+/// (it installs everything, tells the story, and removes exactly what it created).
+async fn up_sh_existing_cluster(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let up = |ctx: &Ctx, what: &str| -> anyhow::Result<String> {
+        let started = Instant::now();
+        let out = ctx.node.up_sh_existing(&["--exit"]).output().context("run hack/up.sh")?;
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        ensure!(out.status.success(), "hack/up.sh ({what}) failed: {}\n{stdout}\n{stderr}", out.status);
+        let story: Vec<&str> = stdout.lines().filter(|l| l.ends_with("(ok)") || l.contains("UNEXPECTED")).collect();
+        ensure!(
+            story.len() == 7 && story.iter().all(|l| l.ends_with("(ok)")),
+            "hack/up.sh ({what}) story:\n{stdout}\n{stderr}"
+        );
+        ensure!(stderr.contains("through a port-forward"), "hack/up.sh ({what}) did not use a port-forward:\n{stderr}");
+        eprintln!("hack/up.sh ({what}): {:.1?}", started.elapsed());
+        Ok(stderr.into_owned())
+    };
+    let present = |ctx: &Ctx| -> anyhow::Result<(bool, bool, bool)> {
+        let namespaces = ctx.kubectl(&["get", "namespaces", "-o", "name"])?;
+        let mut helm = ctx.node.helm();
+        helm.args(["list", "-A", "-q"]);
+        let releases = run(&mut helm, "helm list")?;
+        Ok((
+            namespaces.lines().any(|l| l == format!("namespace/{DEMO_NS}")),
+            namespaces.lines().any(|l| l == format!("namespace/{SYSTEM_NS}")),
+            releases.lines().any(|l| l == RELEASE),
+        ))
+    };
+    let forwarders = || -> usize {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+        dir.filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains("port-forward\0service/login-app"))
+            .count()
+    };
+
+    // 1. Everything already there: reused, and left in place.
+    let stderr = up(ctx, "on the running system")?;
+    ensure!(stderr.contains("it stays when this run ends"), "the existing release was not recognised:\n{stderr}");
+    ensure!(present(ctx)? == (true, true, true), "a run that created nothing removed something: {:?}", present(ctx)?);
+    ensure!(forwarders() == 0, "a kubectl port-forward outlived hack/up.sh");
+
+    // 2. A cluster without authrealm: installed, story, then exactly that removed again.
+    ctx.kubectl(&["delete", "namespace", DEMO_NS, OPTED_OUT_NS, "--wait", "--timeout=180s"])?;
+    let mut helm = ctx.node.helm();
+    helm.args(["uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout", "180s"]);
+    run(&mut helm, "helm uninstall")?;
+    ctx.kubectl(&["delete", "namespace", SYSTEM_NS, "--wait", "--timeout=180s"])?;
+    let stderr = up(ctx, "on a cluster without authrealm")?;
+    ensure!(stderr.contains("removing what this run created"), "no cleanup announced:\n{stderr}");
+    ensure!(present(ctx)? == (false, false, false), "left behind (demo ns, system ns, release): {:?}", present(ctx)?);
+    let hooks = ctx.kubectl(&["get", "mutatingwebhookconfigurations", "-o", "name"])?;
+    ensure!(hooks.trim().is_empty(), "webhook configurations left behind: {hooks}");
+    ensure!(forwarders() == 0, "a kubectl port-forward outlived hack/up.sh");
     Ok(())
 }
