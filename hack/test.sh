@@ -37,6 +37,15 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "build every binary and test once (cargo test --no-run); the harnesses get their paths"
+cargo test --workspace --no-run
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+export AUTHREALM_BIN_DIR="$target_dir/debug"
+export AUTHREALM_SIDECAR_BIN="$AUTHREALM_BIN_DIR/authrealm-sidecar"
+for bin in authrealm-operator authrealm-sidecar; do
+    [ -x "$AUTHREALM_BIN_DIR/$bin" ] || { echo "test: $AUTHREALM_BIN_DIR/$bin was not built" >&2; exit 1; }
+done
+
 step "cargo test (unit tests, real Redis Cluster, real kube-apiserver, real node: node_e2e)"
 extra=()
 if [ "${1:-}" = "--" ]; then shift; extra=("$@"); fi

@@ -82,7 +82,7 @@ pub fn generate(alg: Alg, kid: &str, now: i64, state: KeyState) -> Result<KeyEnt
                 _ => aws_lc_rs::rsa::KeySize::Rsa2048,
             };
             let kp = aws_lc_rs::rsa::KeyPair::generate(size).map_err(gen_err)?;
-            let der: aws_lc_rs::encoding::Pkcs8V1Der = kp.as_der().map_err(gen_err)?;
+            let der: aws_lc_rs::encoding::Pkcs8V1Der<'_> = kp.as_der().map_err(gen_err)?;
             der.as_ref().to_vec()
         }
     };

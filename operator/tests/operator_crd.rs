@@ -1,5 +1,6 @@
 //! The AuthRealm CRD against a real kube-apiserver: it installs, defaults apply, CEL rules reject
 //! bad specs with their messages, and hostile specs are rejected or handled.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

@@ -4,6 +4,7 @@
 //!
 //! The audit log sees what a watch cannot: writes that change nothing (an unchanged server-side
 //! apply is a no-op without a watch event) and writes the server rejected.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

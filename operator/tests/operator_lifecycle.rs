@@ -1,6 +1,7 @@
 //! Process and lifecycle behaviour against a real kube-apiserver with kube-controller-manager
 //! (garbage collection): realm deletion with the session-purge finalizer, leader election
 //! between two real operator processes, graceful shutdown, and the missing-CRD message.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

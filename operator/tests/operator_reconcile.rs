@@ -1,5 +1,6 @@
 //! Reconciling AuthRealms against a real kube-apiserver (and, for RedisReachable, a real
 //! six-node Redis Cluster): owned objects, status, key stability, Redis checks, bad specs.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

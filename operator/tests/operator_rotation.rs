@@ -2,6 +2,7 @@
 //! tokens minted by each key verify against the published JWKS for exactly their lifetime; and
 //! the operator binary SIGKILLed at random points during rotation never loses, regenerates or
 //! duplicates a key.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! A user deletes or edits the keys Secret (or the JWKS) by hand: the documented recovery
 //! happens, with a Warning event and the KeysIntact condition, and live tokens keep verifying.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

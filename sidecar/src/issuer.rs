@@ -14,7 +14,7 @@ use authrealm_contract::SessionMode;
 use crate::app::{App, Body, json_response, now_unix, now_unix_ms};
 use crate::proxy::json_error;
 use crate::session::{Durability, SessionState, StoreError, latest_exp_for_iat};
-use crate::token::{MAX_ID_BYTES, MintError, Reject, mint, validate};
+use crate::token::{MAX_ID_BYTES, MintError, mint, validate};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -378,9 +378,4 @@ async fn introspect(app: &App, req: Request<Incoming>) -> Response<Body> {
     out.insert("active".into(), true.into());
     out.insert("token_type".into(), "Bearer".into());
     ok(app, OP, StatusCode::OK, Value::Object(out))
-}
-
-/// Used by tests and the proxy to name a rejection without detail.
-pub fn reject_label(r: Reject) -> &'static str {
-    r.label()
 }

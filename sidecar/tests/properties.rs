@@ -6,6 +6,7 @@
 //! under 5 s in a debug build); `PROPTEST_CASES=N` runs N cases of every property instead, for a
 //! deeper local run. Failing inputs are not written to files: a case a property found is kept
 //! below as an ordinary `#[test]`.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::io;
 use std::pin::Pin;

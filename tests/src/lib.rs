@@ -1,3 +1,4 @@
+pub mod bins;
 pub mod kube_env;
 pub mod node_env;
 pub mod redis_cluster;

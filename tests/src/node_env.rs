@@ -56,25 +56,13 @@ pub fn cache_root() -> PathBuf {
     })
 }
 
-/// The cargo profile directory of the running test binary (`target/<profile>/deps/<exe>` →
-/// `target/<profile>`), where `cargo test` puts the workspace's binaries.
-/// The operator and sidecar binaries of the test's own cargo profile (built if stale; a no-op
-/// after `cargo test` built them). Returns their directory.
+/// The operator and sidecar binaries (see [`crate::bins`]); returns their directory.
 pub fn build_binaries() -> anyhow::Result<PathBuf> {
-    let bin_dir = profile_dir()?;
-    let release = bin_dir.file_name().is_some_and(|n| n == "release");
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.args(["build", "-q", "-p", "authrealm-operator", "-p", "authrealm-sidecar", "--bins"]);
-    if release {
-        build.arg("--release");
-    }
-    run(&mut build, "cargo build (operator, sidecar)")?;
-    Ok(bin_dir)
-}
-
-pub fn profile_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("current_exe")?;
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).context("no target/<profile> above the test binary")
+    let operator = crate::bins::operator()?;
+    let sidecar = crate::bins::sidecar()?;
+    let dir = operator.parent().context("operator binary without a directory")?.to_path_buf();
+    ensure!(sidecar.parent() == Some(dir.as_path()), "operator and sidecar binaries in different directories");
+    Ok(dir)
 }
 
 /// A running node; see the module docs.

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -160,28 +160,7 @@ pub fn free_port() -> u16 {
 
 /// Path of the sidecar binary, building it once if needed.
 pub fn sidecar_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("AUTHREALM_SIDECAR_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        // target/<profile>/deps/<test-binary> → target/<profile>/authrealm-sidecar
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let profile_dir = exe.parent().and_then(Path::parent).ok_or("no target dir")?.to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-q", "-p", "authrealm-sidecar", "--bin", "authrealm-sidecar"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-        if !status.success() {
-            return Err("cargo build -p authrealm-sidecar failed".into());
-        }
-        Ok(profile_dir.join("authrealm-sidecar"))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    crate::bins::sidecar()
 }
 
 /// libfaketime's multi-threaded library (Debian package `faketime`; hack/install-deps.sh).

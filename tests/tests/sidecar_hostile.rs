@@ -39,13 +39,13 @@ fn public_der(k: &KeyEntry) -> Vec<u8> {
                 &der,
             )
             .unwrap();
-            let spki: aws_lc_rs::encoding::PublicKeyX509Der = kp.public_key().as_der().unwrap();
+            let spki: aws_lc_rs::encoding::PublicKeyX509Der<'_> = kp.public_key().as_der().unwrap();
             spki.as_ref().to_vec()
         }
         Alg::RS256 => {
             use aws_lc_rs::signature::KeyPair;
             let kp = aws_lc_rs::rsa::KeyPair::from_pkcs8(&der).unwrap();
-            let spki: aws_lc_rs::encoding::PublicKeyX509Der = kp.public_key().as_der().unwrap();
+            let spki: aws_lc_rs::encoding::PublicKeyX509Der<'_> = kp.public_key().as_der().unwrap();
             spki.as_ref().to_vec()
         }
         _ => unreachable!(),

@@ -8,7 +8,6 @@ mod webhook_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
@@ -27,25 +26,9 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
 }
 
-/// The operator binary of this build profile, built once.
+/// The operator binary of this build (see `authrealm_tests::bins`).
 fn operator_bin() -> anyhow::Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let profile_dir = exe.parent().and_then(Path::parent).ok_or("no target dir")?.to_path_buf();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-q", "-p", "authrealm-operator", "--bin", "authrealm-operator"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-        if !status.success() {
-            return Err("cargo build -p authrealm-operator failed".into());
-        }
-        Ok(profile_dir.join("authrealm-operator"))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    authrealm_tests::bins::operator()
 }
 
 struct Operator {

@@ -12,7 +12,7 @@
 //!   MutatingWebhookConfiguration's `caBundle` kept current;
 //! * [`server`] — the HTTPS server (hyper + rustls) with a hot-swapped certificate.
 //!
-//! [`run_webhook`] ties them together.
+//! [`start_webhook`] ties them together (the operator's `main` calls it).
 
 pub mod decide;
 pub mod metrics;
@@ -28,7 +28,7 @@ pub use config::{CertMode, WebhookConfig};
 pub use decide::{Decision, Role, UnreadyRealmPolicy, decide};
 pub use metrics::WebhookMetrics;
 pub use mutate::mutate;
-pub use server::{WebhookError, WebhookHandle, run_webhook, start_webhook};
+pub use server::{WebhookError, WebhookHandle, start_webhook};
 
 /// Pod label that opts a Pod in: its value names an AuthRealm in the Pod's namespace.
 pub const REALM_LABEL: &str = "authrealm.dev/realm";

@@ -5,7 +5,6 @@
 //! Routes: `POST /mutate-pods` (AdmissionReview), `GET /healthz`.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -67,15 +66,18 @@ impl WebhookError {
 
 /// Parses a PEM certificate chain and key into what rustls serves.
 pub fn load_certified_key(cert_pem: &str, key_pem: &str, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+    use rustls::pki_types::pem::{self, PemObject as _};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::InvalidPem(format!("tls.crt: {e}")))?;
     if certs.is_empty() {
         return Err(TlsError::InvalidPem("tls.crt holds no certificate".into()));
     }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(|e| TlsError::InvalidPem(format!("tls.key: {e}")))?
-        .ok_or_else(|| TlsError::InvalidPem("tls.key holds no private key".into()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::InvalidPem("tls.key holds no private key".into()),
+        e => TlsError::InvalidPem(format!("tls.key: {e}")),
+    })?;
     CertifiedKey::from_der(certs, key, provider).map_err(|e| TlsError::InvalidPem(e.to_string()))
 }
 
@@ -255,19 +257,6 @@ pub async fn start_webhook(
     };
 
     Ok(WebhookHandle { local_addr, shutdown: shutdown_tx, tasks: vec![accept_task, cert_task] })
-}
-
-/// Runs the webhook until `shutdown` completes. This is what the operator's `main` calls.
-pub async fn run_webhook(
-    client: kube::Client,
-    cfg: WebhookConfig,
-    metrics: WebhookMetrics,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), WebhookError> {
-    let handle = start_webhook(client, cfg, metrics).await?;
-    shutdown.await;
-    handle.shutdown().await;
-    Ok(())
 }
 
 /// How long the certificate loop waits before its next check: the check interval, or less when

@@ -527,6 +527,8 @@ impl TlsManager {
 #[cfg(test)]
 mod tests {
     use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
 
     use super::*;
 
@@ -664,12 +666,12 @@ mod tests {
 
         // A rustls client trusting only the bundle accepts the serving certificate for 127.0.0.1.
         let mut roots = rustls::RootCertStore::empty();
-        for der in rustls_pemfile::certs(&mut state.ca_bundle().as_bytes()) {
+        for der in CertificateDer::pem_slice_iter(state.ca_bundle().as_bytes()) {
             roots.add(der.unwrap()).unwrap();
         }
         let verifier =
             rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider.into()).build().unwrap();
-        let leaf = rustls_pemfile::certs(&mut state.serving.cert_pem.as_bytes()).next().unwrap().unwrap();
+        let leaf = CertificateDer::from_pem_slice(state.serving.cert_pem.as_bytes()).unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         verifier
             .verify_server_cert(&leaf, &[], &name, &[], rustls::pki_types::UnixTime::now())
@@ -684,7 +686,7 @@ mod tests {
         assert_eq!(plan(Some(&state), later, LT, &sans), promote);
         let rotated = apply(Some(state), promote, later, LT, &sans).unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        for der in rustls_pemfile::certs(&mut old_bundle.as_bytes()) {
+        for der in CertificateDer::pem_slice_iter(old_bundle.as_bytes()) {
             roots.add(der.unwrap()).unwrap();
         }
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -693,7 +695,7 @@ mod tests {
         )
         .build()
         .unwrap();
-        let leaf = rustls_pemfile::certs(&mut rotated.serving.cert_pem.as_bytes()).next().unwrap().unwrap();
+        let leaf = CertificateDer::from_pem_slice(rotated.serving.cert_pem.as_bytes()).unwrap();
         let at_later = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(later as u64));
         verifier
             .verify_server_cert(&leaf, &[], &name, &[], at_later)
