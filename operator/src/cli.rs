@@ -22,10 +22,34 @@ pub const EXIT_USAGE: i32 = 64;
     about = "Reconciles AuthRealms into rotating signing keys, a JWKS and sidecar config"
 )]
 pub struct Args {
+    /// Log format (the filter is `AUTHREALM_LOG`, e.g. `info,kube_runtime=warn`; as in the sidecar).
+    #[arg(long, env = "AUTHREALM_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line, fields flattened (what log pipelines parse).
+    Json,
+}
+
+/// Logging to stderr: `AUTHREALM_LOG` filter (default `info,kube_runtime=warn`; `RUST_LOG` is
+/// still read when `AUTHREALM_LOG` is unset), text or JSON, colour only on a terminal.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AUTHREALM_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_runtime=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Json => b.json().flatten_event(true).init(),
+        LogFormat::Text => b.init(),
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -11,14 +11,7 @@ fn main() {
         return;
     }
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube_runtime=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // No colour codes in container logs or files, only on a terminal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cli::init_logging(args.log_format);
     let cfg = match args.run.validate() {
         Ok(c) => c,
         Err(e) => {

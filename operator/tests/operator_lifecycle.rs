@@ -234,7 +234,12 @@ async fn a_missing_crd_is_reported_with_how_to_install_it() -> anyhow::Result<()
     crypto();
     // A separate API server without the CRD.
     let env = KubeEnv::start(KubeEnvOptions::default()).await?;
-    let op = OperatorProcess::spawn(&env, "no-crd", &["--leader-elect=false", "--webhook-enabled=false"])?;
+    // JSON logs (what the chart sets): every line one object with level and message.
+    let op = OperatorProcess::spawn(
+        &env,
+        "no-crd",
+        &["--leader-elect=false", "--webhook-enabled=false", "--log-format=json"],
+    )?;
     wait_for("the not-installed message", Duration::from_secs(20), || async {
         op.log_text().contains("is not installed; install it with `kubectl apply -f crds/authrealm.yaml`").then_some(())
     })
@@ -244,6 +249,11 @@ async fn a_missing_crd_is_reported_with_how_to_install_it() -> anyhow::Result<()
     // Installing the CRD is picked up without a restart.
     install_crd(&env.client().await?).await?;
     wait_for("ready after the CRD is installed", Duration::from_secs(30), || op.get("/readyz")).await?;
+
+    for line in op.log_text().lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON ({e}): {line}"))?;
+        assert!(v["level"].is_string() && v["message"].is_string() && v["timestamp"].is_string(), "{line}");
+    }
 
     // And a bad flag exits 64 naming the flag.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_authrealm-operator"))
