@@ -18,12 +18,9 @@ pub enum CertMode {
     External,
 }
 
+/// Flag values are durations like the AuthRealm's ([`GoDuration`]: `90s`, `15m`, `720h`).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d: kube::core::Duration = s.parse().map_err(|e| format!("{s:?} is not a duration like 90s, 15m, 720h: {e}"))?;
-    if d.is_negative() {
-        return Err(format!("{s:?} is negative"));
-    }
-    Ok(d.into())
+    crate::crd::GoDuration::new(s).parse()
 }
 
 /// Settings of the sidecar-injection webhook.
