@@ -3,3 +3,4 @@ pub mod kube_env;
 pub mod node_env;
 pub mod redis_cluster;
 pub mod sidecar;
+pub mod support;

@@ -153,10 +153,7 @@ impl Upstream {
     }
 }
 
-/// A free loopback port (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use crate::support::free_port;
 
 /// Path of the sidecar binary, building it once if needed.
 pub fn sidecar_bin() -> Result<PathBuf> {

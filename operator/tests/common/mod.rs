@@ -3,14 +3,11 @@
 //! or as its real binary, and polling helpers.
 #![allow(dead_code)]
 
-use std::future::Future;
-use std::net::TcpListener;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use authrealm_contract::KeySet;
 use authrealm_operator::controller::{self, Settings};
 use authrealm_operator::crd::AuthRealm;
@@ -19,7 +16,6 @@ use authrealm_operator::render;
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
@@ -46,52 +42,8 @@ pub async fn shared_env(controller_manager: bool) -> anyhow::Result<Arc<KubeEnv>
     Ok(env)
 }
 
-/// Applies `crds/authrealm.yaml` (the committed file) and waits until it is established.
-pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/authrealm.yaml"))?;
-    let crd: CustomResourceDefinition = serde_yaml_ng::from_str(&yaml)?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.create(&PostParams::default(), &crd).await.context("creating the AuthRealm CRD")?;
-    let name = "authrealms.authrealm.dev";
-    wait_for("CRD established", Duration::from_secs(30), || {
-        let api = api.clone();
-        async move {
-            let crd = api.get(name).await.ok()?;
-            crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
-        }
-    })
-    .await?;
-    // Discovery may lag the Established condition by a moment.
-    let realms: Api<AuthRealm> = Api::all(client.clone());
-    wait_for("AuthRealm API served", Duration::from_secs(30), || {
-        let realms = realms.clone();
-        async move { realms.list(&ListParams::default().limit(1)).await.ok().map(|_| ()) }
-    })
-    .await?;
-    Ok(())
-}
-
-/// Polls `probe` every 100 ms until it yields `Some`, or fails after `timeout`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe().await {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use authrealm_tests::support::{free_port, install_crd, unix_now, wait_for_some as wait_for};
 
 pub fn unix_now_f() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
@@ -140,11 +92,6 @@ impl Drop for InProcess {
             task.abort();
         }
     }
-}
-
-/// A free loopback port (bound and released).
-pub fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// The operator binary, started with `args` against `env`, its stderr in `log`.

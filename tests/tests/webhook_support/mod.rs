@@ -10,15 +10,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use authrealm_operator::crd::AuthRealm;
 use authrealm_operator::webhook::{self, WebhookConfig, WebhookHandle, WebhookMetrics};
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt as _};
+use kube::Client;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject as _;
@@ -70,26 +69,8 @@ pub fn webhook_configuration(url: &str) -> MutatingWebhookConfiguration {
     .expect("valid MutatingWebhookConfiguration")
 }
 
-/// Waits until `probe` returns `Ok(Some(_))`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut last_err = None;
-    loop {
-        match probe().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use authrealm_tests::support::{install_crd, wait_for as eventually};
 
 impl Fixture {
     /// Starts everything; `tune` adjusts the webhook settings (policy, certificate lifetimes).
@@ -207,17 +188,6 @@ pub struct RawResponse {
     pub body: Value,
 }
 
-async fn install_crd(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = AuthRealm::crd();
-    crds.create(&PostParams::default(), &crd).await.context("creating the AuthRealm CRD")?;
-    let realms: Api<AuthRealm> = Api::all(client.clone());
-    eventually("the AuthRealm CRD to be served", Duration::from_secs(30), || {
-        let realms = realms.clone();
-        async move { Ok(realms.list(&Default::default()).await.ok().map(|_| ())) }
-    })
-    .await
-}
 
 /// A Pod with one app container that meets the `restricted` Pod Security Standard, labelled
 /// into `realm` (unless `realm` is empty), with extra annotations.

@@ -1,0 +1,95 @@
+//! Helpers every suite shares (the operator's tests through `operator/tests/common`, the
+//! webhook/Helm suites through `tests/tests/webhook_support`, the node suite directly): one way to
+//! wait for a condition, to pick a port, and to install the committed CRD.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+
+/// Polls `probe` every 100 ms until it returns `Ok(Some(v))`; fails after `timeout` with the
+/// description and the probe's last error.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match probe().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(format!("{e:#}")),
+        }
+        if Instant::now() >= deadline {
+            match last_err {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what} (last error: {e})"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// [`wait_for`] for probes that cannot fail: `Some(v)` ends the wait.
+pub async fn wait_for_some<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_for(what, timeout, || {
+        let fut = probe();
+        async move { Ok(fut.await) }
+    })
+    .await
+}
+
+/// A free loopback port (bound, then released for the caller to bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+}
+
+/// The repository's committed CRD file, `crds/authrealm.yaml` — what users install.
+pub fn committed_crd() -> anyhow::Result<CustomResourceDefinition> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/authrealm.yaml");
+    let yaml = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    serde_yaml_ng::from_str(&yaml).context("parse crds/authrealm.yaml")
+}
+
+/// Creates the committed CRD and waits until it is established and AuthRealms are served.
+pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.create(&PostParams::default(), &committed_crd()?).await.context("creating the AuthRealm CRD")?;
+    wait_for("the AuthRealm CRD established", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let crd = api.get("authrealms.authrealm.dev").await?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+            Ok(established.then_some(()))
+        }
+    })
+    .await?;
+    // Discovery may lag the Established condition by a moment.
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("authrealm.dev", "v1alpha1", "AuthRealm"),
+        "authrealms",
+    );
+    let realms: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    wait_for("AuthRealms served", Duration::from_secs(30), || {
+        let realms = realms.clone();
+        async move { Ok(realms.list(&ListParams::default().limit(1)).await.ok().map(|_| ())) }
+    })
+    .await
+}
