@@ -214,7 +214,7 @@ impl App {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             };
-            let store = SessionStore::new(
+            let mut store = SessionStore::new(
                 conn,
                 writer,
                 &redis_cfg,
@@ -223,6 +223,17 @@ impl App {
                 app.cfg.leeway_seconds,
                 app.cfg.max_sessions_per_subject,
             );
+            if app.cfg.session_cache.enabled {
+                let cache = crate::sessioncache::SessionCache::new(
+                    &app.cfg.session_cache,
+                    &store.layout,
+                    app.metrics.session_cache.clone(),
+                );
+                store = store.with_cache(cache);
+                if let Some(cache) = store.cache() {
+                    cache.start(redis_cfg.clone(), store.read_connection());
+                }
+            }
             let _ = app.sessions.set(store);
             loop {
                 let store = app.sessions().expect("set above");

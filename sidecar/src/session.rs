@@ -16,8 +16,12 @@
 //! | `P{R:S}:cut`        | string | unix s (only grows) | [`record_ttl_ms`] of the latest exp a token issued by then can have | denylist |
 //! | `P{R:j:J}:loc`      | string | `exp sub`        | [`record_ttl_ms`] of exp | all but stateless |
 //!
-//! No token is stored: only ids and expiry times. The request path runs exactly one
-//! command (`EXISTS` or `MGET` on keys of one slot).
+//! No token is stored: only ids and expiry times. The request path runs at most one
+//! command (`EXISTS` or `MGET` on keys of one slot); in single and multi modes the session cache
+//! ([`crate::sessioncache`]) answers most requests without any.
+//!
+//! The session cache's heartbeat keys, `P{R;hb:I:N}:SEQ` (`I` a random id per sidecar process),
+//! live for a few seconds and are never read.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +33,8 @@ use redis::{Cmd, Value};
 
 use authrealm_contract::SessionMode;
 use authrealm_contract::config::RedisConfig;
+
+use crate::sessioncache::{Lookup, SessionCache};
 
 /// Builds key names. Pure; unit-tested.
 #[derive(Clone, Debug)]
@@ -66,6 +72,23 @@ impl KeyLayout {
     }
     pub fn locator(&self, jti: &str) -> String {
         format!("{}{{{}:j:{}}}:loc", self.prefix, self.realm, b64(jti))
+    }
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// `P{R:` — the start of every key of the realm's subjects and jti locators (what the session
+    /// cache's tracking connections subscribe to).
+    pub fn realm_prefix(&self) -> String {
+        format!("{}{{{}:", self.prefix, self.realm)
+    }
+    /// `R;hb:I:` — hash tags of the session cache's heartbeat keys of instance `I`. `;` never
+    /// occurs in a realm name or in base64url, so no subject's tag can be one of these.
+    pub fn heartbeat_tag_prefix(&self, instance: &str) -> String {
+        format!("{};hb:{instance}:", self.realm)
+    }
+    /// `P{R;hb:I:` — outside [`KeyLayout::realm_prefix`] and sorting after it (`;` > `:`).
+    pub fn heartbeat_prefix(&self, instance: &str) -> String {
+        format!("{}{{{}", self.prefix, self.heartbeat_tag_prefix(instance))
     }
     /// The jti as stored in the index (base64url).
     pub fn jti_member(jti: &str) -> String {
@@ -292,6 +315,9 @@ pub struct SessionStore {
     max_sessions: u32,
     /// Clock leeway: enters every revocation record's lifetime ([`record_ttl_ms`]).
     leeway_secs: u64,
+    /// The local session cache (`single`/`multi` with `sessionCache.enabled`); see
+    /// [`crate::sessioncache`].
+    cache: Option<SessionCache>,
 }
 
 /// Build the cluster client (no connection is made yet).
@@ -358,7 +384,25 @@ impl SessionStore {
             wait_timeout_ms: cfg.wait_timeout_ms,
             leeway_secs: cfg_leeway_secs,
             max_sessions: max_sessions.max(1),
+            cache: None,
         }
+    }
+
+    /// Use `cache` for the per-request check (single and multi modes only; ignored otherwise).
+    pub fn with_cache(mut self, cache: SessionCache) -> Self {
+        if matches!(self.mode, SessionMode::Single | SessionMode::Multi) {
+            self.cache = Some(cache);
+        }
+        self
+    }
+
+    pub fn cache(&self) -> Option<&SessionCache> {
+        self.cache.as_ref()
+    }
+
+    /// The per-request read connection (shared with the session cache's slot-map polling).
+    pub fn read_connection(&self) -> ClusterConnection {
+        self.conn.clone()
     }
 
     pub fn mode(&self) -> SessionMode {
@@ -376,15 +420,26 @@ impl SessionStore {
         }
     }
 
-    /// The per-request check: one command, keys of one slot.
+    /// The per-request check: at most one command, keys of one slot. With the session cache, an
+    /// active session found there (see [`crate::sessioncache`] for when it may be used) needs none.
     pub async fn check(&self, sub: &str, jti: &str, iat: Option<i64>) -> Result<SessionState, StoreError> {
         let mut conn = self.conn.clone();
         match self.mode {
             SessionMode::Stateless => Ok(SessionState::Active),
             SessionMode::Single | SessionMode::Multi => {
                 let key = self.layout.token(sub, jti);
-                let n: i64 = self.bounded(self.timeout, redis::cmd("EXISTS").arg(&key).query_async(&mut conn)).await?;
-                Ok(if n == 1 { SessionState::Active } else { SessionState::Revoked })
+                let ticket = match &self.cache {
+                    Some(c) => match c.lookup(&key) {
+                        Lookup::Hit => return Ok(SessionState::Active),
+                        Lookup::Miss(t) => t,
+                    },
+                    None => None,
+                };
+                let n = self.bounded(self.timeout, redis::cmd("EXISTS").arg(&key).query_async::<i64>(&mut conn)).await;
+                if let Some(c) = &self.cache {
+                    c.complete(&key, ticket, n.as_ref().ok().map(|n| *n == 1));
+                }
+                Ok(if n? == 1 { SessionState::Active } else { SessionState::Revoked })
             }
             SessionMode::Denylist => {
                 let keys = [self.layout.deny(sub, jti), self.layout.cutoff(sub)];
@@ -492,7 +547,12 @@ impl SessionStore {
                     .arg(single)
                     .arg(self.layout.token_prefix(sub))
                     .arg(self.max_sessions);
-                let (v, d) = self.write_and_wait(&rec, eval).await?;
+                let written = self.write_and_wait(&rec, eval).await;
+                // Single mode replaced the subject's earlier tokens; multi mode may have ended some.
+                if let Some(c) = &self.cache {
+                    c.forget_prefix(&self.layout.token_prefix(sub));
+                }
+                let (v, d) = written?;
                 let replaced = match v {
                     Value::Int(n) => n,
                     _ => return Err(StoreError::Protocol),
@@ -548,7 +608,13 @@ impl SessionStore {
                 let rec = self.layout.token(sub, jti);
                 let mut eval = eval_cmd(REVOKE_ONE_SCRIPT, &[&idx, &rec]);
                 eval.arg(KeyLayout::jti_member(jti));
-                let (v, d) = self.write_and_wait(&rec, eval).await?;
+                let written = self.write_and_wait(&rec, eval).await;
+                // Also on error: the write may have been executed. This pod refuses the token on
+                // its next request; other pods once the invalidation arrives.
+                if let Some(c) = &self.cache {
+                    c.forget(&rec);
+                }
+                let (v, d) = written?;
                 Ok((matches!(v, Value::Int(n) if n > 0), d))
             }
             SessionMode::Denylist => {
@@ -584,7 +650,11 @@ impl SessionStore {
                 let idx = self.layout.index(sub);
                 let mut eval = eval_cmd(REVOKE_ALL_SCRIPT, &[&idx]);
                 eval.arg(self.layout.token_prefix(sub));
-                let (v, d) = self.write_and_wait(&idx, eval).await?;
+                let written = self.write_and_wait(&idx, eval).await;
+                if let Some(c) = &self.cache {
+                    c.forget_prefix(&self.layout.token_prefix(sub));
+                }
+                let (v, d) = written?;
                 Ok((if let Value::Int(n) = v { n } else { 0 }, d))
             }
             SessionMode::Denylist => {
