@@ -48,8 +48,9 @@ fn token(v: &Value) -> (String, String) {
 /// Both sidecars up, ready, with every master's invalidation channel confirmed.
 async fn pair(cluster: &RedisCluster, realm: &str, upstream: &Upstream) -> (Sidecar, Sidecar) {
     let cfg = config(cluster, realm);
-    let a = Sidecar::start(cfg.clone(), &key_set(), upstream.addr).await.unwrap();
-    let b = Sidecar::start(cfg, &key_set(), upstream.addr).await.unwrap();
+    let keys = key_set();
+    let a = Sidecar::start(cfg.clone(), &keys, upstream.addr).await.unwrap();
+    let b = Sidecar::start(cfg, &keys, upstream.addr).await.unwrap();
     for s in [&a, &b] {
         s.wait_ready(Duration::from_secs(20)).await.unwrap();
         s.wait_metric(FRESH, |v| v >= 3.0).await;
@@ -170,8 +171,9 @@ async fn the_cache_saves_redis_commands_and_off_means_every_request_reads_redis(
     let cfg_on = config(&cluster, "commands");
     let mut cfg_off = cfg_on.clone();
     cfg_off.session_cache.enabled = false;
-    let on = Sidecar::start(cfg_on.clone(), &key_set(), upstream.addr).await.unwrap();
-    let off = Sidecar::start(cfg_off, &key_set(), upstream.addr).await.unwrap();
+    let keys = key_set();
+    let on = Sidecar::start(cfg_on.clone(), &keys, upstream.addr).await.unwrap();
+    let off = Sidecar::start(cfg_off, &keys, upstream.addr).await.unwrap();
     on.wait_ready(Duration::from_secs(20)).await.unwrap();
     off.wait_ready(Duration::from_secs(20)).await.unwrap();
     on.wait_metric(FRESH, |v| v >= 3.0).await;
@@ -272,6 +274,10 @@ async fn a_frozen_master_and_its_failover_never_stretch_a_revocation_past_the_bo
         assert!(d <= Duration::from_millis(BOUND_MS + 100), "answered from the cache {d:?} after the freeze");
     }
 
+    // The old master comes back (as a replica of the new one). Until it does, the sidecars' cluster
+    // connections keep waiting on it: the client library learns about a failover from errors, and a
+    // frozen node returns none (see the README's known limits).
+    cluster.resume(&victim.addr).unwrap();
     // Revoke on the new master (A retries until its write connection has found it).
     let deadline = Instant::now() + Duration::from_secs(30);
     let acked = loop {
@@ -299,7 +305,6 @@ async fn a_frozen_master_and_its_failover_never_stretch_a_revocation_past_the_bo
     );
     assert!(late.iter().all(|d| *d <= Duration::from_millis(BOUND_MS)), "{late:?}");
     assert!(refused <= Duration::from_millis(BOUND_MS + 500), "{refused:?}");
-    cluster.resume(&victim.addr).unwrap();
 }
 
 /// `CLIENT KILL ID` every session-cache tracking connection (found by name and the `t` flag).
@@ -343,10 +348,12 @@ async fn a_killed_invalidation_connection_flushes_the_cache() {
     // Reconnected and confirmed again; the cache is used again.
     b.wait_metric(FRESH, |v| v >= 3.0).await;
     let hits = metric_value(&b.metrics().await.unwrap(), HITS);
-    for _ in 0..3 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_value(&b.metrics().await.unwrap(), HITS) <= hits {
+        assert!(Instant::now() < deadline, "cache not used again after reconnecting");
         assert_eq!(b.get("/x", Some(&t)).await.unwrap().status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(metric_value(&b.metrics().await.unwrap(), HITS) > hits, "cache used after reconnecting");
 
     // Kill again and revoke at once, while the connections are coming back.
     kill_tracking_connections(&cluster);
