@@ -18,3 +18,4 @@ pub mod session;
 pub mod sessioncache;
 pub mod token;
 pub mod tokencache;
+pub mod topology;

@@ -23,7 +23,10 @@
 //! The session cache's heartbeat keys, `P{R;hb:I:N}:SEQ` (`I` a random id per sidecar process),
 //! live for a few seconds and are never read.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -35,6 +38,7 @@ use authrealm_contract::SessionMode;
 use authrealm_contract::config::RedisConfig;
 
 use crate::sessioncache::{Lookup, SessionCache};
+use crate::topology::TopologyWatch;
 
 /// Builds key names. Pure; unit-tested.
 #[derive(Clone, Debug)]
@@ -299,13 +303,14 @@ return redis.call('DEL', KEYS[2])
 /// The realm's session store.
 #[derive(Clone)]
 pub struct SessionStore {
-    /// Per-request reads (EXISTS/MGET, locator GET, PING).
-    conn: ClusterConnection,
+    /// Per-request reads (EXISTS/MGET, locator GET, PING). Replaced by a new connection when the
+    /// slot map changes ([`SessionStore::replace_connections`]).
+    conn: Arc<ArcSwap<ClusterConnection>>,
     /// Writes and their `WAIT`s. Redis blocks the connection a `WAIT` arrives on until replicas
     /// confirm or the wait times out, and `WAIT` only counts writes made on that same connection;
     /// keeping writes apart means a slow or frozen replica delays revocations, never the checks
     /// of every other request routed to that master.
-    writer: ClusterConnection,
+    writer: Arc<ArcSwap<ClusterConnection>>,
     pub layout: KeyLayout,
     mode: SessionMode,
     timeout: Duration,
@@ -318,6 +323,8 @@ pub struct SessionStore {
     /// The local session cache (`single`/`multi` with `sessionCache.enabled`); see
     /// [`crate::sessioncache`].
     cache: Option<SessionCache>,
+    /// The slot-map watcher, told about request-path errors.
+    topology: Option<TopologyWatch>,
 }
 
 /// Build the cluster client (no connection is made yet).
@@ -375,8 +382,8 @@ impl SessionStore {
         max_sessions: u32,
     ) -> Self {
         SessionStore {
-            conn,
-            writer,
+            conn: Arc::new(ArcSwap::from_pointee(conn)),
+            writer: Arc::new(ArcSwap::from_pointee(writer)),
             layout: KeyLayout::new(&cfg.key_prefix, realm),
             mode,
             timeout: Duration::from_millis(cfg.command_timeout_ms),
@@ -385,6 +392,7 @@ impl SessionStore {
             leeway_secs: cfg_leeway_secs,
             max_sessions: max_sessions.max(1),
             cache: None,
+            topology: None,
         }
     }
 
@@ -400,9 +408,33 @@ impl SessionStore {
         self.cache.as_ref()
     }
 
-    /// The per-request read connection (shared with the session cache's slot-map polling).
+    /// The current per-request read connection.
     pub fn read_connection(&self) -> ClusterConnection {
-        self.conn.clone()
+        ClusterConnection::clone(&self.conn.load())
+    }
+
+    fn write_connection(&self) -> ClusterConnection {
+        ClusterConnection::clone(&self.writer.load())
+    }
+
+    /// Swap in freshly made connections (after a slot-map change the cluster client could not
+    /// learn from its own errors, e.g. a master frozen rather than dead). Commands in flight finish
+    /// on the old ones.
+    pub fn replace_connections(&self, conn: ClusterConnection, writer: ClusterConnection) {
+        self.conn.store(Arc::new(conn));
+        self.writer.store(Arc::new(writer));
+    }
+
+    /// Poke `topology` whenever a request-path command fails.
+    pub fn with_topology(mut self, topology: TopologyWatch) -> Self {
+        self.topology = Some(topology);
+        self
+    }
+
+    fn failed(&self) {
+        if let Some(t) = &self.topology {
+            t.poke();
+        }
     }
 
     pub fn mode(&self) -> SessionMode {
@@ -414,16 +446,20 @@ impl SessionStore {
         limit: Duration,
         f: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(limit, f).await {
+        let r = match tokio::time::timeout(limit, f).await {
             Ok(r) => r.map_err(StoreError::from),
             Err(_) => Err(StoreError::Timeout(limit)),
+        };
+        if r.is_err() {
+            self.failed();
         }
+        r
     }
 
     /// The per-request check: at most one command, keys of one slot. With the session cache, an
     /// active session found there (see [`crate::sessioncache`] for when it may be used) needs none.
     pub async fn check(&self, sub: &str, jti: &str, iat: Option<i64>) -> Result<SessionState, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_connection();
         match self.mode {
             SessionMode::Stateless => Ok(SessionState::Active),
             SessionMode::Single | SessionMode::Multi => {
@@ -466,7 +502,7 @@ impl SessionStore {
     /// "replicated". In one pipeline the write and its `WAIT` travel together; if the connection
     /// drops, the library re-sends both (every issuer write is idempotent) or the call fails.
     async fn write_and_wait(&self, key: &str, write: Cmd) -> Result<(Value, Durability), StoreError> {
-        let mut conn = self.writer.clone();
+        let mut conn = self.write_connection();
         let mut pipe = redis::pipe();
         pipe.add_command(write);
         if self.wait_replicas > 0 {
@@ -570,7 +606,7 @@ impl SessionStore {
 
     /// Find the subject and expiry of a jti minted by this realm.
     pub async fn locate(&self, jti: &str) -> Result<Option<(i64, String)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_connection();
         let v: Option<String> = self
             .bounded(
                 self.timeout.max(Duration::from_millis(500)),
@@ -586,7 +622,7 @@ impl SessionStore {
     /// The subject's "log out everywhere" cut-off (denylist realms): tokens with `iat` at or
     /// before it are revoked.
     pub async fn cutoff(&self, sub: &str) -> Result<Option<i64>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_connection();
         self.bounded(
             self.timeout.max(Duration::from_millis(500)),
             redis::cmd("GET").arg(self.layout.cutoff(sub)).query_async(&mut conn),
@@ -674,7 +710,7 @@ impl SessionStore {
     /// dead master makes the write connection refresh its slot map now, in the background, rather
     /// than on the next revocation.
     pub async fn touch_writer(&self) {
-        let mut conn = self.writer.clone();
+        let mut conn = self.write_connection();
         let mut cmd = Cmd::new();
         cmd.arg("PING");
         let route = RoutingInfo::MultiNode((redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters, None));
@@ -683,7 +719,7 @@ impl SessionStore {
 
     /// Readiness probe: one PING to a random master, bounded by the command timeout.
     pub async fn ping(&self) -> Result<Duration, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_connection();
         let start = Instant::now();
         let mut cmd = Cmd::new();
         cmd.arg("PING");

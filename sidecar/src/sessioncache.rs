@@ -55,16 +55,13 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{PushInfo, PushKind, Value};
 
 use authrealm_contract::config::{RedisConfig, SessionCacheConfig};
 
 use crate::session::{KeyLayout, key_slot};
 
-const SLOTS: usize = 16384;
-const NO_NODE: u16 = u16::MAX;
+use crate::topology::{NO_NODE, SLOTS, SlotLayout, TopologyWatch};
 
 /// The staleness rule, pure. Times in microseconds on one monotonic clock; 0 means "never".
 /// `created_us`: when the entry's pending marker was put in the map (before its read was sent);
@@ -151,10 +148,10 @@ impl Topology {
         self.nodes.get(*self.slots.get(slot as usize)? as usize)
     }
 
-    fn same_layout(&self, nodes: &[String], slots: &[u16]) -> bool {
-        self.nodes.len() == nodes.len()
-            && self.nodes.iter().zip(nodes).all(|(a, b)| &a.addr == b)
-            && *self.slots == *slots
+    fn same_layout(&self, layout: &SlotLayout) -> bool {
+        self.nodes.len() == layout.masters.len()
+            && self.nodes.iter().zip(&layout.masters).all(|(a, b)| a.addr == *b)
+            && *self.slots == *layout.slots
     }
 }
 
@@ -173,8 +170,8 @@ struct Shared {
     max_bytes: usize,
     state: Mutex<State>,
     metrics: CacheMetrics,
-    /// Wakes the topology task (a data-path error, a MOVED heartbeat).
-    refresh: tokio::sync::Notify,
+    /// Told about a heartbeat answered `MOVED` (set by [`SessionCache::start`]).
+    topology: std::sync::OnceLock<TopologyWatch>,
     seq: AtomicU64,
     /// `P{R:` — every session key of the realm.
     realm_prefix: String,
@@ -215,7 +212,7 @@ impl SessionCache {
                     topo: Arc::new(Topology::empty()),
                 }),
                 metrics,
-                refresh: tokio::sync::Notify::new(),
+                topology: std::sync::OnceLock::new(),
                 seq: AtomicU64::new(1),
                 realm_prefix: layout.realm_prefix(),
                 hb_prefix: layout.heartbeat_prefix(instance),
@@ -297,11 +294,6 @@ impl SessionCache {
         } else {
             sh.remove(&mut st, key);
         }
-        if exists.is_none() {
-            drop(st);
-            // The data path saw an error: maybe a failover or a slot move; look now.
-            sh.refresh.notify_one();
-        }
     }
 
     /// Drop one key (a revocation made through this sidecar).
@@ -333,10 +325,13 @@ impl SessionCache {
         self.len() == 0
     }
 
-    /// Start the background work: slot-map polling and one tracking connection per master.
-    pub fn start(&self, redis_cfg: RedisConfig, data: ClusterConnection) {
+    /// Start the background work: one tracking connection per master of the slot map `topology`
+    /// publishes (re-made, and the cache flushed, whenever it changes), sweeping, gauges.
+    pub fn start(&self, redis_cfg: RedisConfig, topology: TopologyWatch) {
         let shared = self.shared.clone();
-        tokio::spawn(async move { maintain(shared, redis_cfg, data).await });
+        let rx = topology.subscribe();
+        let _ = shared.topology.set(topology);
+        tokio::spawn(async move { maintain(shared, redis_cfg, rx).await });
     }
 }
 
@@ -473,86 +468,19 @@ fn heartbeat_tag(tag_prefix: &str, owned: impl Fn(u16) -> bool) -> Option<String
     (0..200_000u32).map(|n| format!("{tag_prefix}{n}")).find(|t| owned(key_slot(&format!("{{{t}}}"))))
 }
 
-/// `CLUSTER SLOTS` → (sorted master addresses, slot → index into them).
-pub fn parse_cluster_slots(v: &Value, asked_host: &str) -> Option<(Vec<String>, Vec<u16>)> {
-    let Value::Array(ranges) = v else { return None };
-    let mut addrs: Vec<String> = Vec::new();
-    let mut raw: Vec<(u16, u16, String)> = Vec::new();
-    for r in ranges {
-        let Value::Array(f) = r else { return None };
-        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
-            (f.first(), f.get(1), f.get(2))
-        else {
-            return None;
-        };
-        let host = match master.first() {
-            Some(Value::BulkString(b)) => String::from_utf8(b.clone()).ok()?,
-            Some(Value::SimpleString(s)) => s.clone(),
-            _ => return None,
-        };
-        let host = if host.is_empty() || host == "?" { asked_host.to_string() } else { host };
-        let Some(Value::Int(port)) = master.get(1) else { return None };
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
-        let addr = format!("{host}:{port}");
-        if !(0..SLOTS as i64).contains(start) || !(0..SLOTS as i64).contains(end) || start > end {
-            return None;
-        }
-        if !addrs.contains(&addr) {
-            addrs.push(addr.clone());
-        }
-        raw.push((*start as u16, *end as u16, addr));
-    }
-    addrs.sort();
-    let mut slots = vec![NO_NODE; SLOTS];
-    for (s, e, a) in raw {
-        let i = addrs.iter().position(|x| *x == a)? as u16;
-        for slot in s..=e {
-            slots[slot as usize] = i;
-        }
-    }
-    Some((addrs, slots))
-}
-
-fn split_addr(addr: &str) -> Option<(String, u16)> {
-    let (h, p) = addr.rsplit_once(':')?;
-    Some((h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse().ok()?))
-}
-
-async fn fetch_slots(shared: &Shared, data: &ClusterConnection, limit: Duration) -> Option<(Vec<String>, Vec<u16>)> {
-    // Ask the masters whose heartbeats are freshest first: a frozen master would only time out.
-    let topo = shared.lock().topo.clone();
-    let mut nodes: Vec<&Arc<NodeState>> = topo.nodes.iter().collect();
-    nodes.sort_by_key(|n| std::cmp::Reverse(n.heartbeat_us.load(Ordering::Acquire)));
-    let mut routes: Vec<(SingleNodeRoutingInfo, String)> = nodes
-        .iter()
-        .filter_map(|n| {
-            let (host, port) = split_addr(&n.addr)?;
-            Some((SingleNodeRoutingInfo::ByAddress { host: host.clone(), port }, host))
-        })
-        .take(3)
-        .collect();
-    routes.push((SingleNodeRoutingInfo::RandomPrimary, String::new()));
-    for (route, host) in routes {
-        let mut conn = data.clone();
-        let mut cmd = redis::Cmd::new();
-        cmd.arg("CLUSTER").arg("SLOTS");
-        if let Ok(Ok(v)) = tokio::time::timeout(limit, conn.route_command(cmd, RoutingInfo::SingleNode(route))).await
-            && let Some(parsed) = parse_cluster_slots(&v, &host)
-        {
-            return Some(parsed);
-        }
-    }
-    None
-}
-
-/// The topology task: polls the slot map, (re)starts one tracking task per master, sweeps.
-async fn maintain(shared: Arc<Shared>, cfg: RedisConfig, data: ClusterConnection) {
+/// Follows the slot map: (re)starts one tracking task per master; sweeps; gauges.
+async fn maintain(
+    shared: Arc<Shared>,
+    cfg: RedisConfig,
+    mut rx: tokio::sync::watch::Receiver<Option<Arc<SlotLayout>>>,
+) {
     let mut tasks: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    let limit = Duration::from_millis(cfg.command_timeout_ms.max(500));
     loop {
-        if let Some((addrs, slots)) = fetch_slots(&shared, &data, limit).await {
+        let layout = rx.borrow_and_update().clone();
+        if let Some(layout) = layout {
+            let (addrs, slots) = (&layout.masters, &layout.slots);
             let current = shared.lock().topo.clone();
-            if !current.same_layout(&addrs, &slots) {
+            if !current.same_layout(&layout) {
                 let mut nodes = Vec::new();
                 for (i, addr) in addrs.iter().enumerate() {
                     let owned = |s: u16| slots[s as usize] == i as u16;
@@ -612,11 +540,8 @@ async fn maintain(shared: Arc<Shared>, cfg: RedisConfig, data: ClusterConnection
             shared.metrics.nodes_fresh.set(fresh);
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shared.refresh.notified() => {
-                // Let a burst of errors settle into one refresh.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            changed = rx.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -744,7 +669,9 @@ async fn heartbeat(
             Ok(Err(e)) => {
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Moved) || e.is_cluster_error() {
                     // This master no longer serves the heartbeat's slot.
-                    shared.refresh.notify_one();
+                    if let Some(t) = shared.topology.get() {
+                        t.poke();
+                    }
                 }
                 if e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error() {
                     return;
@@ -946,24 +873,6 @@ mod tests {
         assert_eq!(c.lookup(&l.token("bob", "1")), Lookup::Hit);
         c.forget(&l.token("bob", "1"));
         assert_eq!(c.len(), 1);
-    }
-
-    #[test]
-    fn cluster_slots_replies_parse() {
-        let node = |h: &str, p: i64| Value::Array(vec![Value::BulkString(h.as_bytes().to_vec()), Value::Int(p)]);
-        let v = Value::Array(vec![
-            Value::Array(vec![Value::Int(0), Value::Int(5460), node("127.0.0.1", 7000), node("127.0.0.1", 7003)]),
-            Value::Array(vec![Value::Int(5461), Value::Int(10922), node("", 7001)]),
-            Value::Array(vec![Value::Int(10923), Value::Int(16383), node("::1", 7002)]),
-        ]);
-        let (addrs, slots) = parse_cluster_slots(&v, "10.0.0.9").unwrap();
-        assert_eq!(addrs, ["10.0.0.9:7001", "127.0.0.1:7000", "[::1]:7002"]);
-        assert_eq!(slots[0], 1);
-        assert_eq!(slots[5461], 0);
-        assert_eq!(slots[16383], 2);
-        assert!(parse_cluster_slots(&Value::Array(vec![Value::Int(1)]), "").is_none());
-        let bad = Value::Array(vec![Value::Array(vec![Value::Int(5), Value::Int(99_999), node("h", 1)])]);
-        assert!(parse_cluster_slots(&bad, "").is_none());
     }
 
     #[test]
