@@ -429,12 +429,12 @@ impl Shared {
                     }
                 }
             }
-            PushKind::Disconnection => {
-                if node.generation.load(Ordering::Acquire) == generation && !node.retired.load(Ordering::Acquire) {
-                    node.heartbeat_us.store(0, Ordering::Release);
-                    node.dead_gen.store(generation, Ordering::Release);
-                    self.flush("disconnect");
-                }
+            PushKind::Disconnection
+                if node.generation.load(Ordering::Acquire) == generation && !node.retired.load(Ordering::Acquire) =>
+            {
+                node.heartbeat_us.store(0, Ordering::Release);
+                node.dead_gen.store(generation, Ordering::Release);
+                self.flush("disconnect");
             }
             _ => {}
         }
