@@ -280,6 +280,15 @@ async fn a_frozen_master_and_its_failover_never_stretch_a_revocation_past_the_bo
         assert!(d <= Duration::from_millis(BOUND_MS + 100), "answered from the cache {d:?} after the freeze");
     }
 
+    // With the old master still frozen, B finds the promoted one (it reconnects on the new slot map).
+    let served = loop {
+        if b.get("/x", Some(&bob)).await.unwrap().status == StatusCode::OK {
+            break frozen.elapsed() - promoted;
+        }
+        assert!(frozen.elapsed() - promoted < Duration::from_secs(15), "B never served the promoted master's slots");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("B serves the frozen master's slots from the promoted replica {served:?} after the promotion");
     // The old master stays frozen. Revoke on the new master: A reconnects when it sees the new slot
     // map (the cluster client cannot learn it from a node that never answers), so retry until then.
     let deadline = Instant::now() + Duration::from_secs(30);
