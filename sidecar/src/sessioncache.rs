@@ -578,6 +578,7 @@ async fn track_node(shared: Arc<Shared>, node: Arc<NodeState>, cfg: RedisConfig)
     let bound = Duration::from_micros(shared.bound_us);
     let timeout = Duration::from_millis(cfg.command_timeout_ms).max(bound);
     let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
     let client = match node_client(&cfg, &node.addr) {
         Ok(c) => c,
         Err(e) => {
@@ -624,6 +625,12 @@ async fn track_node(shared: Arc<Shared>, node: Arc<NodeState>, cfg: RedisConfig)
                     // Gave up on a connection the library still considers open.
                     shared.flush("disconnect");
                 }
+            }
+            Ok(Err(e)) if !(e.is_io_error() || e.is_timeout() || e.is_connection_refusal()) && !warned => {
+                // Refused by the server (e.g. an ACL without CLIENT TRACKING): the cache stays
+                // unused for this master's keys, every request reads Redis. Said once.
+                warned = true;
+                tracing::warn!(node = %node.addr, error = %e, "session cache: tracking connection refused; cache not used for this master");
             }
             Ok(Err(e)) => tracing::debug!(node = %node.addr, error = %e, "session cache: tracking connection failed"),
             Err(_) => tracing::debug!(node = %node.addr, "session cache: tracking connection timed out"),
