@@ -626,7 +626,7 @@ async fn track_node(shared: Arc<Shared>, node: Arc<NodeState>, cfg: RedisConfig)
                     shared.flush("disconnect");
                 }
             }
-            Ok(Err(e)) if !(e.is_io_error() || e.is_timeout() || e.is_connection_refusal()) && !warned => {
+            Ok(Err(e)) if !(e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || warned) => {
                 // Refused by the server (e.g. an ACL without CLIENT TRACKING): the cache stays
                 // unused for this master's keys, every request reads Redis. Said once.
                 warned = true;
