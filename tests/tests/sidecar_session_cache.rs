@@ -252,6 +252,8 @@ async fn a_frozen_master_and_its_failover_never_stretch_a_revocation_past_the_bo
     }
     assert!(metric_value(&b.metrics().await.unwrap(), HITS) > hits, "B's cache is warm");
 
+    let topology_flushes = r#"authrealm_sidecar_session_cache_flushes_total{reason="topology"}"#;
+    let slot_map_changes = metric_value(&b.metrics().await.unwrap(), topology_flushes);
     cluster.pause(&victim.addr).unwrap();
     let frozen = Instant::now();
     // While frozen: cached answers stop within the bound (then 503: closed policy, master gone).
@@ -325,6 +327,10 @@ async fn a_frozen_master_and_its_failover_never_stretch_a_revocation_past_the_bo
     );
     assert!(late.iter().all(|d| *d <= Duration::from_millis(BOUND_MS)), "{late:?}");
     assert!(refused <= Duration::from_millis(BOUND_MS + 500), "{refused:?}");
+    assert!(
+        metric_value(&b.metrics().await.unwrap(), topology_flushes) > slot_map_changes,
+        "the failover's new slot map flushed B's cache"
+    );
     // B serves the promoted master's slots again, with the old master still frozen.
     assert_eq!(b.get("/x", Some(&bob)).await.unwrap().status, StatusCode::OK);
     assert_eq!(b.get("/x", Some(&t)).await.unwrap().status, StatusCode::UNAUTHORIZED);
@@ -397,4 +403,35 @@ async fn a_killed_invalidation_connection_flushes_the_cache() {
         );
     };
     println!("connections killed, revoked through A: refused by B after {refused:?}");
+}
+
+/// A password-protected cluster: the invalidation connections authenticate like the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invalidation_channel_authenticates_with_the_realms_credentials() {
+    const PASSWORD: &str = "cache-s3cret";
+    let cluster = RedisCluster::start(RedisClusterOptions::with_password(PASSWORD)).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let mut cfg = config(&cluster, "auth");
+    cfg.redis.as_mut().unwrap().password_env = "AUTHREALM_TEST_CACHE_PASSWORD".into();
+    let keys = key_set();
+    let env = [("AUTHREALM_TEST_CACHE_PASSWORD", PASSWORD)];
+    let a = Sidecar::start_with_env(cfg.clone(), &keys, upstream.addr, &env).await.unwrap();
+    let b = Sidecar::start_with_env(cfg, &keys, upstream.addr, &env).await.unwrap();
+    for s in [&a, &b] {
+        s.wait_ready(Duration::from_secs(20)).await.unwrap();
+        s.wait_metric(FRESH, |v| v >= 3.0).await;
+    }
+    let (t, jti) = token(&a.mint("alice").await.unwrap());
+    for _ in 0..3 {
+        assert_eq!(b.get("/x", Some(&t)).await.unwrap().status, StatusCode::OK);
+    }
+    assert!(metric_value(&b.metrics().await.unwrap(), HITS) >= 1.0);
+    let r = a.issuer_call("DELETE", &format!("/v1/tokens/{jti}"), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let acked = Instant::now();
+    while b.get("/x", Some(&t)).await.unwrap().status != StatusCode::UNAUTHORIZED {
+        assert!(acked.elapsed() < Duration::from_millis(BOUND_MS), "not refused within the bound");
+    }
+    let inv = metric_value(&b.metrics().await.unwrap(), "authrealm_sidecar_session_cache_invalidations_total");
+    assert!(inv >= 1.0, "refused through the invalidation channel");
 }
