@@ -195,8 +195,9 @@ async fn the_cache_saves_redis_commands_and_off_means_every_request_reads_redis(
         );
         per_request.push(n);
         if name == "on" {
-            // One read per maxStalenessMs at most (entries live that long), plus a few.
-            let most = took.as_millis() as u64 / BOUND_MS + 3;
+            // Entries live maxStalenessMs: about one read per second here (1 on a quiet machine). A
+            // loaded machine may delay heartbeats and send a few more requests to Redis: allow 10%.
+            let most = (took.as_millis() as u64 / BOUND_MS + 3).max(REQUESTS / 10);
             assert!(n <= most, "cache on: {n} EXISTS for {REQUESTS} requests in {took:?}");
             assert!(metric_value(&s.metrics().await.unwrap(), HITS) >= (REQUESTS - most) as f64);
         } else {
