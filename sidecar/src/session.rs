@@ -459,7 +459,6 @@ impl SessionStore {
     /// The per-request check: at most one command, keys of one slot. With the session cache, an
     /// active session found there (see [`crate::sessioncache`] for when it may be used) needs none.
     pub async fn check(&self, sub: &str, jti: &str, iat: Option<i64>) -> Result<SessionState, StoreError> {
-        let mut conn = self.read_connection();
         match self.mode {
             SessionMode::Stateless => Ok(SessionState::Active),
             SessionMode::Single | SessionMode::Multi => {
@@ -471,6 +470,7 @@ impl SessionStore {
                     },
                     None => None,
                 };
+                let mut conn = self.read_connection();
                 let n = self.bounded(self.timeout, redis::cmd("EXISTS").arg(&key).query_async::<i64>(&mut conn)).await;
                 if let Some(c) = &self.cache {
                     c.complete(&key, ticket, n.as_ref().ok().map(|n| *n == 1));
@@ -478,6 +478,7 @@ impl SessionStore {
                 Ok(if n? == 1 { SessionState::Active } else { SessionState::Revoked })
             }
             SessionMode::Denylist => {
+                let mut conn = self.read_connection();
                 let keys = [self.layout.deny(sub, jti), self.layout.cutoff(sub)];
                 let vals: Vec<Option<i64>> =
                     self.bounded(self.timeout, redis::cmd("MGET").arg(&keys[..]).query_async(&mut conn)).await?;
