@@ -326,6 +326,46 @@ impl Default for Limits {
     }
 }
 
+/// The local session cache (single and multi session modes): "this session is active" is
+/// remembered for at most `maxStalenessMs` and dropped as soon as Redis reports a change of the
+/// record (server-assisted client-side caching, `CLIENT TRACKING … BCAST`). See the README,
+/// "What a revocation guarantees".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionCacheConfig {
+    /// Off: every request checks Redis (a revocation is refused from the next request on).
+    #[serde(default = "default_session_cache_enabled")]
+    pub enabled: bool,
+    /// The longest a revoked session can still be admitted by a pod that did not receive the
+    /// invalidation (dropped connection, frozen or failed master, partition), counted from the
+    /// moment the revocation was written on the master (ms, 100 to 10000).
+    #[serde(default = "default_max_staleness_ms")]
+    pub max_staleness_ms: u64,
+    /// Most sessions remembered at once (1 to 1000000).
+    #[serde(default = "default_session_cache_entries")]
+    pub max_entries: u32,
+}
+
+fn default_session_cache_enabled() -> bool {
+    true
+}
+fn default_max_staleness_ms() -> u64 {
+    1000
+}
+fn default_session_cache_entries() -> u32 {
+    65_536
+}
+
+impl Default for SessionCacheConfig {
+    fn default() -> Self {
+        SessionCacheConfig {
+            enabled: default_session_cache_enabled(),
+            max_staleness_ms: default_max_staleness_ms(),
+            max_entries: default_session_cache_entries(),
+        }
+    }
+}
+
 /// The sidecar's configuration file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -366,6 +406,9 @@ pub struct SidecarConfig {
     pub max_sessions_per_subject: u32,
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// The local session cache (used in `single` and `multi` modes only).
+    #[serde(default)]
+    pub session_cache: SessionCacheConfig,
     /// Redis Cluster; required unless `sessionMode` is `stateless`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisConfig>,
@@ -512,6 +555,12 @@ impl SidecarConfig {
                 }
             }
         }
+        if !(100..=10_000).contains(&self.session_cache.max_staleness_ms) {
+            return Err(err("sessionCache.maxStalenessMs", "must be between 100 and 10000"));
+        }
+        if !(1..=1_000_000).contains(&self.session_cache.max_entries) {
+            return Err(err("sessionCache.maxEntries", "must be between 1 and 1000000"));
+        }
         for (name, addr) in [
             ("listeners.public", &self.listeners.public),
             ("listeners.issuer", &self.listeners.issuer),
@@ -580,6 +629,7 @@ impl SidecarConfig {
             session_mode: if redis.is_some() { SessionMode::Single } else { SessionMode::Stateless },
             max_sessions_per_subject: default_max_sessions_per_subject(),
             failure_policy: FailurePolicy::Closed,
+            session_cache: SessionCacheConfig::default(),
             redis: redis.map(|endpoints| RedisConfig {
                 endpoints,
                 username_env: default_username_env(),
@@ -640,6 +690,9 @@ mod tests {
             ("redis.endpoints[0]", Box::new(|c| c.redis.as_mut().unwrap().endpoints = vec!["nope".into()])),
             ("listeners.issuer", Box::new(|c| c.listeners.issuer = "0.0.0.0:1".into())),
             ("tokenTtlSeconds", Box::new(|c| c.token_ttl_seconds = 99_999)),
+            ("sessionCache.maxStalenessMs", Box::new(|c| c.session_cache.max_staleness_ms = 0)),
+            ("sessionCache.maxStalenessMs", Box::new(|c| c.session_cache.max_staleness_ms = 60_000)),
+            ("sessionCache.maxEntries", Box::new(|c| c.session_cache.max_entries = 0)),
             ("identityHeaders[0].header", Box::new(|c| c.identity_headers[0].header = "X Bad".into())),
             (
                 "publicRoutes[0].path",

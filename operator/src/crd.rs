@@ -119,6 +119,16 @@ pub struct AuthRealmSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
 
+    /// The sidecars' local session cache (`single` and `multi` modes). On (the default), a sidecar
+    /// remembers for at most `maxStaleness` that a session is active and forgets it as soon as
+    /// Redis reports a change of its record: a revocation is refused by every sidecar once that
+    /// report arrives (about a millisecond on a local network) and in any case no later than
+    /// `maxStaleness` after it was written, even if reports are lost (connection dropped, master
+    /// frozen or failed over, partition). Off: every request reads Redis, and a revocation is
+    /// refused from the next request on.
+    #[serde(default)]
+    pub session_cache: SessionCacheSpec,
+
     /// Settings of the sidecar injected into the realm's pods.
     #[serde(default)]
     pub sidecar: SidecarSpec,
@@ -152,6 +162,39 @@ impl Default for KeyRotation {
     fn default() -> Self {
         KeyRotation { interval: default_interval(), propagation_delay: default_propagation() }
     }
+}
+
+/// The sidecars' local session cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.maxStaleness) >= duration('100ms') && duration(self.maxStaleness) <= duration('10s')",
+     "message": "sessionCache.maxStaleness must be between 100ms and 10s"}
+]))]
+pub struct SessionCacheSpec {
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The longest a revoked session can still be admitted by a sidecar that missed the
+    /// revocation's invalidation, counted from the moment the revocation was written (100ms to
+    /// 10s; default 1s). Shorter means more Redis reads: each sidecar reads an active session at
+    /// least once per `maxStaleness`, and writes a heartbeat to every master four times per
+    /// `maxStaleness`.
+    #[serde(default = "default_max_staleness")]
+    pub max_staleness: GoDuration,
+}
+
+impl Default for SessionCacheSpec {
+    fn default() -> Self {
+        SessionCacheSpec { enabled: true, max_staleness: default_max_staleness() }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_staleness() -> GoDuration {
+    GoDuration::new("1s")
 }
 
 /// Connection to the realm's Redis Cluster.

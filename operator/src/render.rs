@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use authrealm_contract::config::{
-    CONFIG_VERSION, IdentityHeader, Limits, Listeners, RedisConfig, RedisTls, Upstream, default_identity_headers,
+    CONFIG_VERSION, IdentityHeader, Limits, Listeners, RedisConfig, RedisTls, SessionCacheConfig, Upstream,
+    default_identity_headers,
 };
 use authrealm_contract::{KeySet, SessionMode, SidecarConfig};
 use k8s_openapi::ByteString;
@@ -208,6 +209,10 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
         }
     };
 
+    let staleness_ms = millis("sessionCache.maxStaleness", &spec.session_cache.max_staleness)?;
+    if !(100..=10_000).contains(&staleness_ms) {
+        return Err(spec_err("sessionCache.maxStaleness", "must be between 100ms and 10s"));
+    }
     let s = &spec.sidecar;
     let identity_headers = if s.claim_headers.is_empty() {
         default_identity_headers()
@@ -233,6 +238,11 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
         session_mode: spec.session_mode,
         max_sessions_per_subject: 100,
         failure_policy: spec.failure_policy,
+        session_cache: SessionCacheConfig {
+            enabled: spec.session_cache.enabled,
+            max_staleness_ms: staleness_ms,
+            ..SessionCacheConfig::default()
+        },
         redis: redis_config,
         listeners: Listeners {
             public: format!("0.0.0.0:{}", port("sidecar.ports.public", s.ports.public)?),
@@ -366,6 +376,8 @@ mod tests {
         let redis = c.redis.as_ref().unwrap();
         assert_eq!(redis.password_env, "AUTHREALM_REDIS_PASSWORD");
         assert_eq!(redis.command_timeout_ms, 250);
+        assert!(c.session_cache.enabled);
+        assert_eq!(c.session_cache.max_staleness_ms, 1000);
         // Credentials are referenced, never copied.
         assert!(!c.to_json_pretty().contains("redis-auth"));
         assert_eq!(r.redis.unwrap().credentials.unwrap().password_key, "password");
@@ -383,6 +395,16 @@ mod tests {
         // The operator's purge (finalizer) scans with the same prefix the sidecars write with.
         assert_eq!(a.redis.unwrap().key_prefix, ca.key_prefix);
         assert_eq!(b.redis.unwrap().key_prefix, cb.key_prefix);
+    }
+
+    #[test]
+    fn session_cache_settings_reach_the_sidecar_config() {
+        let mut v = base();
+        v["sessionCache"] = json!({"enabled": false, "maxStaleness": "250ms"});
+        let c = resolve("shop", "prod", &spec(v)).unwrap().config;
+        assert!(!c.session_cache.enabled);
+        assert_eq!(c.session_cache.max_staleness_ms, 250);
+        SidecarConfig::from_json(c.to_json_pretty().as_bytes()).unwrap();
     }
 
     #[test]
@@ -410,6 +432,8 @@ mod tests {
             ("keyRotation.propagationDelay", Box::new(|s| s.key_rotation.propagation_delay = GoDuration::new("800h"))),
             ("keyRotation.propagationDelay", Box::new(|s| s.key_rotation.propagation_delay = GoDuration::new("0s"))),
             ("clockLeeway", Box::new(|s| s.clock_leeway = GoDuration::new("1h"))),
+            ("sessionCache.maxStaleness", Box::new(|s| s.session_cache.max_staleness = GoDuration::new("50ms"))),
+            ("sessionCache.maxStaleness", Box::new(|s| s.session_cache.max_staleness = GoDuration::new("1m"))),
             ("audiences", Box::new(|s| s.audiences.clear())),
             ("audiences", Box::new(|s| s.audiences = (0..10_000).map(|i| format!("aud-{i}")).collect())),
             ("redis", Box::new(|s| s.redis = None)),

@@ -59,6 +59,8 @@ async fn crd_applies_and_cel_rules_reject_bad_specs_with_their_messages() -> any
     assert_eq!(r.spec.token_ttl.0, "15m");
     assert_eq!(r.spec.redis.as_ref().unwrap().key_prefix, "ar:");
     assert_eq!(r.spec.sidecar.ports.public, 8443);
+    assert!(r.spec.session_cache.enabled);
+    assert_eq!(r.spec.session_cache.max_staleness.0, "1s");
 
     // Algorithm changes within a family start a new key chain; across HMAC/asymmetric they are
     // refused (verifier pods mount the JWKS, which has no HMAC key, and vice versa).
@@ -122,6 +124,16 @@ async fn crd_applies_and_cel_rules_reject_bad_specs_with_their_messages() -> any
             "keyRotation.propagationDelay must be longer than 0s",
         ),
         ("leeway", with(base(), &["clockLeeway"], json!("1h")), "clockLeeway must be at most 10m"),
+        (
+            "staleness-short",
+            with(base(), &["sessionCache"], json!({"maxStaleness": "10ms"})),
+            "sessionCache.maxStaleness must be between 100ms and 10s",
+        ),
+        (
+            "staleness-long",
+            with(base(), &["sessionCache"], json!({"enabled": true, "maxStaleness": "1m"})),
+            "sessionCache.maxStaleness must be between 100ms and 10s",
+        ),
         ("prefix", with(base(), &["redis", "keyPrefix"], json!("a{b")), "must not contain '{' or '}'"),
         (
             "same-ports",

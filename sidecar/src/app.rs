@@ -14,6 +14,7 @@ use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::session::SessionStore;
 use crate::token::Policy;
+use redis::cluster_async::ClusterConnection;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -70,6 +71,22 @@ pub struct App {
     pub tunnels: Arc<tokio::sync::Semaphore>,
     /// Tokens verified before (see `tokencache`).
     pub token_cache: crate::tokencache::TokenCache,
+}
+
+/// Two multiplexed cluster connections: one for per-request reads, one for writes and their
+/// WAITs (see SessionStore), so a WAIT never holds up request checks.
+async fn connect_pair(
+    client: &redis::cluster::ClusterClient,
+    write_client: &redis::cluster::ClusterClient,
+    limit: Duration,
+) -> Result<(ClusterConnection, ClusterConnection), String> {
+    let reader = tokio::time::timeout(limit, client.get_async_connection()).await;
+    let writer = tokio::time::timeout(limit, write_client.get_async_connection()).await;
+    match (reader, writer) {
+        (Ok(Ok(r)), Ok(Ok(w))) => Ok((r, w)),
+        (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e.to_string()),
+        _ => Err("connecting to redis cluster timed out".to_string()),
+    }
 }
 
 impl App {
@@ -190,20 +207,9 @@ impl App {
                 }
             };
             let mut backoff = Duration::from_millis(200);
-            let connect = || async {
-                // Two multiplexed connections: one for per-request reads, one for writes and their
-                // WAITs (see SessionStore), so a WAIT never holds up request checks.
-                let limit = Duration::from_millis(redis_cfg.connect_timeout_ms * 3);
-                let reader = tokio::time::timeout(limit, client.get_async_connection()).await;
-                let writer = tokio::time::timeout(limit, write_client.get_async_connection()).await;
-                match (reader, writer) {
-                    (Ok(Ok(r)), Ok(Ok(w))) => Ok((r, w)),
-                    (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e.to_string()),
-                    _ => Err("connecting to redis cluster timed out".to_string()),
-                }
-            };
+            let limit = Duration::from_millis(redis_cfg.connect_timeout_ms * 3);
             let (conn, writer) = loop {
-                match connect().await {
+                match connect_pair(&client, &write_client, limit).await {
                     Ok(pair) => break pair,
                     Err(e) => tracing::warn!(
                         error = %e,
@@ -214,7 +220,7 @@ impl App {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             };
-            let store = SessionStore::new(
+            let mut store = SessionStore::new(
                 conn,
                 writer,
                 &redis_cfg,
@@ -223,7 +229,51 @@ impl App {
                 app.cfg.leeway_seconds,
                 app.cfg.max_sessions_per_subject,
             );
+            let topology = crate::topology::TopologyWatch::start(
+                {
+                    let s = store.clone();
+                    move || s.read_connection()
+                },
+                Duration::from_millis(redis_cfg.command_timeout_ms.max(500)),
+            );
+            store = store.with_topology(topology.clone());
+            if app.cfg.session_cache.enabled {
+                let cache = crate::sessioncache::SessionCache::new(
+                    &app.cfg.session_cache,
+                    &store.layout,
+                    app.metrics.session_cache.clone(),
+                );
+                store = store.with_cache(cache);
+                if let Some(cache) = store.cache() {
+                    cache.start(redis_cfg.clone(), topology.clone());
+                }
+            }
             let _ = app.sessions.set(store);
+            // A new slot map: reconnect. The cluster client learns about a failover only from errors
+            // on its connections, and a master that stops answering without closing them (SIGSTOP,
+            // a black-holed network) gives none: its slots would stay routed to it until it resumed.
+            let mut slot_maps = topology.subscribe();
+            let reconnecting = app.clone();
+            tokio::spawn(async move {
+                // The first map is the one the connections were just made with.
+                let mut seen_first = slot_maps.borrow_and_update().is_some();
+                while slot_maps.changed().await.is_ok() {
+                    if !std::mem::replace(&mut seen_first, true) {
+                        continue;
+                    }
+                    match connect_pair(&client, &write_client, limit).await {
+                        Ok((r, w)) => {
+                            if let Some(store) = reconnecting.sessions() {
+                                store.replace_connections(r, w);
+                            }
+                            tracing::info!("redis cluster slot map changed: reconnected");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "redis cluster slot map changed; reconnecting failed"),
+                    }
+                    // At most one reconnect per second.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
             loop {
                 let store = app.sessions().expect("set above");
                 let ok = store.ping().await.is_ok();

@@ -15,5 +15,7 @@ pub mod paths;
 pub mod proxy;
 pub mod server;
 pub mod session;
+pub mod sessioncache;
 pub mod token;
 pub mod tokencache;
+pub mod topology;

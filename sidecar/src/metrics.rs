@@ -69,6 +69,7 @@ pub struct Metrics {
     /// Upgraded connections and streaming responses ended by a re-check, by reason.
     pub long_lived_ended: Family<OutcomeLabel, Counter>,
     pub token_cache: crate::tokencache::CacheStats,
+    pub session_cache: crate::sessioncache::CacheMetrics,
 }
 
 impl Metrics {
@@ -137,7 +138,40 @@ impl Metrics {
             token_cache.evictions.clone(),
         );
         r.register("token_cache_entries", "Verified tokens held in the cache", token_cache.entries.clone());
+        let session_cache = crate::sessioncache::CacheMetrics::default();
+        r.register(
+            "session_cache_hits",
+            "Session checks answered by the local session cache (no Redis command)",
+            session_cache.hits.clone(),
+        );
+        r.register(
+            "session_cache_misses",
+            "Session checks that read Redis while the session cache is on",
+            session_cache.misses.clone(),
+        );
+        r.register(
+            "session_cache_invalidations",
+            "Cached sessions dropped because Redis reported a change of their record",
+            session_cache.invalidations.clone(),
+        );
+        r.register(
+            "session_cache_flushes",
+            "Times the whole session cache was dropped, by reason (connect, disconnect, topology, flushall)",
+            session_cache.flushes.clone(),
+        );
+        r.register("session_cache_entries", "Sessions held in the session cache", session_cache.entries.clone());
+        r.register(
+            "session_cache_heartbeat_age_ms",
+            "Age of the oldest latest-confirmed invalidation heartbeat over the masters (-1: a master has none)",
+            session_cache.heartbeat_age_ms.clone(),
+        );
+        r.register(
+            "session_cache_masters_fresh",
+            "Masters whose invalidation channel has a heartbeat confirmed within maxStalenessMs",
+            session_cache.nodes_fresh.clone(),
+        );
         Metrics {
+            session_cache,
             token_cache,
             connections,
             connections_refused,

@@ -16,10 +16,17 @@
 //! | `P{R:S}:cut`        | string | unix s (only grows) | [`record_ttl_ms`] of the latest exp a token issued by then can have | denylist |
 //! | `P{R:j:J}:loc`      | string | `exp sub`        | [`record_ttl_ms`] of exp | all but stateless |
 //!
-//! No token is stored: only ids and expiry times. The request path runs exactly one
-//! command (`EXISTS` or `MGET` on keys of one slot).
+//! No token is stored: only ids and expiry times. The request path runs at most one
+//! command (`EXISTS` or `MGET` on keys of one slot); in single and multi modes the session cache
+//! ([`crate::sessioncache`]) answers most requests without any.
+//!
+//! The session cache's heartbeat keys, `P{R;hb:I:N}:SEQ` (`I` a random id per sidecar process),
+//! live for a few seconds and are never read.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -29,6 +36,9 @@ use redis::{Cmd, Value};
 
 use authrealm_contract::SessionMode;
 use authrealm_contract::config::RedisConfig;
+
+use crate::sessioncache::{Lookup, SessionCache};
+use crate::topology::TopologyWatch;
 
 /// Builds key names. Pure; unit-tested.
 #[derive(Clone, Debug)]
@@ -66,6 +76,23 @@ impl KeyLayout {
     }
     pub fn locator(&self, jti: &str) -> String {
         format!("{}{{{}:j:{}}}:loc", self.prefix, self.realm, b64(jti))
+    }
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// `P{R:` — the start of every key of the realm's subjects and jti locators (what the session
+    /// cache's tracking connections subscribe to).
+    pub fn realm_prefix(&self) -> String {
+        format!("{}{{{}:", self.prefix, self.realm)
+    }
+    /// `R;hb:I:` — hash tags of the session cache's heartbeat keys of instance `I`. `;` never
+    /// occurs in a realm name or in base64url, so no subject's tag can be one of these.
+    pub fn heartbeat_tag_prefix(&self, instance: &str) -> String {
+        format!("{};hb:{instance}:", self.realm)
+    }
+    /// `P{R;hb:I:` — outside [`KeyLayout::realm_prefix`] and sorting after it (`;` > `:`).
+    pub fn heartbeat_prefix(&self, instance: &str) -> String {
+        format!("{}{{{}", self.prefix, self.heartbeat_tag_prefix(instance))
     }
     /// The jti as stored in the index (base64url).
     pub fn jti_member(jti: &str) -> String {
@@ -276,13 +303,14 @@ return redis.call('DEL', KEYS[2])
 /// The realm's session store.
 #[derive(Clone)]
 pub struct SessionStore {
-    /// Per-request reads (EXISTS/MGET, locator GET, PING).
-    conn: ClusterConnection,
+    /// Per-request reads (EXISTS/MGET, locator GET, PING). Replaced by a new connection when the
+    /// slot map changes ([`SessionStore::replace_connections`]).
+    conn: Arc<ArcSwap<ClusterConnection>>,
     /// Writes and their `WAIT`s. Redis blocks the connection a `WAIT` arrives on until replicas
     /// confirm or the wait times out, and `WAIT` only counts writes made on that same connection;
     /// keeping writes apart means a slow or frozen replica delays revocations, never the checks
     /// of every other request routed to that master.
-    writer: ClusterConnection,
+    writer: Arc<ArcSwap<ClusterConnection>>,
     pub layout: KeyLayout,
     mode: SessionMode,
     timeout: Duration,
@@ -292,6 +320,11 @@ pub struct SessionStore {
     max_sessions: u32,
     /// Clock leeway: enters every revocation record's lifetime ([`record_ttl_ms`]).
     leeway_secs: u64,
+    /// The local session cache (`single`/`multi` with `sessionCache.enabled`); see
+    /// [`crate::sessioncache`].
+    cache: Option<SessionCache>,
+    /// The slot-map watcher, told about request-path errors.
+    topology: Option<TopologyWatch>,
 }
 
 /// Build the cluster client (no connection is made yet).
@@ -349,8 +382,8 @@ impl SessionStore {
         max_sessions: u32,
     ) -> Self {
         SessionStore {
-            conn,
-            writer,
+            conn: Arc::new(ArcSwap::from_pointee(conn)),
+            writer: Arc::new(ArcSwap::from_pointee(writer)),
             layout: KeyLayout::new(&cfg.key_prefix, realm),
             mode,
             timeout: Duration::from_millis(cfg.command_timeout_ms),
@@ -358,6 +391,49 @@ impl SessionStore {
             wait_timeout_ms: cfg.wait_timeout_ms,
             leeway_secs: cfg_leeway_secs,
             max_sessions: max_sessions.max(1),
+            cache: None,
+            topology: None,
+        }
+    }
+
+    /// Use `cache` for the per-request check (single and multi modes only; ignored otherwise).
+    pub fn with_cache(mut self, cache: SessionCache) -> Self {
+        if matches!(self.mode, SessionMode::Single | SessionMode::Multi) {
+            self.cache = Some(cache);
+        }
+        self
+    }
+
+    pub fn cache(&self) -> Option<&SessionCache> {
+        self.cache.as_ref()
+    }
+
+    /// The current per-request read connection.
+    pub fn read_connection(&self) -> ClusterConnection {
+        ClusterConnection::clone(&self.conn.load())
+    }
+
+    fn write_connection(&self) -> ClusterConnection {
+        ClusterConnection::clone(&self.writer.load())
+    }
+
+    /// Swap in freshly made connections (after a slot-map change the cluster client could not
+    /// learn from its own errors, e.g. a master frozen rather than dead). Commands in flight finish
+    /// on the old ones.
+    pub fn replace_connections(&self, conn: ClusterConnection, writer: ClusterConnection) {
+        self.conn.store(Arc::new(conn));
+        self.writer.store(Arc::new(writer));
+    }
+
+    /// Poke `topology` whenever a request-path command fails.
+    pub fn with_topology(mut self, topology: TopologyWatch) -> Self {
+        self.topology = Some(topology);
+        self
+    }
+
+    fn failed(&self) {
+        if let Some(t) = &self.topology {
+            t.poke();
         }
     }
 
@@ -370,23 +446,39 @@ impl SessionStore {
         limit: Duration,
         f: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(limit, f).await {
+        let r = match tokio::time::timeout(limit, f).await {
             Ok(r) => r.map_err(StoreError::from),
             Err(_) => Err(StoreError::Timeout(limit)),
+        };
+        if r.is_err() {
+            self.failed();
         }
+        r
     }
 
-    /// The per-request check: one command, keys of one slot.
+    /// The per-request check: at most one command, keys of one slot. With the session cache, an
+    /// active session found there (see [`crate::sessioncache`] for when it may be used) needs none.
     pub async fn check(&self, sub: &str, jti: &str, iat: Option<i64>) -> Result<SessionState, StoreError> {
-        let mut conn = self.conn.clone();
         match self.mode {
             SessionMode::Stateless => Ok(SessionState::Active),
             SessionMode::Single | SessionMode::Multi => {
                 let key = self.layout.token(sub, jti);
-                let n: i64 = self.bounded(self.timeout, redis::cmd("EXISTS").arg(&key).query_async(&mut conn)).await?;
-                Ok(if n == 1 { SessionState::Active } else { SessionState::Revoked })
+                let ticket = match &self.cache {
+                    Some(c) => match c.lookup(&key) {
+                        Lookup::Hit => return Ok(SessionState::Active),
+                        Lookup::Miss(t) => t,
+                    },
+                    None => None,
+                };
+                let mut conn = self.read_connection();
+                let n = self.bounded(self.timeout, redis::cmd("EXISTS").arg(&key).query_async::<i64>(&mut conn)).await;
+                if let Some(c) = &self.cache {
+                    c.complete(&key, ticket, n.as_ref().ok().map(|n| *n == 1));
+                }
+                Ok(if n? == 1 { SessionState::Active } else { SessionState::Revoked })
             }
             SessionMode::Denylist => {
+                let mut conn = self.read_connection();
                 let keys = [self.layout.deny(sub, jti), self.layout.cutoff(sub)];
                 let vals: Vec<Option<i64>> =
                     self.bounded(self.timeout, redis::cmd("MGET").arg(&keys[..]).query_async(&mut conn)).await?;
@@ -411,7 +503,7 @@ impl SessionStore {
     /// "replicated". In one pipeline the write and its `WAIT` travel together; if the connection
     /// drops, the library re-sends both (every issuer write is idempotent) or the call fails.
     async fn write_and_wait(&self, key: &str, write: Cmd) -> Result<(Value, Durability), StoreError> {
-        let mut conn = self.writer.clone();
+        let mut conn = self.write_connection();
         let mut pipe = redis::pipe();
         pipe.add_command(write);
         if self.wait_replicas > 0 {
@@ -492,7 +584,12 @@ impl SessionStore {
                     .arg(single)
                     .arg(self.layout.token_prefix(sub))
                     .arg(self.max_sessions);
-                let (v, d) = self.write_and_wait(&rec, eval).await?;
+                let written = self.write_and_wait(&rec, eval).await;
+                // Single mode replaced the subject's earlier tokens; multi mode may have ended some.
+                if let Some(c) = &self.cache {
+                    c.forget_prefix(&self.layout.token_prefix(sub));
+                }
+                let (v, d) = written?;
                 let replaced = match v {
                     Value::Int(n) => n,
                     _ => return Err(StoreError::Protocol),
@@ -510,7 +607,7 @@ impl SessionStore {
 
     /// Find the subject and expiry of a jti minted by this realm.
     pub async fn locate(&self, jti: &str) -> Result<Option<(i64, String)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_connection();
         let v: Option<String> = self
             .bounded(
                 self.timeout.max(Duration::from_millis(500)),
@@ -526,7 +623,7 @@ impl SessionStore {
     /// The subject's "log out everywhere" cut-off (denylist realms): tokens with `iat` at or
     /// before it are revoked.
     pub async fn cutoff(&self, sub: &str) -> Result<Option<i64>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_connection();
         self.bounded(
             self.timeout.max(Duration::from_millis(500)),
             redis::cmd("GET").arg(self.layout.cutoff(sub)).query_async(&mut conn),
@@ -548,7 +645,13 @@ impl SessionStore {
                 let rec = self.layout.token(sub, jti);
                 let mut eval = eval_cmd(REVOKE_ONE_SCRIPT, &[&idx, &rec]);
                 eval.arg(KeyLayout::jti_member(jti));
-                let (v, d) = self.write_and_wait(&rec, eval).await?;
+                let written = self.write_and_wait(&rec, eval).await;
+                // Also on error: the write may have been executed. This pod refuses the token on
+                // its next request; other pods once the invalidation arrives.
+                if let Some(c) = &self.cache {
+                    c.forget(&rec);
+                }
+                let (v, d) = written?;
                 Ok((matches!(v, Value::Int(n) if n > 0), d))
             }
             SessionMode::Denylist => {
@@ -584,7 +687,11 @@ impl SessionStore {
                 let idx = self.layout.index(sub);
                 let mut eval = eval_cmd(REVOKE_ALL_SCRIPT, &[&idx]);
                 eval.arg(self.layout.token_prefix(sub));
-                let (v, d) = self.write_and_wait(&idx, eval).await?;
+                let written = self.write_and_wait(&idx, eval).await;
+                if let Some(c) = &self.cache {
+                    c.forget_prefix(&self.layout.token_prefix(sub));
+                }
+                let (v, d) = written?;
                 Ok((if let Value::Int(n) = v { n } else { 0 }, d))
             }
             SessionMode::Denylist => {
@@ -604,7 +711,7 @@ impl SessionStore {
     /// dead master makes the write connection refresh its slot map now, in the background, rather
     /// than on the next revocation.
     pub async fn touch_writer(&self) {
-        let mut conn = self.writer.clone();
+        let mut conn = self.write_connection();
         let mut cmd = Cmd::new();
         cmd.arg("PING");
         let route = RoutingInfo::MultiNode((redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters, None));
@@ -613,7 +720,7 @@ impl SessionStore {
 
     /// Readiness probe: one PING to a random master, bounded by the command timeout.
     pub async fn ping(&self) -> Result<Duration, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.read_connection();
         let start = Instant::now();
         let mut cmd = Cmd::new();
         cmd.arg("PING");

@@ -219,7 +219,18 @@ impl Reply {
 impl Sidecar {
     /// Start a sidecar for `config` (listener addresses and `keySetFile` are filled in).
     pub async fn start(config: SidecarConfig, keys: &KeySet, upstream: SocketAddr) -> Result<Sidecar> {
-        Self::start_inner(config, keys, upstream, None).await
+        Self::start_inner(config, keys, upstream, None, &[]).await
+    }
+
+    /// Like [`Sidecar::start`], with extra environment variables for the process (e.g. the Redis
+    /// password named by `redis.passwordEnv`).
+    pub async fn start_with_env(
+        config: SidecarConfig,
+        keys: &KeySet,
+        upstream: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Result<Sidecar> {
+        Self::start_inner(config, keys, upstream, None, env).await
     }
 
     /// Like [`Sidecar::start`], with the process's wall clock `offset_secs` ahead (negative:
@@ -231,7 +242,7 @@ impl Sidecar {
         upstream: SocketAddr,
         offset_secs: i64,
     ) -> Result<Sidecar> {
-        Self::start_inner(config, keys, upstream, Some(offset_secs)).await
+        Self::start_inner(config, keys, upstream, Some(offset_secs), &[]).await
     }
 
     async fn start_inner(
@@ -239,6 +250,7 @@ impl Sidecar {
         keys: &KeySet,
         upstream: SocketAddr,
         clock_offset: Option<i64>,
+        env: &[(&str, &str)],
     ) -> Result<Sidecar> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -275,6 +287,7 @@ impl Sidecar {
                 .env("DONT_FAKE_MONOTONIC", "1")
                 .env("FAKETIME_NO_CACHE", "1");
         }
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().context("spawn sidecar")?;
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
         let s = Sidecar { child: Some(child), dir, public, issuer, admin, config, key_set_path, client };
