@@ -191,7 +191,7 @@ pub struct SessionCache {
 impl SessionCache {
     /// A cache with no masters known yet (nothing is usable until heartbeats confirm).
     pub fn new(cfg: &SessionCacheConfig, layout: &KeyLayout, metrics: CacheMetrics) -> Self {
-        Self::with_instance(cfg, layout, metrics, &format!("{:016x}", rand::random::<u64>()))
+        Self::with_instance(cfg, layout, metrics, &format!("{:016x}", random_u64()))
     }
 
     /// `instance` names this process's heartbeat keys (random in [`SessionCache::new`]).
@@ -693,6 +693,15 @@ async fn heartbeat(
             return;
         }
     }
+}
+
+/// A random instance id (aws-lc's system RNG, as for token ids).
+fn random_u64() -> u64 {
+    use aws_lc_rs::rand::SecureRandom as _;
+    let mut b = [0u8; 8];
+    // A failing system RNG only makes the heartbeat prefix less unique, never unsafe.
+    let _ = aws_lc_rs::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
 }
 
 #[cfg(test)]

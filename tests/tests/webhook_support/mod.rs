@@ -16,8 +16,8 @@ use authrealm_operator::webhook::{self, WebhookConfig, WebhookHandle, WebhookMet
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject as _;
@@ -187,7 +187,6 @@ pub struct RawResponse {
     pub warnings: Vec<String>,
     pub body: Value,
 }
-
 
 /// A Pod with one app container that meets the `restricted` Pod Security Standard, labelled
 /// into `realm` (unless `realm` is empty), with extra annotations.
