@@ -4,6 +4,8 @@
 # lint and the whole test suite against a real Redis Cluster and a real kube-apiserver — and, as
 # root, on a real one-node Kubernetes (tests/tests/node_e2e.rs: hack/node.sh, images packed from
 # the debug binaries this `cargo test` builds; the node binaries are built once and cached).
+# Gates before the tests: rustfmt, clippy with the workspace lints as errors, unused dependencies
+# (cargo-machete), the dependency audit (cargo-deny; deny.toml) and shellcheck (a test).
 #
 #   hack/test.sh            # everything
 #   hack/test.sh -- <args>  # extra arguments for `cargo test` (e.g. a test name filter)
@@ -36,6 +38,21 @@ cargo fmt --all -- --check
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "dependency gates: unused dependencies (cargo machete), audit (cargo deny, deny.toml)"
+tools=$(bash hack/cargo-tools.sh | tail -n 1)
+"$tools/cargo-machete"
+"$tools/cargo-deny" check bans licenses sources
+# Advisories need the RustSec database from GitHub, which CI machines may not reach.
+if "$tools/cargo-deny" fetch db >/dev/null 2>&1; then
+    "$tools/cargo-deny" check advisories
+elif compgen -G "$HOME/.cargo/advisory-dbs/advisory-db-*/crates" >/dev/null; then
+    db=$(compgen -G "$HOME/.cargo/advisory-dbs/advisory-db-*" | head -n 1)
+    echo "advisories: github.com unreachable; checking against the local copy ($(git -C "$db" log -1 --format=%cs 2>/dev/null || echo 'date unknown'))" >&2
+    "$tools/cargo-deny" --offline check advisories
+else
+    echo "advisories: SKIPPED — the RustSec database (github.com/RustSec/advisory-db) cannot be fetched from this machine" >&2
+fi
 
 step "build every binary and test once (cargo test --no-run); the harnesses get their paths"
 cargo test --workspace --no-run
