@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (once) and cache the binaries of a real Kubernetes control plane for tests:
-# etcd, kube-apiserver, kube-controller-manager and helm (plus kubeconform, best effort).
+# etcd, kube-apiserver, kube-controller-manager and helm.
 #
 # Everything is compiled from source fetched through the Go module proxy — no release tarballs,
 # no Docker. The binaries land in a version-keyed cache directory OUTSIDE the repository:
@@ -27,7 +27,7 @@
 #   * etcd: the main package of go.etcd.io/etcd/server/v3, tried in the order of ETCD_VERSIONS below;
 #     the first that builds wins and is recorded in the `versions` file. v3.6.16 built first time.
 #   * Nothing failed. Cold build on 2 cores (empty Go module and build caches): etcd 75 s,
-#     kube-apiserver 267 s, kube-controller-manager 113 s, helm 132 s, kubeconform 5 s — about
+#     kube-apiserver 267 s, kube-controller-manager 113 s, helm 132 s — about
 #     10 minutes with downloads. With a warm Go build cache a fresh cache directory takes ~15 s.
 set -euo pipefail
 
@@ -38,7 +38,6 @@ STAGING_VERSION=v0.36.3
 # Tried in order; the first that builds is used.
 ETCD_VERSIONS=(v3.6.16 v3.6.15 v3.6.14 v3.6.13)
 HELM_VERSION=v3.22.0
-KUBECONFORM_VERSION=v0.7.0
 
 CACHE_ROOT=${AUTHREALM_CACHE:-$HOME/.cache/authrealm}
 KEY="k8s-${K8S_VERSION}-etcd-v3.6.x-helm-${HELM_VERSION}"
@@ -209,7 +208,7 @@ build_etcd() {
   return 1
 }
 
-# --- helm, kubeconform ------------------------------------------------------------------------
+# --- helm ------------------------------------------------------------------------------------
 build_helm() {
   [[ -x "${BIN_DIR}/helm" ]] && return 0
   log "building helm ${HELM_VERSION}"
@@ -220,24 +219,10 @@ build_helm() {
   install_bin "${WORK}/gobin/helm" helm
 }
 
-build_kubeconform() {
-  [[ -x "${BIN_DIR}/kubeconform" ]] && return 0
-  log "building kubeconform ${KUBECONFORM_VERSION} (optional)"
-  mkdir -p "${WORK}/gobin"
-  if timed kubeconform env GOBIN="${WORK}/gobin" go install -trimpath \
-    -ldflags "-s -w -X main.version=${KUBECONFORM_VERSION}" \
-    "github.com/yannh/kubeconform/cmd/kubeconform@${KUBECONFORM_VERSION}"; then
-    install_bin "${WORK}/gobin/kubeconform" kubeconform
-  else
-    log "kubeconform failed to build (optional, ignored)"
-  fi
-}
-
 touch "${BIN_DIR}/.timings" "${WORK}/failures"
 build_etcd
 build_kubernetes
 build_helm
-build_kubeconform
 
 {
   echo "# Written by hack/control-plane.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ) with $(go env GOVERSION)"
@@ -245,7 +230,6 @@ build_kubeconform
   echo "kubernetes_staging=${STAGING_VERSION}"
   echo "etcd=${ETCD_BUILT}"
   echo "helm=${HELM_VERSION}"
-  if [[ -x "${BIN_DIR}/kubeconform" ]]; then echo "kubeconform=${KUBECONFORM_VERSION}"; fi
   cat "${BIN_DIR}/.timings" "${WORK}/failures"
 } >"${BIN_DIR}/.versions.tmp"
 mv -f "${BIN_DIR}/.versions.tmp" "${BIN_DIR}/versions"
