@@ -17,3 +17,4 @@ pub mod server;
 pub mod session;
 pub mod token;
 pub mod tokencache;
+pub mod upstream;

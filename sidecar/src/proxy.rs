@@ -10,9 +10,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use authrealm_contract::FailurePolicy;
 
@@ -26,15 +24,20 @@ const SHORT_BODY_BYTES: u64 = 256 * 1024;
 use crate::session::SessionState;
 use crate::token::{Reject, extract_bearer, identity_value, validate};
 
-pub type UpstreamClient = Client<HttpConnector, crate::longlived::BodyDeadline<Incoming>>;
+pub type UpstreamClient = crate::upstream::Upstream;
 
+/// The keep-alive connection pool to the app (see `upstream`): at most `limits.maxConnections`
+/// idle connections.
 pub fn upstream_client(app: &App) -> UpstreamClient {
-    let mut conn = HttpConnector::new();
-    conn.set_connect_timeout(Some(Duration::from_millis(app.cfg.upstream.connect_timeout_ms)));
-    conn.set_nodelay(true);
-    conn.enforce_http(true);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(conn)
+    crate::upstream::Pool::new(
+        &app.cfg.upstream.address,
+        Duration::from_millis(app.cfg.upstream.connect_timeout_ms),
+        app.cfg.limits.max_connections as usize,
+    )
 }
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// RFC 9110 §7.6.1 hop-by-hop fields, always removed when forwarding.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -60,9 +63,31 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
+/// Whether a `Connection` header lists `token` (ASCII case-insensitive), without allocating.
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 /// Remove hop-by-hop headers and those the sender declared hop-by-hop in `Connection`.
-/// Returns whether the message asked for a protocol upgrade.
+/// Returns the `Upgrade` value when the message asked for a protocol upgrade.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // Most messages carry none of them: one pass over the names, no hashing.
+    if !headers.keys().any(is_hop_by_hop) {
+        return None;
+    }
     let tokens = connection_tokens(headers);
     let upgrade = if tokens.iter().any(|t| t == "upgrade") { headers.get(header::UPGRADE).cloned() } else { None };
     for t in &tokens {
@@ -78,6 +103,32 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
         headers.remove(h);
     }
     upgrade
+}
+
+/// `name` (a header name, lower case) equals `folded` with `_` read as `-`.
+fn folds_to(name: &str, folded: &str) -> bool {
+    name.len() == folded.len()
+        && name.bytes().zip(folded.bytes()).all(|(a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
+}
+
+/// `X-Forwarded-For` with the peer's address appended.
+fn forwarded_for(prev: Option<&HeaderValue>, peer: std::net::IpAddr) -> Option<HeaderValue> {
+    use std::io::Write as _;
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    write!(w, "{peer}").ok()?;
+    let left = w.len();
+    let ip = &buf[..buf.len() - left];
+    match prev {
+        None => HeaderValue::from_bytes(ip).ok(),
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+        }
+    }
 }
 
 fn www_auth_response(app: &App, reject: Reject) -> Response<Body> {
@@ -285,23 +336,18 @@ async fn handle_inner(
     };
 
     // Build the upstream request.
-    let client_upgrade =
-        if req.version() == Version::HTTP_11 && connection_tokens(req.headers()).iter().any(|t| t == "upgrade") {
-            Some(hyper::upgrade::on(&mut req))
-        } else {
-            None
-        };
+    let client_upgrade = if req.version() == Version::HTTP_11 && connection_has(req.headers(), "upgrade") {
+        Some(hyper::upgrade::on(&mut req))
+    } else {
+        None
+    };
     let (mut parts, body) = req.into_parts();
-    let authority = parts.uri.authority().cloned();
     let upgrade = strip_hop_by_hop(&mut parts.headers);
     // Spoofed identity: every header whose folded name matches an identity header.
     let spoofed: Vec<HeaderName> = parts
         .headers
         .keys()
-        .filter(|n| {
-            let folded = crate::app::fold_header_name(n.as_str());
-            app.identity.iter().any(|i| i.folded == folded)
-        })
+        .filter(|n| app.identity.iter().any(|i| folds_to(n.as_str(), &i.folded)))
         .cloned()
         .collect();
     for n in spoofed {
@@ -316,30 +362,33 @@ async fn handle_inner(
         }
         Auth::Public => None,
     };
-    if let (Some(value), Some(_)) = (upgrade.clone(), client_upgrade.as_ref()) {
+    if let (Some(value), Some(_)) = (upgrade, client_upgrade.as_ref()) {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, value);
     }
-    let peer_ip = peer.ip().to_string();
-    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer_ip}"),
-        None => peer_ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        parts.headers.insert("x-forwarded-for", v);
+    let xff = forwarded_for(parts.headers.get(X_FORWARDED_FOR).filter(|v| v.to_str().is_ok()), peer.ip());
+    if let Some(v) = xff {
+        parts.headers.insert(X_FORWARDED_FOR, v);
     }
-    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, a);
+    parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if !parts.headers.contains_key(header::HOST) {
+        // The client's authority (absolute-form or HTTP/2), else the app's address.
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => HeaderValue::from_str(&app.cfg.upstream.address).ok(),
+        };
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
+        }
     }
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri =
-        match Uri::builder().scheme("http").authority(app.cfg.upstream.address.as_str()).path_and_query(pq).build() {
+    // The app gets origin-form (`/path?query`); most requests already are.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = match Uri::builder().path_and_query(pq).build() {
             Ok(u) => u,
             Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target\n"),
         };
+    }
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
@@ -352,20 +401,17 @@ async fn handle_inner(
     let mut resp = match tokio::time::timeout(timeout, client.request(upstream_req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            app.metrics.upstream_responses.get_or_create(&crate::metrics::StatusLabel { status: "error" }).inc();
+            app.metrics.upstream_response("error");
             tracing::warn!(error = %e, "upstream request failed");
             return plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
         }
         Err(_) => {
-            app.metrics.upstream_responses.get_or_create(&crate::metrics::StatusLabel { status: "timeout" }).inc();
+            app.metrics.upstream_response("timeout");
             return plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
         }
     };
     app.metrics.upstream_seconds.observe(started.elapsed().as_secs_f64());
-    app.metrics
-        .upstream_responses
-        .get_or_create(&crate::metrics::StatusLabel { status: status_class(resp.status()) })
-        .inc();
+    app.metrics.upstream_response(status_class(resp.status()));
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
@@ -381,6 +427,8 @@ async fn handle_inner(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        // The connection now belongs to the tunnel: drive it until it hands its socket over.
+        resp.body_mut().take_upgrade();
         let app = app.clone();
         tokio::spawn(async move {
             match (client_upgrade.await, upstream_upgrade.await) {
