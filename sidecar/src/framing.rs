@@ -655,14 +655,6 @@ GET /c HTTP/1.1\r\nHost: x\r\n\r\n";
                 }
             }
 
-            /// The server answered `101 Switching Protocols`: everything from here on (including bytes
-            /// already held back) belongs to the new protocol.
-            fn switch_protocols(&mut self, out: &mut BytesMut) {
-                if self.state != State::PassThrough {
-                    self.pass_through(out);
-                }
-            }
-
             fn pass_through(&mut self, out: &mut BytesMut) {
                 out.extend_from_slice(&self.buf);
                 self.buf.clear();

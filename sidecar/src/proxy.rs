@@ -51,18 +51,6 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Names listed in `Connection` headers (lower case).
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
 /// Whether a `Connection` header lists `token` (ASCII case-insensitive), without allocating.
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
@@ -71,36 +59,79 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+/// Position of `name` in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let i = if name == header::CONNECTION {
+        0
+    } else if name == header::PROXY_AUTHORIZATION {
+        3
+    } else if name == header::TE {
+        4
+    } else if name == header::TRAILER {
+        5
+    } else if name == header::TRANSFER_ENCODING {
+        6
+    } else if name == header::UPGRADE {
+        7
+    } else {
+        match name.as_str() {
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            _ => return None,
+        }
+    };
+    debug_assert_eq!(HOP_BY_HOP[i], name);
+    Some(i)
+}
+
+/// Remove the names a `Connection` value lists (never `host`).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    for t in connection.as_bytes().split(|&b| b == b',').map(|t| t.trim_ascii()) {
+        // Never let `Connection: host` or similar remove framing-critical fields.
+        if t.is_empty() || t.eq_ignore_ascii_case(b"host") {
+            continue;
+        }
+        // A `&str` key is matched case-insensitively without allocating; invalid names match
+        // nothing.
+        if let Ok(name) = std::str::from_utf8(t) {
+            headers.remove(name);
+        }
+    }
 }
 
 /// Remove hop-by-hop headers and those the sender declared hop-by-hop in `Connection`.
 /// Returns the `Upgrade` value when the message asked for a protocol upgrade.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
-    // Most messages carry none of them: one pass over the names, no hashing.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names, no hashing; most messages carry none or only `Connection`.
+    let mut present = 0u16;
+    for n in headers.keys() {
+        if let Some(i) = hop_by_hop_index(n) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return None;
     }
-    let tokens = connection_tokens(headers);
-    let upgrade = if tokens.iter().any(|t| t == "upgrade") { headers.get(header::UPGRADE).cloned() } else { None };
-    for t in &tokens {
-        // Never let `Connection: host` or similar remove framing-critical fields.
-        if t == "host" {
-            continue;
+    let mut upgrade = None;
+    if present & 1 != 0 {
+        if connection_has(headers, "upgrade") {
+            upgrade = headers.get(header::UPGRADE).cloned();
         }
-        if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
-            headers.remove(name);
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        match (values.next().cloned(), values.next().is_some()) {
+            (Some(v), false) => remove_listed(headers, &v),
+            _ => {
+                let all: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+                for v in &all {
+                    remove_listed(headers, v);
+                }
+            }
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
     upgrade
 }
@@ -229,7 +260,10 @@ fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
     let path = req.uri().path();
     // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`).
-    if path_is_public_candidate(path) && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
+    if !app.cfg.public_routes.is_empty()
+        && path_is_public_candidate(path)
+        && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path))
+    {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
     }
@@ -474,4 +508,77 @@ async fn handle_inner(
 /// A JSON error body for the issuer API and admin listener.
 pub fn json_error(status: StatusCode, code: &str, description: &str) -> Response<Body> {
     json_response(status, &serde_json::json!({ "error": code, "error_description": description }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_lists_are_removed() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "Keep-Alive, X-Secret ,upgrade"),
+            ("connection", "HOST, x-other"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("X-Other", "2"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("trailer", "x"),
+            ("x-kept", "3"),
+        ]);
+        let upgrade = strip_hop_by_hop(&mut h);
+        assert_eq!(upgrade.unwrap(), "websocket");
+        assert_eq!(names(&h), ["host", "x-kept"]);
+
+        let mut h = map(&[("host", "a"), ("connection", "close")]);
+        assert!(strip_hop_by_hop(&mut h).is_none());
+        assert_eq!(names(&h), ["host"]);
+
+        let mut h = map(&[("host", "a"), ("x-a", "1")]);
+        assert!(strip_hop_by_hop(&mut h).is_none());
+        assert_eq!(names(&h), ["host", "x-a"]);
+
+        // Garbage tokens match nothing and break nothing.
+        let mut h = map(&[("connection", "bad name, (x), ,,"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-a"]);
+    }
+
+    #[test]
+    fn identity_names_fold_underscores_and_case() {
+        assert!(folds_to("x-auth-subject", "x-auth-subject"));
+        assert!(folds_to("x_auth_subject", "x-auth-subject"));
+        assert!(folds_to("x-auth_subject", "x-auth-subject"));
+        assert!(!folds_to("x-auth-subjec", "x-auth-subject"));
+        assert!(!folds_to("x-auth-subjects", "x-auth-subject"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip).unwrap(), "10.1.2.3");
+        let prev = HeaderValue::from_static("1.1.1.1");
+        assert_eq!(forwarded_for(Some(&prev), ip).unwrap(), "1.1.1.1, 10.1.2.3");
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert_eq!(forwarded_for(None, v6).unwrap(), "::1");
+    }
 }
