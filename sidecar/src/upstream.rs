@@ -191,9 +191,11 @@ impl Pool {
             let mut lease = self.checkout(allow_idle).await?;
             let fut = lease.sender.try_send_request(req);
             let mut fut = std::pin::pin!(fut);
+            // Only our own polls of the connection can complete the response future, so it is
+            // polled with a no-op waker: completing it must not wake this task a second time.
             let res = std::future::poll_fn(|cx| {
                 lease.drive(cx);
-                fut.as_mut().poll(cx)
+                fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
             })
             .await;
             // The connection now waits for the body to be wanted; have that signal wake nobody
@@ -264,8 +266,12 @@ impl HttpBody for PooledBody {
         let mut drove = false;
         loop {
             // The body first: polling it tells the connection it may read the body; then the
-            // connection reads, and the body has it (no round trip through the scheduler).
-            match Pin::new(&mut this.body).poll_frame(cx) {
+            // connection reads, and the body has it (no round trip through the scheduler). While
+            // the connection is ours, only our polls of it feed the body: the body is polled with
+            // a no-op waker (the connection's I/O wakes this task), so feeding it wakes nobody.
+            let own = this.lease.as_ref().is_some_and(|l| !l.done);
+            let mut noop = Context::from_waker(Waker::noop());
+            match Pin::new(&mut this.body).poll_frame(if own { &mut noop } else { &mut *cx }) {
                 Poll::Pending => {}
                 Poll::Ready(None) => {
                     if let Some(lease) = this.lease.take() {
