@@ -286,6 +286,9 @@ enum Then {
     Close,
     /// Keep sending body bytes (1 KiB every 20 ms) until the connection breaks.
     Trickle,
+    /// Then, unasked, a second response (as some servers send `408` before closing an idle
+    /// connection), and keep the connection open.
+    Unsolicited,
 }
 
 /// A raw HTTP/1.1 app for connection-level assertions: counts the connections it accepts and
@@ -294,6 +297,8 @@ struct RawApp {
     addr: std::net::SocketAddr,
     accepted: Arc<AtomicU64>,
     closed: Arc<AtomicU64>,
+    /// Unasked answers sent ([`Then::Unsolicited`]).
+    unsolicited: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -307,13 +312,14 @@ impl RawApp {
     async fn start(script: fn(u64, u64) -> (Vec<u8>, Then)) -> RawApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (accepted, closed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (a, c) = (accepted.clone(), closed.clone());
+        let (accepted, closed, unsolicited) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (a, c, u) = (accepted.clone(), closed.clone(), unsolicited.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else { continue };
                 let conn = a.fetch_add(1, Ordering::SeqCst) + 1;
-                let c = c.clone();
+                let (c, u) = (c.clone(), u.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut n_req = 0;
@@ -325,6 +331,13 @@ impl RawApp {
                             n_req += 1;
                             let (bytes, then) = script(conn, n_req);
                             let mut ok = sock.write_all(&bytes).await.is_ok();
+                            if ok && then == Then::Unsolicited {
+                                ok = sock
+                                    .write_all(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 5\r\n\r\nstale")
+                                    .await
+                                    .is_ok();
+                                u.fetch_add(1, Ordering::SeqCst);
+                            }
                             while ok && then == Then::Trickle {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                                 ok = sock.write_all(&[b'.'; 1024]).await.is_ok();
@@ -345,7 +358,7 @@ impl RawApp {
                 });
             }
         });
-        RawApp { addr, accepted, closed, task }
+        RawApp { addr, accepted, closed, unsolicited, task }
     }
 }
 
@@ -434,5 +447,20 @@ async fn an_app_closing_idle_connections_is_handled() {
         assert_eq!(r.status, StatusCode::OK, "request {i}: {:?}", r.body);
         assert_eq!(r.body, format!("c{i}"));
         wait_for("the app to close", || app.closed.load(Ordering::SeqCst) == i).await;
+    }
+}
+
+/// Bytes an idle app connection receives unasked are never taken for the next request's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsolicited_response_on_an_idle_connection_is_not_passed_on() {
+    let app = RawApp::start(|conn, _| (ok_body(&format!("c{conn}")), Then::Unsolicited)).await;
+    let keys = key_set("k1");
+    let s = Sidecar::start(test_config("unsolicited", None), &keys, app.addr).await.unwrap();
+    let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    for i in 1..=3u64 {
+        let r = s.get("/x", Some(&token)).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {:?}", r.body);
+        assert_eq!(r.body, format!("c{i}"), "request {i}");
+        wait_for("the unsolicited answer", || app.unsolicited.load(Ordering::SeqCst) == i).await;
     }
 }
