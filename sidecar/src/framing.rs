@@ -105,10 +105,63 @@ pub fn inspect_head(head: &[u8]) -> HeadVerdict {
     HeadVerdict::Ok { body: BodyFraming::None }
 }
 
+/// Where the scanner's output goes: a prefix of the input passed as it is (no copy), then
+/// anything else copied to `ready`.
+struct Emit<'a> {
+    ready: &'a mut BytesMut,
+    /// Bytes `input[..prefix]` are passed in place.
+    prefix: usize,
+    in_place: bool,
+}
+
+impl Emit<'_> {
+    fn pass(&mut self, input: &[u8], from: usize, to: usize) {
+        if self.in_place && from == self.prefix {
+            self.prefix = to;
+        } else {
+            self.in_place = false;
+            self.ready.extend_from_slice(&input[from..to]);
+        }
+    }
+    fn other(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.in_place = false;
+            self.ready.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// One step of head collection (see [`Scanner::head_step`]).
+enum HeadStep {
+    /// An empty line before a request line, this long: passed.
+    EmptyLine(usize),
+    /// An incomplete head: hold it back.
+    Hold,
+    /// Hand everything from here on to hyper unchanged.
+    Through,
+    /// A complete head of this length, and its verdict.
+    Head(usize, HeadVerdict),
+}
+
+/// Index after the first head terminator (`\n\n` or `\n\r\n`) whose final `\n` is at or after `from`.
+fn head_end(data: &[u8], from: usize) -> Option<usize> {
+    memchr::memchr_iter(b'\n', data.get(from..)?)
+        .map(|p| p + from)
+        .find(|&p| (p >= 1 && data[p - 1] == b'\n') || (p >= 2 && data[p - 2] == b'\n' && data[p - 1] == b'\r'))
+        .map(|p| p + 1)
+}
+
 /// Incremental scanner: feed it bytes read from the client; it returns the bytes hyper
 /// should see.
+///
+/// It works a slice at a time (memchr for line ends, body bytes skipped by length); the
+/// decisions are those of a byte-at-a-time reading: a head ends at the first `\n\n` or
+/// `\n\r\n`, empty lines before a request line pass, a head longer than `max_head` and anything
+/// not understood pass through to hyper, chunk-size lines are bounded at 1 KiB and trailer lines
+/// at `max_head`.
 pub struct Scanner {
     state: State,
+    /// Bytes held back: an incomplete head, chunk-size line or trailer line.
     buf: BytesMut,
     max_head: usize,
     first: bool,
@@ -125,139 +178,257 @@ impl Scanner {
         self.poisoned
     }
 
+    /// Everything from here on passes unchanged (HTTP/2, upgraded, poisoned, or not understood).
+    pub fn passing_through(&self) -> bool {
+        self.state == State::PassThrough
+    }
+
     /// Consume `input`, appending what hyper may read to `out`.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut BytesMut) {
-        while !input.is_empty() {
-            match self.state {
-                State::PassThrough => {
-                    out.extend_from_slice(input);
-                    return;
-                }
-                State::Body(n) => {
-                    let take = (n.min(input.len() as u64)) as usize;
-                    out.extend_from_slice(&input[..take]);
-                    input = &input[take..];
-                    self.state = if n - take as u64 == 0 { State::Head } else { State::Body(n - take as u64) };
-                }
-                State::ChunkData(n) => {
-                    let take = (n.min(input.len() as u64)) as usize;
-                    out.extend_from_slice(&input[..take]);
-                    input = &input[take..];
-                    self.state =
-                        if n - take as u64 == 0 { State::ChunkSize } else { State::ChunkData(n - take as u64) };
-                }
-                State::Head | State::ChunkSize | State::Trailers => {
-                    // Line-oriented states: buffer until the terminator.
-                    let byte = input[0];
-                    input = &input[1..];
-                    self.buf.extend_from_slice(&[byte]);
-                    self.after_byte(out);
-                }
-            }
-        }
+    pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) {
+        let mut emit = Emit { ready: out, prefix: 0, in_place: false };
+        self.run(input, &mut emit);
+    }
+
+    /// Consume `input`: hyper may read `input[..n]` as it is (the returned `n`), followed by
+    /// what was appended to `ready`.
+    pub fn feed_in_place(&mut self, input: &[u8], ready: &mut BytesMut) -> usize {
+        let mut emit = Emit { ready, prefix: 0, in_place: true };
+        self.run(input, &mut emit);
+        emit.prefix
     }
 
     /// The server answered `101 Switching Protocols`: everything from here on (including bytes
     /// already held back) belongs to the new protocol.
     pub fn switch_protocols(&mut self, out: &mut BytesMut) {
         if self.state != State::PassThrough {
-            self.pass_through(out);
+            out.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.state = State::PassThrough;
         }
     }
 
-    fn pass_through(&mut self, out: &mut BytesMut) {
-        out.extend_from_slice(&self.buf);
+    fn pass_through(&mut self, emit: &mut Emit<'_>) {
+        emit.other(&self.buf);
         self.buf.clear();
         self.state = State::PassThrough;
     }
 
-    fn after_byte(&mut self, out: &mut BytesMut) {
-        match self.state {
-            State::Head => {
-                if self.first && H2_PREFACE.starts_with(&self.buf) {
-                    if self.buf.len() == H2_PREFACE.len() {
-                        self.pass_through(out);
-                    }
+    fn run(&mut self, input: &[u8], emit: &mut Emit<'_>) {
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                State::PassThrough => {
+                    emit.pass(input, i, input.len());
                     return;
                 }
-                // Empty lines before a request line are allowed (RFC 9112 §2.2).
-                if self.buf.as_ref() == b"\r\n" || self.buf.as_ref() == b"\n" {
-                    out.extend_from_slice(&self.buf);
-                    self.buf.clear();
-                    return;
+                State::Body(n) | State::ChunkData(n) => {
+                    let take = n.min((input.len() - i) as u64);
+                    emit.pass(input, i, i + take as usize);
+                    i += take as usize;
+                    let left = n - take;
+                    self.state = match self.state {
+                        State::Body(_) if left == 0 => State::Head,
+                        State::Body(_) => State::Body(left),
+                        _ if left == 0 => State::ChunkSize,
+                        _ => State::ChunkData(left),
+                    };
                 }
-                if self.buf.len() > self.max_head {
-                    // Larger than hyper's buffer (see `Guarded::new`): hyper answers 431.
-                    return self.pass_through(out);
-                }
-                // "\n\r\n" also covers "\r\n\r\n"; httparse accepts bare LF line ends.
-                if self.buf.ends_with(b"\n\r\n") || self.buf.ends_with(b"\n\n") {
-                    self.first = false;
-                    match inspect_head(&self.buf) {
-                        HeadVerdict::Ok { body } => {
-                            out.extend_from_slice(&self.buf);
-                            self.buf.clear();
-                            self.state = match body {
-                                BodyFraming::None | BodyFraming::Length(0) => State::Head,
-                                BodyFraming::Length(n) => State::Body(n),
-                                BodyFraming::Chunked => State::ChunkSize,
-                            };
+                State::ChunkSize | State::Trailers => i = self.line(input, i, emit),
+                State::Head if self.buf.is_empty() => {
+                    match self.head_step(&input[i..], 0) {
+                        HeadStep::EmptyLine(n) => {
+                            emit.pass(input, i, i + n);
+                            i += n;
                         }
-                        HeadVerdict::Ambiguous => {
-                            out.extend_from_slice(POISON_HEAD);
-                            self.buf.clear();
-                            // hyper closes after the 400; nothing more is forwarded.
-                            self.state = State::PassThrough;
-                            self.poisoned = true;
+                        HeadStep::Hold => {
+                            self.buf.extend_from_slice(&input[i..]);
+                            i = input.len();
                         }
-                        HeadVerdict::Unknown => self.pass_through(out),
+                        HeadStep::Through => self.state = State::PassThrough,
+                        HeadStep::Head(len, verdict) => {
+                            match self.after_head(verdict) {
+                                Some(true) => emit.pass(input, i, i + len),
+                                Some(false) => emit.other(POISON_HEAD),
+                                None => continue, // pass through, head included
+                            }
+                            i += len;
+                        }
                     }
                 }
-            }
-            State::ChunkSize => {
-                if self.buf.ends_with(b"\n") {
-                    let line = std::str::from_utf8(&self.buf).unwrap_or("");
-                    let size = line.split(';').next().unwrap_or("").trim();
-                    match u64::from_str_radix(size, 16) {
-                        Ok(0) => {
-                            out.extend_from_slice(&self.buf);
-                            self.buf.clear();
-                            self.state = State::Trailers;
+                State::Head => {
+                    // The head began in an earlier read: continue it in `buf` (its first `old`
+                    // bytes were searched already).
+                    let old = self.buf.len();
+                    self.buf.extend_from_slice(&input[i..]);
+                    i = input.len();
+                    let data = std::mem::take(&mut self.buf);
+                    let step = self.head_step(&data, old);
+                    let used = match &step {
+                        HeadStep::Hold => {
+                            self.buf = data;
+                            continue;
                         }
-                        Ok(n) => {
-                            out.extend_from_slice(&self.buf);
-                            self.buf.clear();
-                            self.state = State::ChunkData(n.saturating_add(2));
-                        }
-                        Err(_) => self.pass_through(out),
+                        HeadStep::EmptyLine(n) | HeadStep::Head(n, _) => *n,
+                        HeadStep::Through => 0,
+                    };
+                    let passed = used >= old
+                        && used > 0
+                        && match step {
+                            HeadStep::EmptyLine(n) => {
+                                emit.other(&data[..n]);
+                                true
+                            }
+                            HeadStep::Head(len, verdict) => match self.after_head(verdict) {
+                                Some(true) => {
+                                    emit.other(&data[..len]);
+                                    true
+                                }
+                                Some(false) => {
+                                    emit.other(POISON_HEAD);
+                                    true
+                                }
+                                None => false,
+                            },
+                            _ => false,
+                        };
+                    if !passed {
+                        // Not understood here (or bytes held earlier would be split): hyper decides.
+                        self.buf = data;
+                        self.pass_through(emit);
+                        continue;
                     }
-                } else if self.buf.len() > 1024 {
-                    self.pass_through(out);
+                    // The rest came from this input: read it again from there.
+                    i = input.len() - (data.len() - used);
                 }
             }
-            State::Trailers => {
-                if self.buf.ends_with(b"\n") {
-                    let empty = self.buf.as_ref() == b"\r\n" || self.buf.as_ref() == b"\n";
-                    out.extend_from_slice(&self.buf);
-                    self.buf.clear();
-                    if empty {
-                        self.state = State::Head;
-                    }
-                } else if self.buf.len() > self.max_head {
-                    self.pass_through(out);
-                }
-            }
+        }
+    }
+
+    /// Classify the start of `data` (a head being collected; `searched`: bytes known to hold no
+    /// head end).
+    fn head_step(&self, data: &[u8], searched: usize) -> HeadStep {
+        // Empty lines before a request line are allowed (RFC 9112 §2.2).
+        match data {
+            [b'\n', ..] => return HeadStep::EmptyLine(1),
+            [b'\r', b'\n', ..] => return HeadStep::EmptyLine(2),
+            [b'\r'] => return HeadStep::Hold,
             _ => {}
+        }
+        let mut from = searched;
+        if self.first {
+            let same = data.iter().zip(H2_PREFACE).take_while(|(a, b)| a == b).count();
+            if same == H2_PREFACE.len() {
+                return HeadStep::Through;
+            }
+            if same == data.len() {
+                return HeadStep::Hold;
+            }
+            // A head cannot end inside what still read as the preface.
+            from = from.max(same);
+        }
+        match head_end(data, from) {
+            // Larger than hyper's buffer (see `Guarded::new`): hyper answers 431.
+            Some(len) if len > self.max_head => HeadStep::Through,
+            Some(len) => HeadStep::Head(len, inspect_head(&data[..len])),
+            None if data.len() > self.max_head => HeadStep::Through,
+            None => HeadStep::Hold,
+        }
+    }
+
+    /// Act on a complete head: `Some(true)` pass it, `Some(false)` replace it with
+    /// [`POISON_HEAD`], `None` pass through from the head on.
+    fn after_head(&mut self, verdict: HeadVerdict) -> Option<bool> {
+        self.first = false;
+        match verdict {
+            HeadVerdict::Ok { body } => {
+                self.state = match body {
+                    BodyFraming::None | BodyFraming::Length(0) => State::Head,
+                    BodyFraming::Length(n) => State::Body(n),
+                    BodyFraming::Chunked => State::ChunkSize,
+                };
+                Some(true)
+            }
+            HeadVerdict::Ambiguous => {
+                // hyper closes after the 400; nothing more is forwarded.
+                self.state = State::PassThrough;
+                self.poisoned = true;
+                Some(false)
+            }
+            HeadVerdict::Unknown => {
+                self.state = State::PassThrough;
+                None
+            }
+        }
+    }
+
+    /// A chunk-size or trailer line from `input[i..]`; returns where the next input starts.
+    fn line(&mut self, input: &[u8], i: usize, emit: &mut Emit<'_>) -> usize {
+        let limit = if self.state == State::ChunkSize { 1024 } else { self.max_head };
+        let Some(nl) = memchr::memchr(b'\n', &input[i..]) else {
+            self.buf.extend_from_slice(&input[i..]);
+            if self.buf.len() > limit {
+                self.pass_through(emit);
+            }
+            return input.len();
+        };
+        let end = i + nl + 1;
+        // The line without its `\n` may be at most `limit` long.
+        if self.buf.len() + nl > limit {
+            if self.buf.is_empty() {
+                self.state = State::PassThrough;
+                return i;
+            }
+            self.buf.extend_from_slice(&input[i..end]);
+            self.pass_through(emit);
+            return end;
+        }
+        let held = !self.buf.is_empty();
+        if held {
+            self.buf.extend_from_slice(&input[i..end]);
+        }
+        let line: &[u8] = if held { &self.buf } else { &input[i..end] };
+        let next = if self.state == State::ChunkSize {
+            let text = std::str::from_utf8(line).unwrap_or("");
+            let size = text.split(';').next().unwrap_or("").trim();
+            match u64::from_str_radix(size, 16) {
+                Ok(0) => Some(State::Trailers),
+                Ok(n) => Some(State::ChunkData(n.saturating_add(2))),
+                Err(_) => None,
+            }
+        } else if line == b"\r\n" || line == b"\n" {
+            Some(State::Head)
+        } else {
+            Some(State::Trailers)
+        };
+        match next {
+            Some(state) => {
+                if held {
+                    emit.other(&self.buf);
+                    self.buf.clear();
+                } else {
+                    emit.pass(input, i, end);
+                }
+                self.state = state;
+                end
+            }
+            None if held => {
+                self.pass_through(emit);
+                end
+            }
+            None => {
+                self.state = State::PassThrough;
+                i
+            }
         }
     }
 }
 
-/// A client connection seen through a [`Scanner`].
+/// A client connection seen through a [`Scanner`]. Reads go straight into hyper's buffer; only
+/// a head split across reads (or a replaced one) is copied.
 pub struct Guarded<T> {
     inner: T,
     scanner: Scanner,
     ready: BytesMut,
-    scratch: Box<[u8]>,
     switched: Arc<AtomicBool>,
 }
 
@@ -266,13 +437,7 @@ impl<T> Guarded<T> {
     /// (431) before the guard gives up inspecting it. `switched` is set by the server when it
     /// answers `101 Switching Protocols` on this connection.
     pub fn new(inner: T, max_head: usize, switched: Arc<AtomicBool>) -> Self {
-        Guarded {
-            inner,
-            scanner: Scanner::new(max_head),
-            ready: BytesMut::new(),
-            scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
-            switched,
-        }
+        Guarded { inner, scanner: Scanner::new(max_head), ready: BytesMut::new(), switched }
     }
 
     pub fn get_ref(&self) -> &T {
@@ -293,18 +458,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 this.ready.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            let mut rb = ReadBuf::new(&mut this.scratch);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    let filled = rb.filled();
-                    if filled.is_empty() {
-                        return Poll::Ready(Ok(())); // EOF
-                    }
-                    let len = filled.len();
-                    this.scanner.feed(&this.scratch[..len], &mut this.ready);
-                }
-                other => return other,
+            let start = buf.filled().len();
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            let end = buf.filled().len();
+            if end == start || this.scanner.passing_through() {
+                return Poll::Ready(Ok(())); // EOF, or nothing to inspect
             }
+            let pass = this.scanner.feed_in_place(&buf.filled()[start..end], &mut this.ready);
+            buf.set_filled(start + pass);
+            if pass > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Nothing passed in place: held back, or moved to `ready`.
         }
     }
 }
@@ -433,6 +598,223 @@ GET /c HTTP/1.1\r\nHost: x\r\n\r\n";
             let (out, poisoned) = run(&[raw]);
             assert!(poisoned, "{}", String::from_utf8_lossy(raw));
             assert!(out.starts_with(POISON_HEAD));
+        }
+    }
+
+    /// The byte-at-a-time scanner this one replaced: the reference for its decisions.
+    mod reference {
+        use super::super::*;
+
+        pub(super) struct Reference {
+            state: State,
+            buf: BytesMut,
+            max_head: usize,
+            first: bool,
+            poisoned: bool,
+        }
+
+        impl Reference {
+            pub(super) fn new(max_head: usize) -> Self {
+                Reference { state: State::Head, buf: BytesMut::new(), max_head, first: true, poisoned: false }
+            }
+
+            /// True once an ambiguous request was replaced by [`POISON_HEAD`].
+            pub(super) fn poisoned(&self) -> bool {
+                self.poisoned
+            }
+
+            /// Consume `input`, appending what hyper may read to `out`.
+            pub(super) fn feed(&mut self, mut input: &[u8], out: &mut BytesMut) {
+                while !input.is_empty() {
+                    match self.state {
+                        State::PassThrough => {
+                            out.extend_from_slice(input);
+                            return;
+                        }
+                        State::Body(n) => {
+                            let take = (n.min(input.len() as u64)) as usize;
+                            out.extend_from_slice(&input[..take]);
+                            input = &input[take..];
+                            self.state = if n - take as u64 == 0 { State::Head } else { State::Body(n - take as u64) };
+                        }
+                        State::ChunkData(n) => {
+                            let take = (n.min(input.len() as u64)) as usize;
+                            out.extend_from_slice(&input[..take]);
+                            input = &input[take..];
+                            self.state =
+                                if n - take as u64 == 0 { State::ChunkSize } else { State::ChunkData(n - take as u64) };
+                        }
+                        State::Head | State::ChunkSize | State::Trailers => {
+                            // Line-oriented states: buffer until the terminator.
+                            let byte = input[0];
+                            input = &input[1..];
+                            self.buf.extend_from_slice(&[byte]);
+                            self.after_byte(out);
+                        }
+                    }
+                }
+            }
+
+            fn pass_through(&mut self, out: &mut BytesMut) {
+                out.extend_from_slice(&self.buf);
+                self.buf.clear();
+                self.state = State::PassThrough;
+            }
+
+            fn after_byte(&mut self, out: &mut BytesMut) {
+                match self.state {
+                    State::Head => {
+                        if self.first && H2_PREFACE.starts_with(&self.buf) {
+                            if self.buf.len() == H2_PREFACE.len() {
+                                self.pass_through(out);
+                            }
+                            return;
+                        }
+                        // Empty lines before a request line are allowed (RFC 9112 §2.2).
+                        if self.buf.as_ref() == b"\r\n" || self.buf.as_ref() == b"\n" {
+                            out.extend_from_slice(&self.buf);
+                            self.buf.clear();
+                            return;
+                        }
+                        if self.buf.len() > self.max_head {
+                            // Larger than hyper's buffer (see `Guarded::new`): hyper answers 431.
+                            return self.pass_through(out);
+                        }
+                        // "\n\r\n" also covers "\r\n\r\n"; httparse accepts bare LF line ends.
+                        if self.buf.ends_with(b"\n\r\n") || self.buf.ends_with(b"\n\n") {
+                            self.first = false;
+                            match inspect_head(&self.buf) {
+                                HeadVerdict::Ok { body } => {
+                                    out.extend_from_slice(&self.buf);
+                                    self.buf.clear();
+                                    self.state = match body {
+                                        BodyFraming::None | BodyFraming::Length(0) => State::Head,
+                                        BodyFraming::Length(n) => State::Body(n),
+                                        BodyFraming::Chunked => State::ChunkSize,
+                                    };
+                                }
+                                HeadVerdict::Ambiguous => {
+                                    out.extend_from_slice(POISON_HEAD);
+                                    self.buf.clear();
+                                    // hyper closes after the 400; nothing more is forwarded.
+                                    self.state = State::PassThrough;
+                                    self.poisoned = true;
+                                }
+                                HeadVerdict::Unknown => self.pass_through(out),
+                            }
+                        }
+                    }
+                    State::ChunkSize => {
+                        if self.buf.ends_with(b"\n") {
+                            let line = std::str::from_utf8(&self.buf).unwrap_or("");
+                            let size = line.split(';').next().unwrap_or("").trim();
+                            match u64::from_str_radix(size, 16) {
+                                Ok(0) => {
+                                    out.extend_from_slice(&self.buf);
+                                    self.buf.clear();
+                                    self.state = State::Trailers;
+                                }
+                                Ok(n) => {
+                                    out.extend_from_slice(&self.buf);
+                                    self.buf.clear();
+                                    self.state = State::ChunkData(n.saturating_add(2));
+                                }
+                                Err(_) => self.pass_through(out),
+                            }
+                        } else if self.buf.len() > 1024 {
+                            self.pass_through(out);
+                        }
+                    }
+                    State::Trailers => {
+                        if self.buf.ends_with(b"\n") {
+                            let empty = self.buf.as_ref() == b"\r\n" || self.buf.as_ref() == b"\n";
+                            out.extend_from_slice(&self.buf);
+                            self.buf.clear();
+                            if empty {
+                                self.state = State::Head;
+                            }
+                        } else if self.buf.len() > self.max_head {
+                            self.pass_through(out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Old (byte at a time) and new (slice at a time, in place) give hyper the same bytes and
+    /// the same verdict, for any input split into any reads.
+    fn same_as_reference(input: &[u8], cuts: &[usize], max_head: usize) {
+        let mut want = BytesMut::new();
+        let mut r = reference::Reference::new(max_head);
+        let mut got = BytesMut::new();
+        let mut s = Scanner::new(max_head);
+        let mut at = 0;
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        bounds.push(input.len());
+        bounds.sort_unstable();
+        for b in bounds {
+            let piece = &input[at..b];
+            at = b;
+            r.feed(piece, &mut want);
+            let mut ready = BytesMut::new();
+            let n = s.feed_in_place(piece, &mut ready);
+            got.extend_from_slice(&piece[..n]);
+            got.extend_from_slice(&ready);
+        }
+        assert_eq!(got, want, "input {:?} cuts {cuts:?}", String::from_utf8_lossy(input));
+        assert_eq!(s.poisoned(), r.poisoned());
+    }
+
+    fn message() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            Just(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
+            Just(&b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"[..]),
+            Just(&b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nabcde\r\n0\r\nT: 1\r\n\r\n"[..]),
+            Just(&b"POST /s HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..]),
+            Just(&b"POST /d HTTP/1.1\nContent-Length: 1\nContent-Length: 1\n\nx"[..]),
+            Just(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..]),
+            Just(&b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"[..]),
+            Just(&b"\r\n"[..]),
+            Just(&b"\n"[..]),
+            Just(&b"\r"[..]),
+            Just(&b"\r\r\n\r\n"[..]),
+            Just(&b"zz\r\n"[..]),
+            Just(&b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n"[..]),
+            Just(&b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n"[..]),
+            proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'a'), Just(b':'), Just(b'0')], 0..40)
+                .prop_map(|v| &*Box::leak(v.into_boxed_slice())),
+        ];
+        proptest::collection::vec(piece, 1..8).prop_map(|ps| ps.concat())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn slice_scanner_matches_the_byte_scanner(
+            input in message(),
+            cuts in proptest::collection::vec(0usize..400, 0..6),
+            max_head in proptest::prop_oneof![proptest::strategy::Just(8192usize), 16usize..80],
+        ) {
+            same_as_reference(&input, &cuts, max_head);
+        }
+    }
+
+    #[test]
+    fn long_chunk_size_lines_and_heads_match_the_reference() {
+        let mut raw = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        raw.extend(std::iter::repeat_n(b'0', 2000));
+        raw.extend_from_slice(b"5\r\nhello\r\n0\r\n\r\n");
+        for cut in [0, 10, 60, 1000, 1070, 1100, 3000] {
+            same_as_reference(&raw, &[cut], 8192);
+        }
+        let mut head = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', 300));
+        head.extend_from_slice(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+        for cut in [0, 5, 200, 320, 330] {
+            same_as_reference(&head, &[cut], 256);
+            same_as_reference(&head, &[cut], 8192);
         }
     }
 }

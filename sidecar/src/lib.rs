@@ -19,3 +19,4 @@ pub mod sessioncache;
 pub mod token;
 pub mod tokencache;
 pub mod topology;
+pub mod upstream;

@@ -2,7 +2,7 @@
 //!
 //! Label values are fixed, low-cardinality strings — never tokens, subjects or keys.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -70,6 +70,19 @@ pub struct Metrics {
     pub long_lived_ended: Family<OutcomeLabel, Counter>,
     pub token_cache: crate::tokencache::CacheStats,
     pub session_cache: crate::sessioncache::CacheMetrics,
+    /// Series of the request path, looked up once (a `Family` lookup takes a lock and hashes
+    /// the labels).
+    hot: Arc<Hot>,
+}
+
+/// Status labels of `upstream_responses`, in the order of [`Hot::upstream`].
+const UPSTREAM_STATUSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout"];
+
+#[derive(Default)]
+struct Hot {
+    allowed_ok: OnceLock<Counter>,
+    public_route: OnceLock<Counter>,
+    upstream: [OnceLock<Counter>; UPSTREAM_STATUSES.len()],
 }
 
 impl Metrics {
@@ -172,6 +185,7 @@ impl Metrics {
         );
         Metrics {
             session_cache,
+            hot: Arc::new(Hot::default()),
             token_cache,
             connections,
             connections_refused,
@@ -192,7 +206,25 @@ impl Metrics {
     }
 
     pub fn request(&self, outcome: &'static str, reason: &'static str) {
-        self.requests.get_or_create(&RequestLabels { outcome, reason }).inc();
+        let slot = match (outcome, reason) {
+            ("allowed", "ok") => &self.hot.allowed_ok,
+            ("public", "public_route") => &self.hot.public_route,
+            _ => {
+                self.requests.get_or_create(&RequestLabels { outcome, reason }).inc();
+                return;
+            }
+        };
+        slot.get_or_init(|| self.requests.get_or_create(&RequestLabels { outcome, reason }).clone()).inc();
+    }
+
+    /// Count an answer of the app by status class (`2xx` …), or `error` / `timeout`.
+    pub fn upstream_response(&self, status: &'static str) {
+        match UPSTREAM_STATUSES.iter().position(|s| *s == status) {
+            Some(i) => self.hot.upstream[i]
+                .get_or_init(|| self.upstream_responses.get_or_create(&StatusLabel { status }).clone())
+                .inc(),
+            None => self.upstream_responses.get_or_create(&StatusLabel { status }).inc(),
+        };
     }
 
     pub fn redis(&self, op: &'static str, outcome: &'static str, seconds: f64) {

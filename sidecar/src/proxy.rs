@@ -10,9 +10,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use authrealm_contract::FailurePolicy;
 
@@ -26,15 +24,20 @@ const SHORT_BODY_BYTES: u64 = 256 * 1024;
 use crate::session::SessionState;
 use crate::token::{Reject, extract_bearer, identity_value, validate};
 
-pub type UpstreamClient = Client<HttpConnector, crate::longlived::BodyDeadline<Incoming>>;
+pub type UpstreamClient = crate::upstream::Upstream;
 
+/// The keep-alive connection pool to the app (see `upstream`): at most `limits.maxConnections`
+/// idle connections.
 pub fn upstream_client(app: &App) -> UpstreamClient {
-    let mut conn = HttpConnector::new();
-    conn.set_connect_timeout(Some(Duration::from_millis(app.cfg.upstream.connect_timeout_ms)));
-    conn.set_nodelay(true);
-    conn.enforce_http(true);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(conn)
+    crate::upstream::Pool::new(
+        &app.cfg.upstream.address,
+        Duration::from_millis(app.cfg.upstream.connect_timeout_ms),
+        app.cfg.limits.max_connections as usize,
+    )
 }
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// RFC 9110 §7.6.1 hop-by-hop fields, always removed when forwarding.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -48,36 +51,115 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Names listed in `Connection` headers (lower case).
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+/// Whether a `Connection` header lists `token` (ASCII case-insensitive), without allocating.
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
 }
 
-/// Remove hop-by-hop headers and those the sender declared hop-by-hop in `Connection`.
-/// Returns whether the message asked for a protocol upgrade.
-fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
-    let tokens = connection_tokens(headers);
-    let upgrade = if tokens.iter().any(|t| t == "upgrade") { headers.get(header::UPGRADE).cloned() } else { None };
-    for t in &tokens {
+/// Position of `name` in [`HOP_BY_HOP`].
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let i = if name == header::CONNECTION {
+        0
+    } else if name == header::PROXY_AUTHORIZATION {
+        3
+    } else if name == header::TE {
+        4
+    } else if name == header::TRAILER {
+        5
+    } else if name == header::TRANSFER_ENCODING {
+        6
+    } else if name == header::UPGRADE {
+        7
+    } else {
+        match name.as_str() {
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            _ => return None,
+        }
+    };
+    debug_assert_eq!(HOP_BY_HOP[i], name);
+    Some(i)
+}
+
+/// Remove the names a `Connection` value lists (never `host`).
+fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    for t in connection.as_bytes().split(|&b| b == b',').map(|t| t.trim_ascii()) {
         // Never let `Connection: host` or similar remove framing-critical fields.
-        if t == "host" {
+        if t.is_empty() || t.eq_ignore_ascii_case(b"host") {
             continue;
         }
-        if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+        // A `&str` key is matched case-insensitively without allocating; invalid names match
+        // nothing.
+        if let Ok(name) = std::str::from_utf8(t) {
             headers.remove(name);
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+}
+
+/// Remove hop-by-hop headers and those the sender declared hop-by-hop in `Connection`.
+/// Returns the `Upgrade` value when the message asked for a protocol upgrade.
+fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // One pass over the names, no hashing; most messages carry none or only `Connection`.
+    let mut present = 0u16;
+    for n in headers.keys() {
+        if let Some(i) = hop_by_hop_index(n) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return None;
+    }
+    let mut upgrade = None;
+    if present & 1 != 0 {
+        if connection_has(headers, "upgrade") {
+            upgrade = headers.get(header::UPGRADE).cloned();
+        }
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        match (values.next().cloned(), values.next().is_some()) {
+            (Some(v), false) => remove_listed(headers, &v),
+            _ => {
+                let all: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+                for v in &all {
+                    remove_listed(headers, v);
+                }
+            }
+        }
+    }
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
     upgrade
+}
+
+/// `name` (a header name, lower case) equals `folded` with `_` read as `-`.
+fn folds_to(name: &str, folded: &str) -> bool {
+    name.len() == folded.len()
+        && name.bytes().zip(folded.bytes()).all(|(a, b)| (if a == b'_' { b'-' } else { a.to_ascii_lowercase() }) == b)
+}
+
+/// `X-Forwarded-For` with the peer's address appended.
+fn forwarded_for(prev: Option<&HeaderValue>, peer: std::net::IpAddr) -> Option<HeaderValue> {
+    use std::io::Write as _;
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    write!(w, "{peer}").ok()?;
+    let left = w.len();
+    let ip = &buf[..buf.len() - left];
+    match prev {
+        None => HeaderValue::from_bytes(ip).ok(),
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+        }
+    }
 }
 
 fn www_auth_response(app: &App, reject: Reject) -> Response<Body> {
@@ -178,7 +260,10 @@ fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
     let path = req.uri().path();
     // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`).
-    if path_is_public_candidate(path) && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path)) {
+    if !app.cfg.public_routes.is_empty()
+        && path_is_public_candidate(path)
+        && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path))
+    {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
     }
@@ -285,23 +370,18 @@ async fn handle_inner(
     };
 
     // Build the upstream request.
-    let client_upgrade =
-        if req.version() == Version::HTTP_11 && connection_tokens(req.headers()).iter().any(|t| t == "upgrade") {
-            Some(hyper::upgrade::on(&mut req))
-        } else {
-            None
-        };
+    let client_upgrade = if req.version() == Version::HTTP_11 && connection_has(req.headers(), "upgrade") {
+        Some(hyper::upgrade::on(&mut req))
+    } else {
+        None
+    };
     let (mut parts, body) = req.into_parts();
-    let authority = parts.uri.authority().cloned();
     let upgrade = strip_hop_by_hop(&mut parts.headers);
     // Spoofed identity: every header whose folded name matches an identity header.
     let spoofed: Vec<HeaderName> = parts
         .headers
         .keys()
-        .filter(|n| {
-            let folded = crate::app::fold_header_name(n.as_str());
-            app.identity.iter().any(|i| i.folded == folded)
-        })
+        .filter(|n| app.identity.iter().any(|i| folds_to(n.as_str(), &i.folded)))
         .cloned()
         .collect();
     for n in spoofed {
@@ -316,30 +396,33 @@ async fn handle_inner(
         }
         Auth::Public => None,
     };
-    if let (Some(value), Some(_)) = (upgrade.clone(), client_upgrade.as_ref()) {
+    if let (Some(value), Some(_)) = (upgrade, client_upgrade.as_ref()) {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, value);
     }
-    let peer_ip = peer.ip().to_string();
-    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer_ip}"),
-        None => peer_ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        parts.headers.insert("x-forwarded-for", v);
+    let xff = forwarded_for(parts.headers.get(X_FORWARDED_FOR).filter(|v| v.to_str().is_ok()), peer.ip());
+    if let Some(v) = xff {
+        parts.headers.insert(X_FORWARDED_FOR, v);
     }
-    parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, a);
+    parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if !parts.headers.contains_key(header::HOST) {
+        // The client's authority (absolute-form or HTTP/2), else the app's address.
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => HeaderValue::from_str(&app.cfg.upstream.address).ok(),
+        };
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
+        }
     }
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri =
-        match Uri::builder().scheme("http").authority(app.cfg.upstream.address.as_str()).path_and_query(pq).build() {
+    // The app gets origin-form (`/path?query`); most requests already are.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = match Uri::builder().path_and_query(pq).build() {
             Ok(u) => u,
             Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target\n"),
         };
+    }
     if parts.version == Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
@@ -352,20 +435,17 @@ async fn handle_inner(
     let mut resp = match tokio::time::timeout(timeout, client.request(upstream_req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            app.metrics.upstream_responses.get_or_create(&crate::metrics::StatusLabel { status: "error" }).inc();
+            app.metrics.upstream_response("error");
             tracing::warn!(error = %e, "upstream request failed");
             return plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
         }
         Err(_) => {
-            app.metrics.upstream_responses.get_or_create(&crate::metrics::StatusLabel { status: "timeout" }).inc();
+            app.metrics.upstream_response("timeout");
             return plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
         }
     };
     app.metrics.upstream_seconds.observe(started.elapsed().as_secs_f64());
-    app.metrics
-        .upstream_responses
-        .get_or_create(&crate::metrics::StatusLabel { status: status_class(resp.status()) })
-        .inc();
+    app.metrics.upstream_response(status_class(resp.status()));
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
@@ -381,6 +461,8 @@ async fn handle_inner(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        // The connection now belongs to the tunnel: drive it until it hands its socket over.
+        resp.body_mut().take_upgrade();
         let app = app.clone();
         tokio::spawn(async move {
             match (client_upgrade.await, upstream_upgrade.await) {
@@ -426,4 +508,77 @@ async fn handle_inner(
 /// A JSON error body for the issuer API and admin listener.
 pub fn json_error(status: StatusCode, code: &str, description: &str) -> Response<Body> {
     json_response(status, &serde_json::json!({ "error": code, "error_description": description }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_lists_are_removed() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "Keep-Alive, X-Secret ,upgrade"),
+            ("connection", "HOST, x-other"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("X-Other", "2"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("trailer", "x"),
+            ("x-kept", "3"),
+        ]);
+        let upgrade = strip_hop_by_hop(&mut h);
+        assert_eq!(upgrade.unwrap(), "websocket");
+        assert_eq!(names(&h), ["host", "x-kept"]);
+
+        let mut h = map(&[("host", "a"), ("connection", "close")]);
+        assert!(strip_hop_by_hop(&mut h).is_none());
+        assert_eq!(names(&h), ["host"]);
+
+        let mut h = map(&[("host", "a"), ("x-a", "1")]);
+        assert!(strip_hop_by_hop(&mut h).is_none());
+        assert_eq!(names(&h), ["host", "x-a"]);
+
+        // Garbage tokens match nothing and break nothing.
+        let mut h = map(&[("connection", "bad name, (x), ,,"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x-a"]);
+    }
+
+    #[test]
+    fn identity_names_fold_underscores_and_case() {
+        assert!(folds_to("x-auth-subject", "x-auth-subject"));
+        assert!(folds_to("x_auth_subject", "x-auth-subject"));
+        assert!(folds_to("x-auth_subject", "x-auth-subject"));
+        assert!(!folds_to("x-auth-subjec", "x-auth-subject"));
+        assert!(!folds_to("x-auth-subjects", "x-auth-subject"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_peer() {
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip).unwrap(), "10.1.2.3");
+        let prev = HeaderValue::from_static("1.1.1.1");
+        assert_eq!(forwarded_for(Some(&prev), ip).unwrap(), "1.1.1.1, 10.1.2.3");
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert_eq!(forwarded_for(None, v6).unwrap(), "::1");
+    }
 }

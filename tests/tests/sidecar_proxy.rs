@@ -278,3 +278,189 @@ async fn key_rotation_while_requests_flow() {
     assert_eq!(s.get("/x", Some(&old)).await.unwrap().status, StatusCode::UNAUTHORIZED);
     assert!(s.metrics().await.unwrap().contains("authrealm_sidecar_key_reloads_total{outcome=\"error\"}"));
 }
+
+/// What [`RawApp`] does after sending an answer.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    KeepAlive,
+    Close,
+    /// Keep sending body bytes (1 KiB every 20 ms) until the connection breaks.
+    Trickle,
+    /// Then, unasked, a second response (as some servers send `408` before closing an idle
+    /// connection), and keep the connection open.
+    Unsolicited,
+}
+
+/// A raw HTTP/1.1 app for connection-level assertions: counts the connections it accepts and
+/// closes, and answers each request head by `script(connection number, request number on it)`.
+struct RawApp {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+    /// Unasked answers sent ([`Then::Unsolicited`]).
+    unsolicited: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawApp {
+    async fn start(script: fn(u64, u64) -> (Vec<u8>, Then)) -> RawApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, closed, unsolicited) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (a, c, u) = (accepted.clone(), closed.clone(), unsolicited.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else { continue };
+                let conn = a.fetch_add(1, Ordering::SeqCst) + 1;
+                let (c, u) = (c.clone(), u.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut n_req = 0;
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // Requests through the sidecar here have no body: a head is one request.
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            n_req += 1;
+                            let (bytes, then) = script(conn, n_req);
+                            let mut ok = sock.write_all(&bytes).await.is_ok();
+                            if ok && then == Then::Unsolicited {
+                                ok = sock
+                                    .write_all(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 5\r\n\r\nstale")
+                                    .await
+                                    .is_ok();
+                                u.fetch_add(1, Ordering::SeqCst);
+                            }
+                            while ok && then == Then::Trickle {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                ok = sock.write_all(&[b'.'; 1024]).await.is_ok();
+                            }
+                            if !ok || then == Then::Close {
+                                c.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                c.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        RawApp { addr, accepted, closed, unsolicited, task }
+    }
+}
+
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ok_body(body: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+/// Requests from different clients share the app's keep-alive connections: sequential requests
+/// use one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let app = RawApp::start(|conn, n| (ok_body(&format!("c{conn}r{n}")), Then::KeepAlive)).await;
+    let keys = key_set("k1");
+    let s = Sidecar::start(test_config("reuse", None), &keys, app.addr).await.unwrap();
+    let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    for i in 1..=5 {
+        // `raw` opens a new client connection each time.
+        let out = s
+            .raw(
+                format!("GET /{i} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with(&format!("c1r{i}")), "request {i} on the app's first connection: {out}");
+    }
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A response the client abandoned half-way is never continued on another request: its app
+/// connection is closed, and the next request gets a new connection and its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_response_closes_its_app_connection() {
+    let app = RawApp::start(|conn, _| {
+        if conn == 1 {
+            // Announces 100 MB, sends 5 bytes, then trickles.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 104857600\r\n\r\nfirst".to_vec(), Then::Trickle)
+        } else {
+            (ok_body("second"), Then::KeepAlive)
+        }
+    })
+    .await;
+    let keys = key_set("k1");
+    let s = Sidecar::start(test_config("abandon", None), &keys, app.addr).await.unwrap();
+    let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    let mut c = tokio::net::TcpStream::connect(s.public).await.unwrap();
+    c.write_all(format!("GET /big HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.windows(5).any(|w| w == b"first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    drop(c);
+    wait_for("the app connection of the abandoned response to close", || app.closed.load(Ordering::SeqCst) == 1).await;
+    let r = s.get("/next", Some(&token)).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(&r.body[..], b"second");
+    assert_eq!(app.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// An app that closes a kept-alive connection between requests (idle timeout, restart) costs
+/// the next request nothing: the sidecar notices and connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_closing_idle_connections_is_handled() {
+    // Every connection answers one request, without announcing `connection: close`, then closes.
+    let app = RawApp::start(|conn, _| (ok_body(&format!("c{conn}")), Then::Close)).await;
+    let keys = key_set("k1");
+    let s = Sidecar::start(test_config("idleclose", None), &keys, app.addr).await.unwrap();
+    let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    for i in 1..=3u64 {
+        let r = s.get("/x", Some(&token)).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {:?}", r.body);
+        assert_eq!(r.body, format!("c{i}"));
+        wait_for("the app to close", || app.closed.load(Ordering::SeqCst) == i).await;
+    }
+}
+
+/// Bytes an idle app connection receives unasked are never taken for the next request's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsolicited_response_on_an_idle_connection_is_not_passed_on() {
+    let app = RawApp::start(|conn, _| (ok_body(&format!("c{conn}")), Then::Unsolicited)).await;
+    let keys = key_set("k1");
+    let s = Sidecar::start(test_config("unsolicited", None), &keys, app.addr).await.unwrap();
+    let token = s.mint("alice").await.unwrap()["access_token"].as_str().unwrap().to_string();
+    for i in 1..=3u64 {
+        let r = s.get("/x", Some(&token)).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {:?}", r.body);
+        assert_eq!(r.body, format!("c{i}"), "request {i}");
+        wait_for("the unsolicited answer", || app.unsolicited.load(Ordering::SeqCst) == i).await;
+    }
+}
