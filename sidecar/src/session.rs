@@ -327,6 +327,13 @@ pub struct SessionStore {
     topology: Option<TopologyWatch>,
 }
 
+/// The Redis username and password from the environment variables the config names (unset or
+/// empty: none).
+pub(crate) fn credentials(cfg: &RedisConfig) -> (Option<String>, Option<String>) {
+    let read = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    (read(&cfg.username_env), read(&cfg.password_env))
+}
+
 /// Build the cluster client (no connection is made yet).
 /// The cluster client. `for_writes`: the client of the write connection, whose `WAIT`s block
 /// server-side for up to `waitTimeoutMs` each and can queue behind one another on a node; its
@@ -346,14 +353,11 @@ pub fn build_client(cfg: &RedisConfig, for_writes: bool) -> Result<redis::cluste
         .retries(3)
         .min_retry_wait(10)
         .max_retry_wait(100);
-    if let Ok(user) = std::env::var(&cfg.username_env)
-        && !user.is_empty()
-    {
+    let (user, pass) = credentials(cfg);
+    if let Some(user) = user {
         b = b.username(user);
     }
-    if let Ok(pass) = std::env::var(&cfg.password_env)
-        && !pass.is_empty()
-    {
+    if let Some(pass) = pass {
         b = b.password(pass);
     }
     if let Some(t) = &cfg.tls {

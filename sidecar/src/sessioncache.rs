@@ -552,14 +552,11 @@ fn node_client(cfg: &RedisConfig, addr: &str) -> Result<redis::Client, String> {
     let scheme = if cfg.tls.is_some() { "rediss" } else { "redis" };
     let info = format!("{scheme}://{addr}").into_connection_info().map_err(|e| e.to_string())?;
     let mut settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
-    if let Ok(user) = std::env::var(&cfg.username_env)
-        && !user.is_empty()
-    {
+    let (user, pass) = crate::session::credentials(cfg);
+    if let Some(user) = user {
         settings = settings.set_username(user);
     }
-    if let Ok(pass) = std::env::var(&cfg.password_env)
-        && !pass.is_empty()
-    {
+    if let Some(pass) = pass {
         settings = settings.set_password(pass);
     }
     let info = info.set_redis_settings(settings);
