@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The benchmark command: authrealm against its peers in one run (speed figures live here, not in the tests).
 #
-#   hack/bench.sh                 # full run (~6-10 min on 2 cores): 10 s per measurement
-#   hack/bench.sh --quick         # short run (~3 min): 3 s per measurement, smaller token pools
+#   hack/bench.sh                 # full run (~7 min on 2 cores): maximum throughput = median of 3 × 5 s,
+#                                 # fixed rate 10 s, 2 s warm-ups
+#   hack/bench.sh --quick         # short run (~2 min): one 3 s run each, smaller token pools
 #   hack/bench.sh --operator      # also the operator/webhook scale benchmark (hack/bench-operator.sh)
 #   hack/bench.sh --all           # same as --operator
 #   hack/bench.sh --only nginx,stateless-es256,oauth2-proxy   # a subset of rows (the anchor always runs)
 #   any other flag goes to the benchmark binary (tests/src/bin/bench.rs --help):
-#   --duration-secs N --warmup-secs N --connections N --tokens N --micro-secs N --rate-fraction F
+#   --duration-secs N --rounds N --fixed-secs N --warmup-secs N --connections N --tokens N
+#   --micro-secs N --rate-fraction F (fixed rate as a fraction of the anchor's maximum, default 0.6)
 #
 # Rows, each its own processes behind the same upstream (Debian's nginx answering 1 KB, keep-alive):
 # direct; nginx as a plain reverse proxy (the anchor); authrealm stateless HS256/ES256/EdDSA with warm
@@ -81,7 +83,7 @@ if ! command -v go >/dev/null 2>&1; then
     o2p_reason="go is not installed, so oauth2-proxy could not be built"
 else
     if [ "$o2p_version" = latest ]; then
-        o2p_version=$(cd /tmp && go list -m -versions github.com/oauth2-proxy/oauth2-proxy/v7 2>/dev/null | tr ' ' '\n' | grep '^v7\.' | grep -v -- - | tail -1 || true)
+        o2p_version=$( (cd /tmp && go list -m -versions github.com/oauth2-proxy/oauth2-proxy/v7 2>/dev/null) | tr ' ' '\n' | grep '^v7\.' | grep -v -- - | tail -n 1) || true
         [ -n "$o2p_version" ] || o2p_reason="the Go module proxy did not list oauth2-proxy v7 versions"
     fi
     if [ -z "$o2p_reason" ]; then
@@ -95,13 +97,14 @@ else
                 if [ ! -x "$o2p_bin" ]; then
                     rm -rf "$o2p_dir/bin.tmp"
                     if (cd /tmp && GOBIN="$o2p_dir/bin.tmp" GOFLAGS=-mod=mod go install "github.com/oauth2-proxy/oauth2-proxy/v7@$o2p_version") >"$o2p_dir/build.log" 2>&1; then
-                        rm -rf "$o2p_dir/bin" && mv "$o2p_dir/bin.tmp" "$o2p_dir/bin"
+                        rm -rf "${o2p_dir:?}/bin" && mv "$o2p_dir/bin.tmp" "$o2p_dir/bin"
                     fi
                 fi
             ) 9>"$o2p_dir/.lock"
         fi
         if [ -x "$o2p_bin" ]; then
             o2p_args=(--oauth2-proxy "$o2p_bin")
+            export BENCH_OAUTH2_PROXY_VERSION="$o2p_version"
         else
             o2p_reason="go install github.com/oauth2-proxy/oauth2-proxy/v7@$o2p_version failed: $(tail -n 1 "$o2p_dir/build.log" 2>/dev/null)"
         fi
