@@ -20,39 +20,57 @@ def nines(p):
     return -math.log10(max(1e-6, 1.0 - p / 100.0))
 
 
-def main(src, dst):
-    with open(src) as f:
-        r = json.load(f)
-    rows = [x for x in r["rows"] if x.get("fixed_rate") and not x.get("unavailable")]
-    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
+def draw(ax, rows, key, title):
     styles = {"anchor": ("black", "-"), "baseline": ("grey", ":"), "peer": ("tab:red", "--")}
     palette = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:cyan", "tab:brown", "tab:olive", "tab:pink"])
     for row in rows:
-        pts = [(p, v) for p, v in row["fixed_rate"]["percentiles_ms"] if v is not None and p < 100]
+        fr = row.get(key) or (row.get("fixed_rate") if key == "own_rate" and row["group"] == "anchor" else None)
+        if not fr:
+            continue
+        pts = [(p, v) for p, v in fr["percentiles_ms"] if v is not None and p < 100]
         if not pts:
             continue
         color, ls = styles.get(row["group"], (None, "-"))
         if color is None:
             color = next(palette, None)
         label = row["label"]
-        if row["fixed_rate"].get("saturated"):
+        if key == "own_rate":
+            label += f" @ {fr['rate']:.0f}/s"
+        if fr.get("saturated"):
             label += " (saturated)"
             ls = "-."
         ax.plot([nines(p) for p, _ in pts], [max(v, 0.001) for _, v in pts], marker="o", ms=3, lw=1.6, ls=ls, color=color, label=label)
     ticks = [50, 90, 99, 99.9, 99.99]
     ax.xaxis.set_major_locator(FixedLocator([nines(p) for p in ticks]))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"p{100 - 10 ** -x:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"p{100 * (1 - 10 ** -x):.6g}"))
     ax.set_yscale("log")
     ax.set_xlabel("percentile")
-    ax.set_ylabel("latency, ms (log; from each request's intended send time)")
+    ax.set_ylabel("latency, ms (log), from the intended send time")
+    ax.set_title(title, fontsize=9.5)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def main(src, dst):
+    with open(src) as f:
+        r = json.load(f)
+    rows = [x for x in r["rows"] if x.get("fixed_rate") and not x.get("unavailable")]
     s, m = r["settings"], r["machine"]
-    ax.set_title(
-        f"authrealm vs nginx vs oauth2-proxy at a fixed {s['fixed_rate']:.0f} req/s, {s['connections']} connections\n"
+    own = any(x.get("own_rate") for x in rows)
+    fig, axes = plt.subplots(1, 2 if own else 1, figsize=(15 if own else 10, 6.5), dpi=100, squeeze=False)
+    draw(axes[0][0], rows, "fixed_rate", f"every row at {s['fixed_rate']:.0f} req/s ({s['rate_fraction_of_anchor'] * 100:.0f}% of nginx's maximum)")
+    if own:
+        draw(
+            axes[0][1],
+            rows,
+            "own_rate",
+            f"rows saturated on the left, at {s['rate_fraction_of_anchor'] * 100:.0f}% of their own maximum (nginx for reference)",
+        )
+    fig.suptitle(
+        f"authrealm, nginx and oauth2-proxy: latency percentiles at a fixed rate, open loop, {s['connections']} connections; "
         f"{m['cpus_online']} × {m['cpu_model']}, {r['date']}",
         fontsize=10,
     )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     fig.savefig(dst)
     print(f"wrote {dst}")

@@ -863,6 +863,7 @@ struct Ctx {
     tck: f64,
     /// Fixed rate for the open-loop runs, set from the anchor's maximum.
     rate: Option<f64>,
+    rate_fraction: f64,
 }
 
 #[derive(Default)]
@@ -876,6 +877,8 @@ struct Row {
     closed: Option<Closed>,
     cpu_ms_per_1k: Option<f64>,
     open: Option<Open>,
+    /// At `rate_fraction` of the row's own maximum, when the common rate saturates it.
+    open_own: Option<Open>,
     rss_mb: Option<f64>,
     redis_checks_per_request: Option<f64>,
     /// Why the row has no figures.
@@ -909,6 +912,12 @@ impl Row {
                 "p50_ms": o.pct(50.0), "p99_ms": o.pct(99.0), "p999_ms": o.pct(99.9),
                 "percentiles_ms": o.percentiles_ms.iter().map(|(p, v)| json!([p, v])).collect::<Vec<_>>(),
                 "cpu_ms_per_1k_requests": o.cpu_ms_per_1k,
+            })),
+            "own_rate": self.open_own.as_ref().map(|o| json!({
+                "rate": o.rate, "achieved_requests_per_s": o.achieved_rps, "requests": o.requests,
+                "errors": o.errors, "unfinished": o.unfinished, "saturated": o.saturated(),
+                "p50_ms": o.pct(50.0), "p99_ms": o.pct(99.0), "p999_ms": o.pct(99.9),
+                "percentiles_ms": o.percentiles_ms.iter().map(|(p, v)| json!([p, v])).collect::<Vec<_>>(),
             })),
             "peak_rss_mb": self.rss_mb,
             "redis_checks_per_request": self.redis_checks_per_request,
@@ -980,8 +989,18 @@ async fn measure(ctx: &Ctx, row: &mut Row, t: Target<'_>) -> Result<()> {
             ctx.warmup.as_secs()
         ));
         let expect = StatusCode::from_u16(row.expect)?;
-        let o = open_loop(t.addr, tokens, rate, ctx.connections, ctx.warmup, ctx.fixed, expect, pids.clone(), ctx.tck)
-            .await;
+        let o = open_loop(
+            t.addr,
+            tokens.clone(),
+            rate,
+            ctx.connections,
+            ctx.warmup,
+            ctx.fixed,
+            expect,
+            pids.clone(),
+            ctx.tck,
+        )
+        .await;
         progress(format!(
             "{}: fixed rate: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms{}",
             row.label,
@@ -990,7 +1009,26 @@ async fn measure(ctx: &Ctx, row: &mut Row, t: Target<'_>) -> Result<()> {
             o.pct(99.9),
             if o.saturated() { " (saturated: the rate is above this row's capacity)" } else { "" }
         ));
+        let saturated = o.saturated();
         row.open = Some(o);
+        // Above this row's capacity the common rate only shows a growing queue: also measure it
+        // at the same fraction of its own maximum.
+        let own = (row.closed.as_ref().map_or(0.0, |c| c.rps) * ctx.rate_fraction / 100.0).round().max(1.0) * 100.0;
+        if saturated && own < rate {
+            progress(format!("{}: fixed rate {own:.0} req/s (its own maximum × the same fraction)", row.label));
+            let o =
+                open_loop(t.addr, tokens, own, ctx.connections, ctx.warmup, ctx.fixed, expect, pids.clone(), ctx.tck)
+                    .await;
+            progress(format!(
+                "{}: at {own:.0} req/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms{}",
+                row.label,
+                o.pct(50.0),
+                o.pct(99.0),
+                o.pct(99.9),
+                if o.saturated() { " (saturated)" } else { "" }
+            ));
+            row.open_own = Some(o);
+        }
     }
     if !pids.is_empty() {
         row.rss_mb = Some(peak_rss_mb(&pids));
@@ -1100,6 +1138,7 @@ async fn run(args: &Args) -> Result<()> {
         proxy_cpu: args.proxy_cpu,
         tck: clk_tck(),
         rate: None,
+        rate_fraction: args.rate_fraction,
     };
 
     // The realm: one issuer URL for every row, served (discovery + JWKS) here for oauth2-proxy.
@@ -1737,6 +1776,17 @@ fn markdown(r: &Value) -> String {
         }
         if let Some(c) = row["redis_checks_per_request"].as_f64() {
             notes.push(format!("{c:.2} Redis checks/req"));
+        }
+        let own = &row["own_rate"];
+        if !own.is_null() {
+            notes.push(format!(
+                "at {} req/s (its own max × the same fraction): p50 / p99 / p99.9 {} / {} / {} ms{}",
+                f(&own["rate"], 0),
+                f(&own["p50_ms"], 2),
+                f(&own["p99_ms"], 2),
+                f(&own["p999_ms"], 2),
+                if own["saturated"] == true { " (saturated)" } else { "" }
+            ));
         }
         if let Some(n) = row["note"].as_str() {
             notes.push(n.to_string());
