@@ -20,9 +20,19 @@ def nines(p):
     return -math.log10(max(1e-6, 1.0 - p / 100.0))
 
 
-def draw(ax, rows, key, title):
-    styles = {"anchor": ("black", "-"), "baseline": ("grey", ":"), "peer": ("tab:red", "--")}
-    palette = iter(["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:cyan", "tab:brown", "tab:olive", "tab:pink"])
+PALETTE = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:cyan", "tab:brown", "tab:olive", "tab:pink"]
+STYLES = {"anchor": ("black", "-"), "baseline": ("grey", ":"), "peer": ("tab:red", "--")}
+
+
+def colors(rows):
+    """One colour per row, the same in both panels."""
+    out, palette = {}, iter(PALETTE)
+    for row in rows:
+        out[row["id"]] = STYLES.get(row["group"], (next(palette, "tab:gray"), "-"))
+    return out
+
+
+def draw(ax, rows, key, title, style):
     for row in rows:
         fr = row.get(key) or (row.get("fixed_rate") if key == "own_rate" and row["group"] == "anchor" else None)
         if not fr:
@@ -30,9 +40,7 @@ def draw(ax, rows, key, title):
         pts = [(p, v) for p, v in fr["percentiles_ms"] if v is not None and p < 100]
         if not pts:
             continue
-        color, ls = styles.get(row["group"], (None, "-"))
-        if color is None:
-            color = next(palette, None)
+        color, ls = style[row["id"]]
         label = row["label"]
         if key == "own_rate":
             label += f" @ {fr['rate']:.0f}/s"
@@ -48,7 +56,7 @@ def draw(ax, rows, key, title):
     ax.set_ylabel("latency, ms (log), from the intended send time")
     ax.set_title(title, fontsize=9.5)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
 
 
 def main(src, dst):
@@ -57,14 +65,16 @@ def main(src, dst):
     rows = [x for x in r["rows"] if x.get("fixed_rate") and not x.get("unavailable")]
     s, m = r["settings"], r["machine"]
     own = any(x.get("own_rate") for x in rows)
-    fig, axes = plt.subplots(1, 2 if own else 1, figsize=(15 if own else 10, 6.5), dpi=100, squeeze=False)
-    draw(axes[0][0], rows, "fixed_rate", f"every row at {s['fixed_rate']:.0f} req/s ({s['rate_fraction_of_anchor'] * 100:.0f}% of nginx's maximum)")
+    style = colors(rows)
+    fig, axes = plt.subplots(1, 2 if own else 1, figsize=(15 if own else 10, 8), dpi=100, squeeze=False)
+    draw(axes[0][0], rows, "fixed_rate", style=style, title=f"every row at {s['fixed_rate']:.0f} req/s ({s['rate_fraction_of_anchor'] * 100:.0f}% of nginx's maximum)")
     if own:
         draw(
             axes[0][1],
             rows,
             "own_rate",
-            f"rows saturated on the left, at {s['rate_fraction_of_anchor'] * 100:.0f}% of their own maximum (nginx for reference)",
+            style=style,
+            title=f"rows saturated on the left, at {s['rate_fraction_of_anchor'] * 100:.0f}% of their own maximum (nginx for reference)",
         )
     fig.suptitle(
         f"authrealm, nginx and oauth2-proxy: latency percentiles at a fixed rate, open loop, {s['connections']} connections; "
