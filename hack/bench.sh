@@ -6,6 +6,8 @@
 #   hack/bench.sh --quick         # short run (~2 min): one 3 s run each, smaller token pools
 #   hack/bench.sh --operator      # also the operator/webhook scale benchmark (hack/bench-operator.sh)
 #   hack/bench.sh --all           # same as --operator
+#   hack/bench.sh --publish       # also copy results.md and latency.png to docs/bench/ and put the
+#                                 # results into README.md's Performance section (between bench markers)
 #   hack/bench.sh --only nginx,stateless-es256,oauth2-proxy   # a subset of rows (the anchor always runs)
 #   any other flag goes to the benchmark binary (tests/src/bin/bench.rs --help):
 #   --duration-secs N --rounds N --fixed-secs N --warmup-secs N --connections N --tokens N
@@ -34,11 +36,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 operator=0
+publish=0
 pass=()
 out=""
 for arg in "$@"; do
     case "$arg" in
         --operator | --all) operator=1 ;;
+        --publish) publish=1 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
             exit 0
@@ -159,6 +163,13 @@ if [ "$operator" = 1 ]; then
     else
         log "--operator: hack/bench-operator.sh is not in this tree; skipped"
     fi
+fi
+
+if [ "$publish" = 1 ]; then
+    log "publishing to docs/bench/ and README.md"
+    mkdir -p docs/bench
+    cp "$out/results.md" "$out/latency.png" "$out/results.json" docs/bench/
+    /usr/bin/python3 hack/lib/bench_plot.py --readme README.md docs/bench/results.md >&2
 fi
 
 log "done: $out/results.json, $out/results.md, $out/latency.png"

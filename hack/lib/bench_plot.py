@@ -1,6 +1,8 @@
 """Latency percentiles per row at the fixed rate, from hack/bench.sh's results.json.
 
 usage: python3 hack/lib/bench_plot.py results.json latency.png
+       python3 hack/lib/bench_plot.py --readme README.md docs/bench/results.md
+           (replaces the text between the bench markers in README.md with results.md)
 Needs matplotlib (Debian: python3-matplotlib, installed by hack/bench.sh).
 """
 
@@ -86,5 +88,29 @@ def main(src, dst):
     print(f"wrote {dst}")
 
 
+BEGIN = "<!-- bench:begin (written by hack/bench.sh --publish) -->"
+END = "<!-- bench:end -->"
+
+
+def readme(path, results_md):
+    with open(results_md) as f:
+        md = f.read().splitlines()
+    # Drop the H1 title; demote the results' own headings below the README's "## Performance".
+    body = [("##" + line if line.startswith("## ") else line) for line in md if not line.startswith("# ")]
+    block = "\n".join([BEGIN, "", *body, "", "![latency percentiles at the fixed rate](docs/bench/latency.png)", "", END])
+    with open(path) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{path}: no bench markers ({BEGIN} … {END})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(head + block + tail)
+    print(f"updated {path}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--readme":
+        readme(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], sys.argv[2])
