@@ -96,7 +96,14 @@ def readme(path, results_md):
     with open(results_md) as f:
         md = f.read().splitlines()
     # Drop the H1 title; demote the results' own headings below the README's "## Performance".
-    body = [("##" + line if line.startswith("## ") else line) for line in md if not line.startswith("# ")]
+    body = []
+    for line in md:
+        if line.startswith("# "):
+            body.append(f"**{line[2:]}** (`hack/bench.sh --publish`, default settings; full results: `docs/bench/results.md`, `results.json`)")
+        elif line.startswith("## "):
+            body.append("#" + line)
+        else:
+            body.append(line)
     block = "\n".join([BEGIN, "", *body, "", "![latency percentiles at the fixed rate](docs/bench/latency.png)", "", END])
     with open(path) as f:
         text = f.read()
