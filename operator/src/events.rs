@@ -41,6 +41,33 @@ pub mod reason {
     pub const PURGE_FAILED: &str = "SessionPurgeFailed";
 }
 
+/// An event's note within the API server's limit (1 kB): cut at a character boundary, with `…`.
+pub fn bounded_note(note: String) -> String {
+    const LIMIT: usize = 1024;
+    if note.len() <= LIMIT {
+        return note;
+    }
+    let mut end = LIMIT - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
+
+/// A [`Recorder`](kube::runtime::events::Recorder) reporting as this operator replica: repeated
+/// events (same type, reason and object) within minutes become one Event with a growing
+/// `series.count` instead of one Event each — what the webhook uses, since it may admit
+/// hundreds of pods of a realm a minute. The note stays the first occurrence's.
+pub fn recorder(client: Client, instance: &str) -> kube::runtime::events::Recorder {
+    kube::runtime::events::Recorder::new(
+        client,
+        kube::runtime::events::Reporter {
+            controller: REPORTING_CONTROLLER.to_owned(),
+            instance: Some(instance.chars().take(128).collect()),
+        },
+    )
+}
+
 #[derive(Clone)]
 pub struct Publisher {
     client: Client,
@@ -56,15 +83,7 @@ impl Publisher {
     pub async fn publish(&self, realm: &AuthRealm, severity: Severity, reason: &str, action: &str, note: String) {
         let now = Timestamp::now();
         let ns = realm.namespace().unwrap_or_default();
-        let note: String = if note.len() > 1024 {
-            let mut end = 1020;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            format!("{}…", &note[..end])
-        } else {
-            note
-        };
+        let note = bounded_note(note);
         let ev = Event {
             metadata: ObjectMeta {
                 name: Some(format!("{}.{:x}", realm.name_any(), now.as_nanosecond())),
@@ -87,6 +106,28 @@ impl Publisher {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
         if let Err(e) = api.create(&PostParams::default(), &ev).await {
             tracing::warn!(realm = %realm.name_any(), namespace = %ns, reason, error = %e, "failed to publish event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounded_note;
+
+    #[test]
+    fn notes_stay_within_the_api_servers_limit_at_a_character_boundary() {
+        assert_eq!(bounded_note("short".into()), "short");
+        let exact = "x".repeat(1024);
+        assert_eq!(bounded_note(exact.clone()), exact);
+        for filler in ["x", "é", "€", "𝄞"] {
+            for extra in 0..5 {
+                let note = format!("{}{}", "a".repeat(extra), filler.repeat(1100));
+                let cut = bounded_note(note.clone());
+                assert!(cut.len() <= 1024, "{} bytes", cut.len());
+                assert!(cut.len() >= 1020, "{} bytes", cut.len());
+                assert!(cut.ends_with('…'));
+                assert!(note.starts_with(cut.trim_end_matches('…')));
+            }
         }
     }
 }

@@ -199,6 +199,28 @@ async fn labelled_pods_get_the_sidecar_exactly_once_and_opt_outs_win() -> anyhow
     })
     .await?;
     eprintln!("events: {found:?}");
+    // One Event per realm and reason, its series counting the admissions — not one per pod:
+    // three more pods of realm demo (after "web") add to the one Injected event about demo.
+    for i in 1..=3 {
+        let p = pods.create(&pp, &app_pod(&format!("series-{i}"), "demo", &[])).await?;
+        assert_eq!(sidecar_count(&p), 1);
+    }
+    let series = eventually("one Injected event about realm demo counting 4 pods", Duration::from_secs(10), || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            let about_demo: Vec<i32> = list
+                .items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("Injected"))
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("demo"))
+                .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+                .collect();
+            Ok((about_demo.len() == 1 && about_demo[0] >= 4).then_some(about_demo))
+        }
+    })
+    .await?;
+    eprintln!("Injected events about demo (series counts): {series:?}");
     eprintln!("test took {:.1?}", started.elapsed());
     Ok(())
 }

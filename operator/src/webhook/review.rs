@@ -7,10 +7,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
-use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::{Client, Resource};
@@ -21,7 +18,7 @@ use super::metrics::{Outcome, WebhookMetrics};
 use super::mutate::{injection, mutate};
 use super::realm::{SidecarDefaults, realm_state, sidecar_plan};
 use crate::crd::AuthRealm;
-use crate::events::REPORTING_CONTROLLER;
+use kube::runtime::events::EventType;
 
 /// Event reasons of the webhook.
 pub mod reason {
@@ -40,7 +37,8 @@ pub struct Reviewer {
     defaults: SidecarDefaults,
     policy: UnreadyRealmPolicy,
     metrics: WebhookMetrics,
-    instance: String,
+    /// Events as series (see [`crate::events::recorder`]): not one Event per admitted pod.
+    recorder: kube::runtime::events::Recorder,
 }
 
 /// What the review did, for metrics and events.
@@ -73,7 +71,8 @@ impl Reviewer {
         metrics: WebhookMetrics,
         instance: String,
     ) -> Self {
-        Reviewer { client, defaults, policy, metrics, instance: instance.chars().take(128).collect() }
+        let recorder = crate::events::recorder(client.clone(), &instance);
+        Reviewer { client, defaults, policy, metrics, recorder }
     }
 
     /// Answers one HTTP body holding an AdmissionReview; returns the response body.
@@ -279,27 +278,14 @@ impl Reviewer {
             name: Some(pod_name.to_owned()),
             ..ObjectReference::default()
         });
-        let now = Timestamp::now();
-        let base = regarding.name.clone().unwrap_or_default();
-        let base = base.trim_end_matches(['-', '.', '*']);
-        let ev = Event {
-            metadata: ObjectMeta {
-                name: Some(format!("{}.{:x}", if base.is_empty() { "pod" } else { base }, now.as_nanosecond())),
-                namespace: Some(ns.to_owned()),
-                ..ObjectMeta::default()
-            },
-            action: Some("Admit".into()),
-            reason: Some(event.reason.into()),
-            note: Some(event.note.chars().take(1000).collect()),
-            event_time: Some(MicroTime(now)),
-            regarding: Some(regarding),
-            reporting_controller: Some(REPORTING_CONTROLLER.into()),
-            reporting_instance: Some(self.instance.clone()),
-            type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
-            ..Event::default()
+        let ev = kube::runtime::events::Event {
+            type_: if event.warning { EventType::Warning } else { EventType::Normal },
+            reason: event.reason.into(),
+            note: Some(crate::events::bounded_note(event.note)),
+            action: "Admit".into(),
+            secondary: None,
         };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), ns);
-        if let Err(e) = api.create(&PostParams::default(), &ev).await {
+        if let Err(e) = self.recorder.publish(&ev, &regarding).await {
             tracing::warn!(namespace = %ns, reason = event.reason, error = %e, "failed to publish webhook event");
         }
     }
