@@ -101,9 +101,19 @@ impl Reviewer {
         serde_json::to_vec(&response.into_review()).expect("review serialises")
     }
 
-    /// Answers one admission request.
+    /// Answers one admission request (a span per admission: uid, namespace, pod, and the outcome).
+    #[tracing::instrument(
+        name = "admission",
+        skip_all,
+        fields(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""), pod = %pod_display_name(req),
+               dry_run = req.dry_run, outcome = tracing::field::Empty, reason = tracing::field::Empty)
+    )]
     pub async fn review(&self, req: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
         let (verdict, realm) = self.verdict(req).await;
+        let span = tracing::Span::current();
+        span.record("outcome", verdict.outcome.as_str());
+        span.record("reason", verdict.reason);
+        tracing::debug!("admission reviewed");
         self.metrics.admissions_inc(verdict.outcome, verdict.reason);
         if let Some(event) = verdict.event
             && !req.dry_run
