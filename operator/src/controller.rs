@@ -8,6 +8,12 @@
 //! and conditionally on the resourceVersion it was read at, so a crash at any point, or a stale
 //! second writer, can neither lose nor fork the key set.
 //!
+//! At rest a realm costs nothing: its Secret and ConfigMaps are read from the controller's
+//! watch ([`crate::owned`]), an object or status is written only when it differs from what is
+//! there, and the periodic Redis check ([`crate::redis_monitor`]) is not a reconcile: it checks
+//! each distinct Redis target once over a kept connection and wakes only the realms whose
+//! `RedisReachable` changes. Reconciles are requeued only for the next rotation event.
+//!
 //! Under leader election the controller runs for one [`Term`]: its client refuses every write
 //! once the term is over, and each keys Secret write is preceded by a re-read of the Lease
 //! ([`crate::leader`] explains the rule). The in-memory copy of the key sets lives in

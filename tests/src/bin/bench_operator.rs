@@ -550,7 +550,7 @@ async fn run(
         md.push_str(&format!("| {} | {} | {} | {} |\n", r.what, r.value, r.target, met));
     }
     md.push_str(&format!(
-        "\nConditions: release operator `{}` (chart settings: concurrency 4, Redis check every 60 s, leader \
+        "\nConditions: operator binary `{}` (chart settings: concurrency 4, Redis check every 60 s, leader \
          election on, RBAC of the chart's ServiceAccount), real kube-apiserver with an audit log (blocking) and a \
          6-node Redis Cluster on loopback, {} CPUs shared with the API server, etcd and the bench. Realms: ES256, \
          sessions in Redis, all naming the same 2 seeds and credentials; created 16 at a time. Idle: {:.0} s \
