@@ -18,10 +18,14 @@
 //! label is still seen (name conflicts, a label removed by hand), and a realm at rest is
 //! reconciled without any request. Keys Secret writes stay conditional on the version read, so
 //! a store copy older than a third party's write makes the write fail and the reconcile retry.
+//!
+//! An object the ownership check has just found absent on the API server (a new realm) is not
+//! read again within [`ABSENT_FRESH`]: the reconcile that checked goes on to create it.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt as _;
 use k8s_openapi::NamespaceResourceScope;
@@ -56,6 +60,10 @@ pub fn read_from(stored: Option<&str>, known: Option<&str>) -> Source {
     }
 }
 
+/// How long an object found absent by [`OwnedObjects::secret_metadata`] or
+/// [`OwnedObjects::config_map_metadata`] counts as absent for the next read of it.
+pub const ABSENT_FRESH: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
     Secret,
@@ -69,6 +77,8 @@ pub struct OwnedObjects {
     config_maps: Store<ConfigMap>,
     /// (kind, namespace, name) → resourceVersion of the controller's last write or live read.
     known: Mutex<HashMap<(Kind, String, String), String>>,
+    /// (kind, namespace, name) → when the API server last answered that it does not exist.
+    absent: Mutex<HashMap<(Kind, String, String), Instant>>,
 }
 
 fn ready<K: Resource + Clone + 'static>(store: &Store<K>) -> bool
@@ -80,7 +90,13 @@ where
 
 impl OwnedObjects {
     pub fn new(client: Client, secrets: Store<Secret>, config_maps: Store<ConfigMap>) -> Self {
-        OwnedObjects { client, secrets, config_maps, known: Mutex::new(HashMap::new()) }
+        OwnedObjects {
+            client,
+            secrets,
+            config_maps,
+            known: Mutex::new(HashMap::new()),
+            absent: Mutex::new(HashMap::new()),
+        }
     }
 
     pub async fn secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, kube::Error> {
@@ -95,11 +111,11 @@ impl OwnedObjects {
     /// the store when it has one, else from the API server (metadata only: a foreign Secret's
     /// data is none of the operator's business).
     pub async fn secret_metadata(&self, ns: &str, name: &str) -> Result<Option<ObjectMeta>, kube::Error> {
-        self.metadata(&self.secrets, ns, name).await
+        self.metadata(&self.secrets, Kind::Secret, ns, name).await
     }
 
     pub async fn config_map_metadata(&self, ns: &str, name: &str) -> Result<Option<ObjectMeta>, kube::Error> {
-        self.metadata(&self.config_maps, ns, name).await
+        self.metadata(&self.config_maps, Kind::ConfigMap, ns, name).await
     }
 
     /// Records the version the API server answered a write of a Secret with.
@@ -114,14 +130,21 @@ impl OwnedObjects {
 
     /// Forgets what was known about a realm's objects (the realm is gone).
     pub fn forget_realm(&self, ns: &str, realm: &str) {
-        let mut known = self.known.lock().expect("lock");
-        known.remove(&(Kind::Secret, ns.to_owned(), render::signing_keys_name(realm)));
-        known.remove(&(Kind::ConfigMap, ns.to_owned(), render::jwks_name(realm)));
-        known.remove(&(Kind::ConfigMap, ns.to_owned(), render::sidecar_config_name(realm)));
+        let keys = [
+            (Kind::Secret, ns.to_owned(), render::signing_keys_name(realm)),
+            (Kind::ConfigMap, ns.to_owned(), render::jwks_name(realm)),
+            (Kind::ConfigMap, ns.to_owned(), render::sidecar_config_name(realm)),
+        ];
+        let (mut known, mut absent) = (self.known.lock().expect("lock"), self.absent.lock().expect("lock"));
+        for k in &keys {
+            known.remove(k);
+            absent.remove(k);
+        }
     }
 
     fn record<K: Resource>(&self, kind: Kind, obj: &K) {
         let key = (kind, obj.namespace().unwrap_or_default(), obj.name_any());
+        self.absent.lock().expect("lock").remove(&key);
         let mut known = self.known.lock().expect("lock");
         match obj.resource_version() {
             Some(rv) => {
@@ -145,6 +168,10 @@ impl OwnedObjects {
         {
             return Ok(Some(K::clone(obj)));
         }
+        let checked_absent = self.absent.lock().expect("lock").remove(&key);
+        if stored.is_none() && checked_absent.is_some_and(|at| at.elapsed() <= ABSENT_FRESH) {
+            return Ok(None);
+        }
         let api: Api<K> = Api::namespaced(self.client.clone(), ns);
         let obj = api.get_opt(name).await?;
         match &obj {
@@ -156,7 +183,13 @@ impl OwnedObjects {
         Ok(obj)
     }
 
-    async fn metadata<K>(&self, store: &Store<K>, ns: &str, name: &str) -> Result<Option<ObjectMeta>, kube::Error>
+    async fn metadata<K>(
+        &self,
+        store: &Store<K>,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<ObjectMeta>, kube::Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug + 'static,
     {
@@ -166,7 +199,11 @@ impl OwnedObjects {
             return Ok(Some(obj.meta().clone()));
         }
         let api: Api<K> = Api::namespaced(self.client.clone(), ns);
-        Ok(api.get_metadata_opt(name).await?.map(|m| m.metadata))
+        let meta = api.get_metadata_opt(name).await?.map(|m| m.metadata);
+        if meta.is_none() {
+            self.absent.lock().expect("lock").insert((kind, ns.to_owned(), name.to_owned()), Instant::now());
+        }
+        Ok(meta)
     }
 }
 
