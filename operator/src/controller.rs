@@ -8,6 +8,12 @@
 //! and conditionally on the resourceVersion it was read at, so a crash at any point, or a stale
 //! second writer, can neither lose nor fork the key set.
 //!
+//! At rest a realm costs nothing: its Secret and ConfigMaps are read from the controller's
+//! watch ([`crate::owned`]), an object or status is written only when it differs from what is
+//! there, and the periodic Redis check ([`crate::redis_monitor`]) is not a reconcile: it checks
+//! each distinct Redis target once over a kept connection and wakes only the realms whose
+//! `RedisReachable` changes. Reconciles are requeued only for the next rotation event.
+//!
 //! Under leader election the controller runs for one [`Term`]: its client refuses every write
 //! once the term is over, and each keys Secret write is preceded by a re-read of the Lease
 //! ([`crate::leader`] explains the rule). The in-memory copy of the key sets lives in
@@ -36,9 +42,11 @@ use crate::events::{self, Publisher, Severity};
 use crate::key_cache::KeyCache;
 use crate::leader::{Term, TermError};
 use crate::metrics::{EventLabel, KindLabel, Metrics};
+use crate::owned::{OwnedObjects, controlled_by};
 use crate::recovery::{self, Cached, Incident, Recovery, RecoveryKind};
-use crate::redis_check::{self, CheckError, Connect};
-use crate::render::{self, MANAGER, RedisTarget, Resolved};
+use crate::redis_check::{self, CheckError};
+use crate::redis_monitor::{self, Monitor};
+use crate::render::{self, MANAGER, Resolved};
 use crate::rotation::{self, Change, Lifetimes, Removal};
 
 /// Finalizer present only on realms that ask for their sessions to be purged on deletion.
@@ -145,13 +153,20 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Realm UID → the spec generation whose short propagation delay was warned about.
     delay_warned: Mutex<HashMap<String, i64>>,
+    /// The realms' Secrets and ConfigMaps, read from the controller's watch.
+    owned: OwnedObjects,
+    /// Redis credentials and the shared Redis checks.
+    redis: Arc<Monitor>,
 }
 
 impl Context {
-    pub fn new(client: Client, settings: Settings, metrics: Metrics, term: Term, realms: Store<AuthRealm>) -> Self {
+    pub fn new(client: Client, settings: Settings, metrics: Metrics, term: Term, stores: Stores) -> Self {
         let events = Publisher::new(client.clone(), &settings.identity);
         let keys = KeyCache::new(metrics.cached_key_sets.clone());
+        let Stores { realms, secrets, config_maps, redis_secrets } = stores;
         Context {
+            owned: OwnedObjects::new(client.clone(), secrets, config_maps),
+            redis: Arc::new(Monitor::new(client.clone(), redis_secrets)),
             client,
             settings,
             metrics,
@@ -200,6 +215,7 @@ impl Context {
     }
 
     fn forget_keys(&self, realm: &AuthRealm, why: &str) {
+        self.owned.forget_realm(&realm.namespace().unwrap_or_default(), &realm.name_any());
         if let Some(uid) = realm.uid()
             && self.keys.remove(&uid)
         {
@@ -210,6 +226,17 @@ impl Context {
             );
         }
     }
+}
+
+/// The watch caches the controller reads from.
+pub struct Stores {
+    pub realms: Store<AuthRealm>,
+    /// Secrets labelled [`render::OWNED_SELECTOR`].
+    pub secrets: Store<Secret>,
+    /// ConfigMaps labelled [`render::OWNED_SELECTOR`].
+    pub config_maps: Store<ConfigMap>,
+    /// Secrets labelled [`redis_monitor::REDIS_SECRET_SELECTOR`].
+    pub redis_secrets: Store<Secret>,
 }
 
 fn now_millis() -> i64 {
@@ -319,7 +346,7 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
                 conditions: build_conditions(&old, vec![keys, redis, intact], realm.metadata.generation),
                 ..old
             };
-            write_status(&api, &name, &ns, &status).await?;
+            write_status_if_changed(realm, &api, &status).await?;
             tracing::warn!(realm = %name, namespace = %ns, "invalid spec: {message}");
             return Ok(Action::requeue(Duration::from_secs(300)));
         }
@@ -371,7 +398,7 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
             conditions: build_conditions(&old, vec![keys, redis, intact], realm.metadata.generation),
             ..old
         };
-        write_status(&api, &name, &ns, &status).await?;
+        write_status_if_changed(realm, &api, &status).await?;
         tracing::warn!(realm = %name, namespace = %ns, "{message}");
         // A foreign object's deletion raises no watch event for this realm: look again soon.
         return Ok(Action::requeue(Duration::from_secs(10)));
@@ -381,19 +408,27 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
     let now = now_ms.div_euclid(1000);
     let keys = sync_keys(realm, &resolved, ctx, now).await?;
 
-    // The sidecar config.
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    // The sidecar config, written only when it differs from what is there.
+    let cm_name = render::sidecar_config_name(&name);
     let cm = render::sidecar_config_map(realm, &resolved.config);
-    cms.patch(&render::sidecar_config_name(&name), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm))
-        .await
-        .map_err(|source| Error::Write {
-            kind: "ConfigMap",
-            namespace: ns.clone(),
-            name: render::sidecar_config_name(&name),
-            source,
-        })?;
+    let existing = ctx.owned.config_map(&ns, &cm_name).await.map_err(|source| Error::Read {
+        kind: "ConfigMap",
+        namespace: ns.clone(),
+        name: cm_name.clone(),
+        source,
+    })?;
+    if !existing.is_some_and(|e| e.data == cm.data && metadata_matches(&e.metadata, &cm.metadata)) {
+        let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+        let written =
+            cms.patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await.map_err(|source| {
+                Error::Write { kind: "ConfigMap", namespace: ns.clone(), name: cm_name.clone(), source }
+            })?;
+        ctx.owned.wrote_config_map(&written);
+    }
 
-    let redis = redis_condition(realm, &resolved, ctx).await;
+    // From a check no older than the check interval, shared with the realms naming the same
+    // Redis (the periodic check keeps it fresh and wakes the realm when it changes).
+    let redis = ctx.redis.condition(resolved.redis.as_ref(), &ns, ctx.settings.redis_check_interval).await;
     let old = realm.status.clone().unwrap_or_default();
 
     // Events: key changes, recovery, Redis flips.
@@ -446,15 +481,13 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
         key_count: Some(keys.set.keys.len() as i32),
         keys: key_statuses(&keys.set, &keys.lifetimes, &resolved),
     };
-    // Always applied: the cached object may be stale, and an unchanged apply is a no-op on the
-    // server (no new resourceVersion, no watch event).
-    write_status(&api, &name, &ns, &status).await?;
+    // Written only when it differs from the realm as the watch last delivered it: if that copy
+    // is stale, the write it causes is a no-op on the server, and a status someone else changed
+    // since arrives as a watch event and another reconcile.
+    write_status_if_changed(realm, &api, &status).await?;
 
-    // Requeue at the next rotation event, and at least every Redis check interval.
-    let mut next = keys.wake_at.map(|t| Duration::from_millis((t * 1000 - now_ms).max(0) as u64 + 50));
-    if resolved.redis.is_some() {
-        next = Some(next.map_or(ctx.settings.redis_check_interval, |d| d.min(ctx.settings.redis_check_interval)));
-    }
+    // Requeue at the next rotation event (the Redis check has its own timer, `run_checks`).
+    let next = keys.wake_at.map(|t| Duration::from_millis((t * 1000 - now_ms).max(0) as u64 + 50));
     Ok(Action::requeue(next.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100))))
 }
 
@@ -481,33 +514,26 @@ async fn warn_short_propagation_delay(realm: &AuthRealm, resolved: &Resolved, ct
     ctx.events.publish(realm, Severity::Warning, events::reason::SHORT_PROPAGATION_DELAY, "Validate", note).await;
 }
 
-/// True when `meta` has a controller owner reference to the realm with `uid`.
-fn controlled_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
-    !uid.is_empty() && meta.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == uid)
-}
-
 /// The realm's object names (`Secret ns/name`, …) taken by objects the realm does not control.
 async fn foreign_objects(realm: &AuthRealm, ctx: &Context) -> Result<Vec<String>, Error> {
     let name = realm.name_any();
     let ns = realm.namespace().unwrap_or_default();
     let uid = realm.uid().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let read_err = |kind: &'static str, n: &str| {
         let (ns, n) = (ns.clone(), n.to_owned());
         move |source| Error::Read { kind, namespace: ns, name: n, source }
     };
     let mut foreign = Vec::new();
     let secret_name = render::signing_keys_name(&name);
-    // Metadata only: a foreign Secret's data is none of the operator's business.
-    if let Some(s) = secrets.get_metadata_opt(&secret_name).await.map_err(read_err("Secret", &secret_name))?
-        && !controlled_by(&s.metadata, &uid)
+    if let Some(meta) = ctx.owned.secret_metadata(&ns, &secret_name).await.map_err(read_err("Secret", &secret_name))?
+        && !controlled_by(&meta, &uid)
     {
         foreign.push(format!("Secret {ns}/{secret_name}"));
     }
     for cm_name in [render::jwks_name(&name), render::sidecar_config_name(&name)] {
-        if let Some(cm) = cms.get_metadata_opt(&cm_name).await.map_err(read_err("ConfigMap", &cm_name))?
-            && !controlled_by(&cm.metadata, &uid)
+        if let Some(meta) =
+            ctx.owned.config_map_metadata(&ns, &cm_name).await.map_err(read_err("ConfigMap", &cm_name))?
+            && !controlled_by(&meta, &uid)
         {
             foreign.push(format!("ConfigMap {ns}/{cm_name}"));
         }
@@ -562,6 +588,18 @@ fn build_conditions(
 ) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     conds.insert(0, conditions::ready(&conds));
     conditions::merge(&old.conditions, &conds, generation, &Time(Timestamp::now()))
+}
+
+/// Writes the status unless the realm already has exactly this one.
+async fn write_status_if_changed(
+    realm: &AuthRealm,
+    api: &Api<AuthRealm>,
+    status: &AuthRealmStatus,
+) -> Result<(), Error> {
+    if realm.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    write_status(api, &realm.name_any(), &realm.namespace().unwrap_or_default(), status).await
 }
 
 async fn write_status(api: &Api<AuthRealm>, name: &str, ns: &str, status: &AuthRealmStatus) -> Result<(), Error> {
@@ -626,8 +664,8 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
         let (ns, n) = (ns.clone(), n.to_owned());
         move |source| Error::Read { kind, namespace: ns, name: n, source }
     };
-    let secret = secrets.get_opt(&secret_name).await.map_err(read_err("Secret", &secret_name))?;
-    let jwks_cm = cms.get_opt(&jwks_name).await.map_err(read_err("ConfigMap", &jwks_name))?;
+    let secret = ctx.owned.secret(&ns, &secret_name).await.map_err(read_err("Secret", &secret_name))?;
+    let jwks_cm = ctx.owned.config_map(&ns, &jwks_name).await.map_err(read_err("ConfigMap", &jwks_name))?;
     let published = jwks_cm
         .as_ref()
         .and_then(|cm| cm.data.as_ref()?.get(render::KEYSET_KEY).cloned())
@@ -708,10 +746,11 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
     if let Some(desired) = write {
         // Key material is written only while the Lease still names this term's holder.
         ctx.term.verify_lease(&ctx.client).await?;
-        secrets
+        let written = secrets
             .patch(&secret_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
             .await
             .map_err(write_err)?;
+        ctx.owned.wrote_secret(&written);
     }
     ctx.remember_keys(realm, Cached { set: set.clone(), lifetimes: lifetimes.clone() });
     for c in &outcome.changes {
@@ -722,9 +761,10 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
     let jwks_current =
         jwks_cm.as_ref().is_some_and(|cm| cm.data == jwks.data && metadata_matches(&cm.metadata, &jwks.metadata));
     if !jwks_current {
-        cms.patch(&jwks_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&jwks)).await.map_err(|source| {
-            Error::Write { kind: "ConfigMap", namespace: ns.clone(), name: jwks_name.clone(), source }
-        })?;
+        let written = cms.patch(&jwks_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&jwks)).await.map_err(
+            |source| Error::Write { kind: "ConfigMap", namespace: ns.clone(), name: jwks_name.clone(), source },
+        )?;
+        ctx.owned.wrote_config_map(&written);
     }
     Ok(KeySync {
         set,
@@ -810,106 +850,7 @@ async fn publish_key_events(realm: &AuthRealm, ctx: &Context, keys: &KeySync, re
     }
 }
 
-/// The label a Secret must carry before the operator reads it for a realm's Redis connection
-/// (credentials or CA). Whoever may write an AuthRealm chooses `redis.endpoints`; without this
-/// opt-in they could make the operator, which can read every Secret, send any Secret of the
-/// namespace to an endpoint of their choosing.
-pub const REDIS_SECRET_LABEL: &str = "authrealm.dev/redis-credentials";
-
-/// True when the Secret opted in to be used for Redis connections.
-pub fn redis_secret_opted_in(s: &Secret) -> bool {
-    s.metadata.labels.as_ref().and_then(|l| l.get(REDIS_SECRET_LABEL)).is_some_and(|v| v == "true")
-}
-
-/// Reads the credentials and CA for a Redis target from the realm's namespace. Only Secrets
-/// labelled [`REDIS_SECRET_LABEL`]`=true` are used.
-async fn connect_params(target: &RedisTarget, ns: &str, client: &Client) -> Result<Connect, CheckError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let read = |name: String, what: &'static str| {
-        let secrets = secrets.clone();
-        async move {
-            let s = secrets
-                .get_opt(&name)
-                .await
-                .map_err(|e| CheckError::Credentials(format!("cannot read Secret {ns}/{name}: {e}")))?
-                .ok_or_else(|| CheckError::Credentials(format!("Secret {ns}/{name} not found")))?;
-            if !redis_secret_opted_in(&s) {
-                return Err(CheckError::NotLabelled(format!(
-                    "Secret {ns}/{name} ({what}) is not labelled {REDIS_SECRET_LABEL}=true, so the operator does not \
-                     use it; if it is meant for this realm's Redis, label it: kubectl -n {ns} label secret {name} \
-                     {REDIS_SECRET_LABEL}=true"
-                )));
-            }
-            Ok(s)
-        }
-    };
-    let value = |s: &Secret, key: &str| -> Option<String> {
-        s.data.as_ref()?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
-    };
-    let (mut username, mut password) = (None, None);
-    if let Some(c) = &target.credentials {
-        let s = read(c.secret_name.clone(), "redis.credentials").await?;
-        password = Some(value(&s, &c.password_key).ok_or_else(|| {
-            CheckError::Credentials(format!("Secret {ns}/{} has no key {:?}", c.secret_name, c.password_key))
-        })?);
-        if let Some(uk) = &c.username_key {
-            username =
-                Some(value(&s, uk).ok_or_else(|| {
-                    CheckError::Credentials(format!("Secret {ns}/{} has no key {uk:?}", c.secret_name))
-                })?);
-        }
-    }
-    let tls = match &target.tls {
-        None => None,
-        Some(t) => match &t.ca_secret {
-            None => Some(None),
-            Some(r) => {
-                let s = read(r.name.clone(), "redis.tls.caSecret").await.map_err(|e| match e {
-                    e @ CheckError::NotLabelled(_) => e,
-                    e => CheckError::Tls(e.to_string()),
-                })?;
-                let pem = s
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(&r.key))
-                    .map(|b| b.0.clone())
-                    .ok_or_else(|| CheckError::Tls(format!("Secret {ns}/{} has no key {:?}", r.name, r.key)))?;
-                Some(Some(pem))
-            }
-        },
-    };
-    Ok(Connect {
-        endpoints: target.endpoints.clone(),
-        username,
-        password,
-        tls,
-        timeout: Duration::from_millis(target.connect_timeout_ms.clamp(200, 5000)),
-    })
-}
-
-async fn redis_condition(realm: &AuthRealm, resolved: &Resolved, ctx: &Context) -> Cond {
-    let Some(target) = &resolved.redis else {
-        return Cond::new(
-            conditions::REDIS_REACHABLE,
-            Status::True,
-            reason::NOT_REQUIRED,
-            "sessionMode is stateless: Redis is not used",
-        );
-    };
-    let ns = realm.namespace().unwrap_or_default();
-    let result = async {
-        let c = connect_params(target, &ns, &ctx.client).await?;
-        match tokio::time::timeout(Duration::from_secs(15), redis_check::check_cluster(&c)).await {
-            Ok(r) => r,
-            Err(_) => Err(CheckError::Unreachable("the Redis check took longer than 15s".into())),
-        }
-    }
-    .await;
-    match result {
-        Ok(message) => Cond::new(conditions::REDIS_REACHABLE, Status::True, reason::CLUSTER_OK, message),
-        Err(e) => Cond::new(conditions::REDIS_REACHABLE, Status::False, e.reason(), e.to_string()),
-    }
-}
+pub use crate::redis_monitor::{REDIS_SECRET_LABEL, redis_secret_opted_in};
 
 async fn set_finalizer(api: &Api<AuthRealm>, realm: &AuthRealm, want: bool) -> Result<(), Error> {
     let has = realm.finalizers().iter().any(|f| f == FINALIZER);
@@ -940,7 +881,7 @@ async fn cleanup(realm: &AuthRealm, api: &Api<AuthRealm>, ctx: &Context) -> Resu
     if let Some(target) = target {
         ctx.term.check()?;
         let result = async {
-            let c = connect_params(&target, &ns, &ctx.client).await?;
+            let c = ctx.redis.connect_params(&target, &ns).await?;
             redis_check::purge_realm(&c, &target.key_prefix, &name).await
         }
         .await;
@@ -1018,8 +959,43 @@ pub async fn run_in_term(
     };
     check_crd(&realms).await?;
     let concurrency = settings.concurrency;
+    let check_interval = settings.redis_check_interval;
     let (store, writer) = reflector::store();
-    let ctx = Arc::new(Context::new(client, settings, metrics, term, store.clone()));
+    // The realms' own Secrets and ConfigMaps (label-selected, without managedFields): read by
+    // the reconciles instead of the API server, and a change to one wakes its realm.
+    let (secret_store, secret_writer) = reflector::store();
+    let (cm_store, cm_writer) = reflector::store();
+    let owned = watcher::Config::default().labels(render::OWNED_SELECTOR);
+    let owned_secrets = reflector::reflector(
+        secret_writer,
+        watcher(secrets.clone(), owned.clone()).default_backoff().modify(|s: &mut Secret| {
+            s.managed_fields_mut().clear();
+        }),
+    )
+    .touched_objects();
+    let owned_cms = reflector::reflector(
+        cm_writer,
+        watcher(cms, owned).default_backoff().modify(|cm: &mut ConfigMap| {
+            cm.managed_fields_mut().clear();
+        }),
+    )
+    .touched_objects();
+    // The Secrets opted in for Redis connections: read by the Redis checks.
+    let (redis_store, redis_writer) = reflector::store();
+    let redis_secrets = tokio::spawn(
+        reflector::reflector(
+            redis_writer,
+            watcher(secrets, watcher::Config::default().labels(redis_monitor::REDIS_SECRET_SELECTOR))
+                .default_backoff()
+                .modify(|s: &mut Secret| {
+                    s.managed_fields_mut().clear();
+                }),
+        )
+        .for_each(|_| std::future::ready(())),
+    );
+    let stores =
+        Stores { realms: store.clone(), secrets: secret_store, config_maps: cm_store, redis_secrets: redis_store };
+    let ctx = Arc::new(Context::new(client, settings, metrics, term, stores));
     // What `Controller::new` does, plus a look at each event (the store already updated) so
     // that deleted realms' keys are forgotten.
     let events_ctx = Arc::downgrade(&ctx);
@@ -1030,11 +1006,15 @@ pub async fn run_in_term(
             }
         })
         .applied_objects();
-    let owned = watcher::Config::default().labels(render::OWNED_SELECTOR);
+    // The periodic Redis check, which wakes only the realms whose condition changes.
+    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    let checks = tokio::spawn(redis_monitor::run_checks(store.clone(), ctx.redis.clone(), check_interval, wake_tx));
+    let woken = futures_util::stream::poll_fn(move |cx| wake_rx.poll_recv(cx));
     tracing::info!("controller started");
     Controller::for_stream(realm_events, store)
-        .owns(secrets, owned.clone())
-        .owns(cms, owned)
+        .owns_stream(owned_secrets)
+        .owns_stream(owned_cms)
+        .reconcile_on(woken)
         .with_config(controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
@@ -1044,6 +1024,8 @@ pub async fn run_in_term(
             }
         })
         .await;
+    checks.abort();
+    redis_secrets.abort();
     ctx.keys.clear();
     tracing::info!("controller stopped");
     Ok(())
@@ -1052,41 +1034,6 @@ pub async fn run_in_term(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_objects_controlled_by_the_realm_are_written() {
-        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-        let owner = |uid: &str, controller: Option<bool>| OwnerReference {
-            api_version: "authrealm.dev/v1alpha1".into(),
-            kind: "AuthRealm".into(),
-            name: "demo".into(),
-            uid: uid.into(),
-            controller,
-            ..Default::default()
-        };
-        let meta = |refs: Vec<OwnerReference>| ObjectMeta { owner_references: Some(refs), ..Default::default() };
-        assert!(controlled_by(&meta(vec![owner("u1", Some(true))]), "u1"));
-        assert!(!controlled_by(&ObjectMeta::default(), "u1"), "no owner: someone else's object");
-        assert!(!controlled_by(&meta(vec![owner("u0", Some(true))]), "u1"), "a previous realm of that name");
-        assert!(!controlled_by(&meta(vec![owner("u1", None)]), "u1"), "an owner but not the controller");
-        assert!(!controlled_by(&meta(vec![owner("", Some(true))]), ""), "a realm without uid owns nothing");
-    }
-
-    #[test]
-    fn only_secrets_labelled_for_redis_are_used() {
-        let secret = |labels: &[(&str, &str)]| Secret {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                labels: Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
-                ..Default::default()
-            },
-            ..Secret::default()
-        };
-        assert!(redis_secret_opted_in(&secret(&[(REDIS_SECRET_LABEL, "true")])));
-        assert!(!redis_secret_opted_in(&secret(&[])));
-        assert!(!redis_secret_opted_in(&secret(&[(REDIS_SECRET_LABEL, "false")])));
-        assert!(!redis_secret_opted_in(&secret(&[(REDIS_SECRET_LABEL, "True")])));
-        assert!(!redis_secret_opted_in(&Secret::default()));
-    }
 
     #[test]
     fn keys_ready_only_when_the_current_key_can_sign() {

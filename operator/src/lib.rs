@@ -9,7 +9,9 @@
 //! * [`render`] — names, labels and the objects and sidecar config derived from a realm;
 //! * [`conditions`] — status conditions;
 //! * [`controller`] — the reconcile loop;
+//! * [`owned`] — the realm's own Secret and ConfigMaps: reads from the watch, ownership;
 //! * [`redis_check`] — the `RedisReachable` check and the session purge;
+//! * [`redis_monitor`] — Redis credentials, checks shared over kept connections, the periodic check;
 //! * [`leader`] — leader election with a Lease, and the term fence on the controller's writes;
 //! * [`events`], [`metrics`], [`server`] — observability; [`cli`] — flags and the run loop;
 //! * [`webhook`] — sidecar injection (mutating admission webhook) and its TLS.
@@ -23,8 +25,10 @@ pub mod events;
 pub mod key_cache;
 pub mod leader;
 pub mod metrics;
+pub mod owned;
 pub mod recovery;
 pub mod redis_check;
+pub mod redis_monitor;
 pub mod render;
 pub mod rotation;
 pub mod server;

@@ -163,22 +163,82 @@ async fn cluster_info(
     }
 }
 
-/// `CLUSTER INFO` on the first seed that answers. An authentication failure is final (the same
-/// credentials would fail on every node); otherwise the next seed is tried.
+/// `CLUSTER INFO` on an open connection, judged.
+async fn check_on(conn: &mut MultiplexedConnection, endpoint: &str, timeout: Duration) -> Result<String, CheckError> {
+    let text = cluster_info(conn, endpoint, timeout).await?;
+    let info = parse_cluster_info(&text);
+    judge(&info).map_err(|m| CheckError::Degraded(format!("{endpoint}: {m}")))?;
+    Ok(format!("{endpoint}: cluster_state ok, 16384 slots served, {} known nodes", info.known_nodes))
+}
+
+/// `AUTH` again on a kept connection, so that a password changed on the server since the
+/// connection was opened is noticed as it would be by a new connection.
+async fn reauthenticate(c: &Connect, conn: &mut MultiplexedConnection, endpoint: &str) -> Result<(), CheckError> {
+    let Some(password) = c.password.as_deref().filter(|p| !p.is_empty()) else { return Ok(()) };
+    let mut cmd = redis::cmd("AUTH");
+    if let Some(u) = c.username.as_deref().filter(|u| !u.is_empty()) {
+        cmd.arg(u);
+    }
+    cmd.arg(password);
+    match tokio::time::timeout(c.timeout, cmd.query_async::<()>(conn)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(classify(endpoint, &e)),
+        Err(_) => Err(CheckError::Unreachable(format!("{endpoint}: AUTH timed out after {:?}", c.timeout))),
+    }
+}
+
+/// `CLUSTER INFO` on the first seed that answers, over a new connection each time. An
+/// authentication failure is final (the same credentials would fail on every node); otherwise
+/// the next seed is tried.
 pub async fn check_cluster(c: &Connect) -> Result<String, CheckError> {
-    let mut last = CheckError::Unreachable("no endpoints".into());
-    for endpoint in &c.endpoints {
+    check_kept(c, &mut None).await
+}
+
+/// A connection kept open between checks of the same target (see [`check_kept`]).
+pub struct Kept {
+    endpoint: String,
+    conn: MultiplexedConnection,
+}
+
+/// The check of [`check_cluster`] over a kept connection: `kept` is used (credentials verified
+/// again with `AUTH`) while it works, and replaced by a new connection to the first seed that
+/// answers when it does not. A connection is kept whenever the seed answered `CLUSTER INFO`,
+/// healthy or degraded; never after an authentication failure.
+pub async fn check_kept(c: &Connect, kept: &mut Option<Kept>) -> Result<String, CheckError> {
+    if let Some(k) = kept.as_mut() {
         let r = async {
-            let mut conn = connect_one(c, endpoint).await?;
-            let text = cluster_info(&mut conn, endpoint, c.timeout).await?;
-            let info = parse_cluster_info(&text);
-            judge(&info).map_err(|m| CheckError::Degraded(format!("{endpoint}: {m}")))?;
-            Ok(format!("{endpoint}: cluster_state ok, 16384 slots served, {} known nodes", info.known_nodes))
+            reauthenticate(c, &mut k.conn, &k.endpoint).await?;
+            check_on(&mut k.conn, &k.endpoint, c.timeout).await
         }
         .await;
         match r {
             Ok(m) => return Ok(m),
-            Err(e @ (CheckError::Authentication(_) | CheckError::Degraded(_))) => return Err(e),
+            Err(e @ CheckError::Degraded(_)) => return Err(e),
+            Err(e @ CheckError::Authentication(_)) => {
+                *kept = None;
+                return Err(e);
+            }
+            // Broken or gone: start again from the seeds.
+            Err(_) => *kept = None,
+        }
+    }
+    let mut last = CheckError::Unreachable("no endpoints".into());
+    for endpoint in &c.endpoints {
+        let mut conn = match connect_one(c, endpoint).await {
+            Ok(conn) => conn,
+            Err(e @ CheckError::Authentication(_)) => return Err(e),
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        let r = check_on(&mut conn, endpoint, c.timeout).await;
+        match r {
+            Ok(_) | Err(CheckError::Degraded(_)) => {
+                *kept = Some(Kept { endpoint: endpoint.clone(), conn });
+                return r;
+            }
+            Err(e @ CheckError::Authentication(_)) => return Err(e),
             Err(e) => last = e,
         }
     }

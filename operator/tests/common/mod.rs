@@ -106,7 +106,11 @@ impl OperatorProcess {
         let http_port = free_port();
         let log = env.dir().join(format!("{log_name}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_authrealm-operator"))
+        // AUTHREALM_OPERATOR_BIN: another build of the operator (e.g. to show a test fails on it).
+        let bin = std::env::var_os("AUTHREALM_OPERATOR_BIN")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_authrealm-operator")), Into::into);
+        let child = Command::new(bin)
             .args(args)
             .arg(format!("--http-addr=127.0.0.1:{http_port}"))
             .env("KUBECONFIG", env.kubeconfig_path())

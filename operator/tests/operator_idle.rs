@@ -1,0 +1,283 @@
+//! What Ready realms cost at rest: a real operator process against a real kube-apiserver whose
+//! audit log records every request (reads included) with the operator's User-Agent, and a real
+//! Redis Cluster whose `INFO stats` counts the connections it accepted.
+//!
+//! Ready realms must cost (almost) nothing while nothing changes: no API request per realm per
+//! Redis check, no write that changes nothing, one kept Redis connection for all realms naming
+//! the same Redis, closed when no realm names it any more.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use authrealm_operator::crd::AuthRealm;
+use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
+use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
+use common::*;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// Every request, at Metadata level (no bodies: no key material in the log).
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+"#;
+
+/// How often the operator under test checks Redis: the idle windows below span several checks.
+const CHECK_INTERVAL: &str = "1s";
+
+/// Realms in the test: enough that a per-realm cost is unmistakable.
+const REALMS: usize = 12;
+
+/// One request as the audit log recorded it.
+#[derive(Debug, Clone)]
+struct Request {
+    id: String,
+    received: Timestamp,
+    user_agent: String,
+    verb: String,
+    resource: String,
+    name: String,
+}
+
+impl Request {
+    fn parse(line: &str) -> Option<Request> {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or_default().to_owned();
+        let sub = s("/objectRef/subresource");
+        Some(Request {
+            id: s("/auditID"),
+            received: s("/requestReceivedTimestamp").parse().ok()?,
+            user_agent: s("/userAgent"),
+            verb: s("/verb"),
+            resource: if sub.is_empty() {
+                s("/objectRef/resource")
+            } else {
+                format!("{}/{sub}", s("/objectRef/resource"))
+            },
+            name: s("/objectRef/name"),
+        })
+    }
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {} {}", self.received, self.verb, self.resource, self.name)
+    }
+}
+
+/// Requests by `identity` received at or after `since`, one per audit ID. Watches are left
+/// out: they are long-lived and re-established on the server's schedule, not per realm.
+fn requests_since(log: &PathBuf, identity: &str, since: Timestamp) -> Vec<Request> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    text.lines()
+        .filter_map(Request::parse)
+        .filter(|r| r.user_agent.ends_with(&format!("({identity})")) && r.received >= since && r.verb != "watch")
+        .filter(|r| seen.insert(r.id.clone()))
+        .collect()
+}
+
+/// `total_connections_received` summed over the cluster's nodes, and the number of nodes (each
+/// query is itself one new connection per node).
+fn connections_received(cluster: &RedisCluster) -> anyhow::Result<(u64, u64)> {
+    let (mut total, mut nodes) = (0, 0);
+    for addr in cluster.live_addrs() {
+        let text = cluster.cli(&addr, &["INFO", "stats"])?;
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("total_connections_received:"))
+            .context("INFO stats without total_connections_received")?
+            .trim()
+            .parse()?;
+        total += n;
+        nodes += 1;
+    }
+    Ok((total, nodes))
+}
+
+/// Ordinary client connections open on the cluster's nodes (not replication links, not the
+/// query's own).
+fn client_connections(cluster: &RedisCluster) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for addr in cluster.live_addrs() {
+        let text = cluster.cli(&addr, &["CLIENT", "LIST"])?;
+        n += text.lines().filter(|l| l.contains(" flags=N ") && !l.contains("cmd=client|list")).count();
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_realms_at_rest_cost_no_requests_no_writes_and_one_shared_redis_connection() -> anyhow::Result<()> {
+    crypto();
+    let cluster =
+        tokio::task::spawn_blocking(|| RedisCluster::start(RedisClusterOptions::with_password("idle-pw"))).await??;
+    let dir = std::env::temp_dir().join(format!("authrealm-idle-audit-{}-{}", std::process::id(), unix_now_f()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, AUDIT_POLICY)?;
+    let log = dir.join("audit.log");
+    let env = KubeEnv::start(KubeEnvOptions {
+        extra_apiserver_args: vec![
+            format!("--audit-policy-file={}", policy.display()),
+            format!("--audit-log-path={}", log.display()),
+            "--audit-log-mode=blocking".into(),
+            "--audit-log-format=json".into(),
+        ],
+        ..KubeEnvOptions::default()
+    })
+    .await?;
+    let client = env.client().await?;
+    install_crd(&client).await?;
+    let ns = env.create_temp_namespace("idle").await?;
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some("redis-auth".into()),
+                    labels: Some(BTreeMap::from([("authrealm.dev/redis-credentials".into(), "true".into())])),
+                    ..ObjectMeta::default()
+                },
+                string_data: Some(BTreeMap::from([("password".into(), "idle-pw".into())])),
+                ..Secret::default()
+            },
+        )
+        .await?;
+    let identity = "idle-0";
+    let check_interval = format!("--redis-check-interval={CHECK_INTERVAL}");
+    let op = OperatorProcess::spawn(
+        &env,
+        "operator-idle",
+        &[
+            "--namespace",
+            &ns,
+            "--leader-elect=false",
+            "--webhook-enabled=false",
+            "--identity",
+            identity,
+            &check_interval,
+        ],
+    )?;
+    let seeds = cluster.seeds();
+    for i in 0..REALMS {
+        let spec = json!({
+            "issuer": format!("https://idle-{i}.example.test"),
+            "audiences": ["app"],
+            "algorithm": "ES256",
+            "redis": {"endpoints": &seeds[..2], "credentials": {"secretName": "redis-auth"}},
+        });
+        create_realm(&client, &ns, &realm(&format!("idle-{i}"), spec)).await?;
+    }
+    let realms: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    wait_for("every realm Ready", Duration::from_secs(90), || {
+        let realms = realms.clone();
+        async move {
+            let list = realms.list(&ListParams::default()).await.ok()?;
+            let ready = list
+                .items
+                .iter()
+                .filter(|r| {
+                    r.status
+                        .as_ref()
+                        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .count();
+            (ready == REALMS).then_some(())
+        }
+    })
+    .await?;
+
+    // At rest: several Redis check intervals without a single API request (watches aside) and
+    // without a new Redis connection. (The previous operator re-ran the whole reconcile per
+    // realm per check: 6 reads, 2 writes and a new Redis connection each.)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let since = Timestamp::now();
+    let (conns_before, _) = connections_received(&cluster)?;
+    let checks_before = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let requests = requests_since(&log, identity, since);
+    let (conns_after, nodes) = connections_received(&cluster)?;
+    let new_connections = conns_after - conns_before - nodes;
+    let listed: Vec<String> = requests.iter().map(ToString::to_string).collect();
+    assert!(
+        requests.is_empty(),
+        "{} API requests by the operator in {:.1?} at rest (Redis checked every {CHECK_INTERVAL}):\n{}",
+        requests.len(),
+        checks_before.elapsed(),
+        listed.join("\n")
+    );
+    assert_eq!(
+        new_connections,
+        0,
+        "{REALMS} realms naming the same Redis opened {new_connections} new connections in {:.1?} at rest",
+        checks_before.elapsed()
+    );
+    // ... while the checks do run, over one kept connection for all realms.
+    assert_eq!(client_connections(&cluster)?, 1, "one kept connection for {REALMS} realms");
+
+    // A reconcile that changes nothing writes nothing: an annotation on a realm wakes it (its
+    // reconcile runs, as the counter shows), and the operator sends no write.
+    let reconciles = op.metric("authrealm_operator_reconciles_total").await.context("reconciles metric")?;
+    let since = Timestamp::now();
+    realms
+        .patch(
+            "idle-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"example.test/touched": "yes"}}})),
+        )
+        .await?;
+    wait_for("the touched realm reconciled", Duration::from_secs(20), || async {
+        (op.metric("authrealm_operator_reconciles_total").await? > reconciles).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let writes: Vec<String> = requests_since(&log, identity, since)
+        .into_iter()
+        .filter(|r| !matches!(r.verb.as_str(), "get" | "list" | "watch"))
+        .map(|r| r.to_string())
+        .collect();
+    assert!(writes.is_empty(), "a reconcile with nothing to change wrote:\n{}", writes.join("\n"));
+
+    // The Redis check still notices a change, and only the change is written: a wrong password
+    // for one realm turns only that realm's condition.
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    api.patch(
+        "idle-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"redis": {"credentials": {"secretName": "redis-auth", "passwordKey": "nope"}}}})),
+    )
+    .await?;
+    wait_condition(
+        &client,
+        &ns,
+        "idle-1",
+        "RedisReachable",
+        "False",
+        Some("CredentialsMissing"),
+        Duration::from_secs(30),
+    )
+    .await?;
+
+    // Realms gone: the shared connection is closed.
+    realms.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
+    wait_for("the kept Redis connection closed", Duration::from_secs(30), || {
+        let n = client_connections(&cluster).ok();
+        async move { (n? == 0).then_some(()) }
+    })
+    .await?;
+    drop(op);
+    drop(env);
+    if std::env::var_os("AUTHREALM_KEEP_KUBE_ENV").is_none_or(|v| v.is_empty()) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
