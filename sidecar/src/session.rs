@@ -463,13 +463,42 @@ impl SessionStore {
     /// The per-request check: at most one command, keys of one slot. With the session cache, an
     /// active session found there (see [`crate::sessioncache`] for when it may be used) needs none.
     pub async fn check(&self, sub: &str, jti: &str, iat: Option<i64>) -> Result<SessionState, StoreError> {
+        self.check_sourced(sub, jti, iat).await.0
+    }
+
+    /// [`Self::check`], and whether it was answered without Redis (stateless mode or a session
+    /// cache hit) — the request path's Redis metrics count only real round trips.
+    pub async fn check_sourced(
+        &self,
+        sub: &str,
+        jti: &str,
+        iat: Option<i64>,
+    ) -> (Result<SessionState, StoreError>, bool) {
+        let mut local = false;
+        let r = self.check_inner(sub, jti, iat, &mut local).await;
+        (r, local)
+    }
+
+    async fn check_inner(
+        &self,
+        sub: &str,
+        jti: &str,
+        iat: Option<i64>,
+        local: &mut bool,
+    ) -> Result<SessionState, StoreError> {
         match self.mode {
-            SessionMode::Stateless => Ok(SessionState::Active),
+            SessionMode::Stateless => {
+                *local = true;
+                Ok(SessionState::Active)
+            }
             SessionMode::Single | SessionMode::Multi => {
                 let key = self.layout.token(sub, jti);
                 let ticket = match &self.cache {
                     Some(c) => match c.lookup(&key) {
-                        Lookup::Hit => return Ok(SessionState::Active),
+                        Lookup::Hit => {
+                            *local = true;
+                            return Ok(SessionState::Active);
+                        }
                         Lookup::Miss(t) => t,
                     },
                     None => None,

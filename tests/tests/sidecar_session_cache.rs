@@ -104,6 +104,15 @@ async fn poll_until_refused(
     (None, late_200s)
 }
 
+/// Session checks the sidecar counted as Redis round trips (`redis_seconds{op="check"}`).
+fn redis_checks(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("authrealm_sidecar_redis_seconds_count{") && l.contains("op=\"check\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -200,9 +209,13 @@ async fn the_cache_saves_redis_commands_and_off_means_every_request_reads_redis(
             let most = (took.as_millis() as u64 / BOUND_MS + 3).max(REQUESTS / 10);
             assert!(n <= most, "cache on: {n} EXISTS for {REQUESTS} requests in {took:?}");
             assert!(metric_value(&s.metrics().await.unwrap(), HITS) >= (REQUESTS - most) as f64);
+            // The sidecar's own count of Redis round trips agrees: cache hits are not counted.
+            let counted = redis_checks(&s.metrics().await.unwrap());
+            assert!(counted <= most as f64, "cache on: authrealm_sidecar_redis_seconds counts {counted} checks");
         } else {
             assert!(n >= REQUESTS, "cache off: {n} EXISTS for {REQUESTS} requests");
             assert_eq!(metric_value(&s.metrics().await.unwrap(), HITS), 0.0);
+            assert!(redis_checks(&s.metrics().await.unwrap()) >= REQUESTS as f64);
         }
     }
 
