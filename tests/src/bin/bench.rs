@@ -1352,7 +1352,8 @@ async fn run(args: &Args) -> Result<()> {
                 continue;
             }
             let mut row = Row::new(id, label, "authrealm", "warm", 200);
-            let extra = cache.then(|| ("sessionCache", json!({ "enabled": true, "maxStalenessMs": 1000 })));
+            // Written both ways: the session cache is on by default, so "off" must say so.
+            let extra = Some(("sessionCache", json!({ "enabled": cache, "maxStalenessMs": 1000 })));
             match start_sidecar(&ctx, id, single.clone(), &es.keys, extra, ctx.proxy_cpu).await {
                 Ok(sc) => {
                     measure(
