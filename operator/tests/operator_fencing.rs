@@ -66,18 +66,7 @@ async fn audited_env() -> anyhow::Result<Arc<AuditedEnv>> {
         return Ok(env);
     }
     let dir = std::env::temp_dir().join(format!("authrealm-audit-{}-{}", std::process::id(), unix_now_f()));
-    std::fs::create_dir_all(&dir)?;
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, AUDIT_POLICY)?;
-    let opts = KubeEnvOptions {
-        extra_apiserver_args: vec![
-            format!("--audit-policy-file={}", policy.display()),
-            format!("--audit-log-path={}", dir.join("audit.log").display()),
-            "--audit-log-mode=blocking".into(),
-            "--audit-log-format=json".into(),
-        ],
-        ..KubeEnvOptions::default()
-    };
+    let (opts, _log) = KubeEnvOptions::audited(&dir, AUDIT_POLICY)?;
     let env = KubeEnv::start(opts).await?;
     eprintln!("kube env up in {:.1?}; audit log {}", env.startup_duration(), dir.join("audit.log").display());
     install_crd(&env.client().await?).await?;

@@ -122,20 +122,8 @@ async fn ready_realms_at_rest_cost_no_requests_no_writes_and_one_shared_redis_co
     let cluster =
         tokio::task::spawn_blocking(|| RedisCluster::start(RedisClusterOptions::with_password("idle-pw"))).await??;
     let dir = std::env::temp_dir().join(format!("authrealm-idle-audit-{}-{}", std::process::id(), unix_now_f()));
-    std::fs::create_dir_all(&dir)?;
-    let policy = dir.join("policy.yaml");
-    std::fs::write(&policy, AUDIT_POLICY)?;
-    let log = dir.join("audit.log");
-    let env = KubeEnv::start(KubeEnvOptions {
-        extra_apiserver_args: vec![
-            format!("--audit-policy-file={}", policy.display()),
-            format!("--audit-log-path={}", log.display()),
-            "--audit-log-mode=blocking".into(),
-            "--audit-log-format=json".into(),
-        ],
-        ..KubeEnvOptions::default()
-    })
-    .await?;
+    let (opts, log) = KubeEnvOptions::audited(&dir, AUDIT_POLICY)?;
+    let env = KubeEnv::start(opts).await?;
     let client = env.client().await?;
     install_crd(&client).await?;
     let ns = env.create_temp_namespace("idle").await?;

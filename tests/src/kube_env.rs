@@ -76,6 +76,28 @@ pub struct KubeEnvOptions {
     pub startup_timeout: Duration,
 }
 
+impl KubeEnvOptions {
+    /// Options whose kube-apiserver writes a JSON audit log under `dir` by `policy` (an
+    /// `audit.k8s.io/v1` Policy), in blocking mode: a request is in the log before it is answered.
+    /// Returns the options and the log's path.
+    pub fn audited(dir: &Path, policy: &str) -> std::io::Result<(KubeEnvOptions, PathBuf)> {
+        std::fs::create_dir_all(dir)?;
+        let policy_file = dir.join("audit-policy.yaml");
+        std::fs::write(&policy_file, policy)?;
+        let log = dir.join("audit.log");
+        let opts = KubeEnvOptions {
+            extra_apiserver_args: vec![
+                format!("--audit-policy-file={}", policy_file.display()),
+                format!("--audit-log-path={}", log.display()),
+                "--audit-log-mode=blocking".into(),
+                "--audit-log-format=json".into(),
+            ],
+            ..KubeEnvOptions::default()
+        };
+        Ok((opts, log))
+    }
+}
+
 impl Default for KubeEnvOptions {
     fn default() -> Self {
         Self { controller_manager: false, extra_apiserver_args: Vec::new(), startup_timeout: Duration::from_secs(60) }

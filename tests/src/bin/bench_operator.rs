@@ -285,21 +285,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::task::spawn_blocking(|| RedisCluster::start(RedisClusterOptions::with_password(REDIS_PASSWORD)))
             .await??;
     let audit_dir = std::env::temp_dir().join(format!("authrealm-bench-audit-{}", std::process::id()));
-    std::fs::create_dir_all(&audit_dir)?;
-    let audit_log = audit_dir.join("audit.log");
-    std::fs::write(audit_dir.join("policy.yaml"), AUDIT_POLICY)?;
-    let env = KubeEnv::start(KubeEnvOptions {
-        extra_apiserver_args: vec![
-            format!("--audit-policy-file={}", audit_dir.join("policy.yaml").display()),
-            format!("--audit-log-path={}", audit_log.display()),
-            "--audit-log-mode=blocking".into(),
-            "--audit-log-format=json".into(),
-            // The benchmark's own client creates realms and pods quickly.
-            "--max-requests-inflight=1000".into(),
-        ],
-        ..KubeEnvOptions::default()
-    })
-    .await?;
+    let (mut opts, audit_log) = KubeEnvOptions::audited(&audit_dir, AUDIT_POLICY)?;
+    // The benchmark's own client creates realms and pods quickly.
+    opts.extra_apiserver_args.push("--max-requests-inflight=1000".into());
+    let env = KubeEnv::start(opts).await?;
     let result = run(&args, &repo, &env, &cluster, &audit_log, started).await;
     let _ = std::fs::remove_dir_all(&audit_dir);
     drop(env);
