@@ -112,11 +112,35 @@ pub struct RedisTls {
     pub server_name: Option<String>,
 }
 
-/// Connection to the Redis Cluster holding session records.
+/// What kind of Redis deployment holds the session records. The key layout, Lua scripts, `WAIT`
+/// semantics, failure policy and metrics are the same for both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// A Redis Cluster: `endpoints` are seed nodes, the client follows the slot map.
+    #[default]
+    Cluster,
+    /// One Redis server (optionally with replicas, which only count for `WAIT`): `endpoints`
+    /// names exactly that server. No failover: while it is down the failure policy applies.
+    Standalone,
+}
+
+impl RedisMode {
+    pub fn is_cluster(&self) -> bool {
+        *self == RedisMode::Cluster
+    }
+}
+
+/// Connection to the Redis Cluster (or single Redis) holding session records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Seed nodes, `host:port`; the client discovers the rest of the cluster.
+    /// `cluster` (default) or `standalone`. Written only when not `cluster`, so configs of cluster
+    /// realms read the same by sidecars that predate the field.
+    #[serde(default, skip_serializing_if = "RedisMode::is_cluster")]
+    pub mode: RedisMode,
+    /// `cluster`: seed nodes, `host:port`; the client discovers the rest of the cluster.
+    /// `standalone`: exactly one `host:port`, the server itself.
     pub endpoints: Vec<String>,
     /// Environment variable holding the ACL user name (absent or empty: default user).
     #[serde(default = "default_username_env")]
@@ -547,6 +571,9 @@ impl SidecarConfig {
                 if let Some(i) = r.endpoints.iter().position(|e| !is_host_port(e)) {
                     return Err(err(format!("redis.endpoints[{i}]"), "must be host:port"));
                 }
+                if r.mode == RedisMode::Standalone && r.endpoints.len() != 1 {
+                    return Err(err("redis.endpoints", "mode standalone takes exactly one host:port (the server)"));
+                }
                 if r.key_prefix.len() > 256 || r.key_prefix.contains(['{', '}']) {
                     return Err(err("redis.keyPrefix", "at most 256 bytes and no '{' or '}'"));
                 }
@@ -631,6 +658,7 @@ impl SidecarConfig {
             failure_policy: FailurePolicy::Closed,
             session_cache: SessionCacheConfig::default(),
             redis: redis.map(|endpoints| RedisConfig {
+                mode: RedisMode::Cluster,
                 endpoints,
                 username_env: default_username_env(),
                 password_env: default_password_env(),
@@ -668,6 +696,20 @@ mod tests {
     }
 
     #[test]
+    fn redis_mode_defaults_to_cluster_and_is_written_only_for_standalone() {
+        let mut cfg = SidecarConfig::example("demo", "/k", Some(vec!["127.0.0.1:6379".into()]));
+        let json = cfg.to_json_pretty();
+        assert!(!json.contains("\"mode\""), "a cluster config reads as before: {json}");
+        assert_eq!(SidecarConfig::from_json(json.as_bytes()).unwrap().redis.unwrap().mode, RedisMode::Cluster);
+        cfg.redis.as_mut().unwrap().mode = RedisMode::Standalone;
+        let json = cfg.to_json_pretty();
+        assert!(json.contains("\"mode\": \"standalone\""), "{json}");
+        assert_eq!(SidecarConfig::from_json(json.as_bytes()).unwrap(), cfg);
+        let bad = json.replace("\"standalone\"", "\"sentinel\"");
+        assert!(SidecarConfig::from_json(bad.as_bytes()).is_err());
+    }
+
+    #[test]
     fn unknown_fields_and_versions_are_rejected_naming_the_field() {
         let mut v: serde_json::Value = serde_json::to_value(SidecarConfig::example("demo", "/k", None)).unwrap();
         v["sessionMod"] = "multi".into();
@@ -688,6 +730,14 @@ mod tests {
             ("audiences", Box::new(|c| c.audiences.clear())),
             ("redis", Box::new(|c| c.redis = None)),
             ("redis.endpoints[0]", Box::new(|c| c.redis.as_mut().unwrap().endpoints = vec!["nope".into()])),
+            (
+                "redis.endpoints",
+                Box::new(|c| {
+                    let r = c.redis.as_mut().unwrap();
+                    r.mode = RedisMode::Standalone;
+                    r.endpoints = vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()];
+                }),
+            ),
             ("listeners.issuer", Box::new(|c| c.listeners.issuer = "0.0.0.0:1".into())),
             ("tokenTtlSeconds", Box::new(|c| c.token_ttl_seconds = 99_999)),
             ("sessionCache.maxStalenessMs", Box::new(|c| c.session_cache.max_staleness_ms = 0)),

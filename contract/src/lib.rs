@@ -18,5 +18,5 @@ pub mod keygen;
 pub mod keyset;
 
 pub use alg::Alg;
-pub use config::{FailurePolicy, SessionMode, SidecarConfig};
+pub use config::{FailurePolicy, RedisMode, SessionMode, SidecarConfig};
 pub use keyset::{KeyEntry, KeySet, KeyState};

@@ -30,6 +30,11 @@ pub mod reason {
     /// the realm; the operator does not touch it.
     pub const NAME_CONFLICT: &str = "NameConflict";
     pub const CLUSTER_OK: &str = "ClusterOk";
+    /// `redis.mode: standalone`: the server answers as a master.
+    pub const STANDALONE_OK: &str = "StandaloneOk";
+    /// The endpoint is not the kind of Redis `redis.mode` says (a cluster node named as a
+    /// standalone server or the reverse, or a standalone endpoint that is a replica).
+    pub const REDIS_MODE_MISMATCH: &str = "RedisModeMismatch";
     pub const NOT_REQUIRED: &str = "NotRequired";
     pub const UNREACHABLE: &str = "Unreachable";
     pub const AUTHENTICATION_FAILED: &str = "AuthenticationFailed";

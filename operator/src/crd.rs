@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use authrealm_contract::config::PublicRoute;
-use authrealm_contract::{Alg, FailurePolicy, SessionMode};
+use authrealm_contract::{Alg, FailurePolicy, RedisMode, SessionMode};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt};
@@ -202,8 +202,17 @@ fn default_max_staleness() -> GoDuration {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = redis_rules()))]
 pub struct RedisSpec {
-    /// Seed nodes as `host:port` (the client discovers the rest of the cluster). Exactly one of
-    /// `endpoints` and `service` must be set.
+    /// `cluster` (a Redis Cluster; default) or `standalone` (one Redis server, optionally with
+    /// replicas that only count for `waitReplicas`). Key layout, revocation semantics, failure
+    /// policy and metrics are the same; a standalone server has no failover: while it is down
+    /// the failure policy applies, and what survives its restart is what its persistence
+    /// (`appendonly`) kept. See "Single Redis" in the README.
+    #[serde(default)]
+    pub mode: RedisMode,
+
+    /// Seed nodes as `host:port` (the client discovers the rest of the cluster); with
+    /// `mode: standalone` exactly one, the server itself. Exactly one of `endpoints` and
+    /// `service` must be set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16), inner(length(max = 262)), extend("x-kubernetes-validations" = endpoint_rules()))]
     pub endpoints: Option<Vec<String>>,
@@ -532,6 +541,8 @@ fn redis_rules() -> serde_json::Value {
     json!([
         {"rule": "has(self.endpoints) != has(self.service)",
          "message": "set exactly one of redis.endpoints and redis.service"},
+        {"rule": "self.mode != 'standalone' || !has(self.endpoints) || size(self.endpoints) == 1",
+         "message": "redis.mode standalone takes exactly one endpoint (the Redis server)"},
         {"rule": "!self.keyPrefix.contains('{') && !self.keyPrefix.contains('}')",
          "message": "redis.keyPrefix must not contain '{' or '}' (they would break the cluster hash tags)"},
         {"rule": "duration(self.connectTimeout) > duration('0s') && duration(self.commandTimeout) > duration('0s') && duration(self.waitTimeout) > duration('0s')",
@@ -681,6 +692,7 @@ mod tests {
             "at least one audience is required",
             "must not be longer than keyRotation.interval",
             "every redis endpoint must be host:port",
+            "redis.mode standalone takes exactly one endpoint",
             "size(self.metadata.name) <= 63",
             "Next Rotation",
         ] {

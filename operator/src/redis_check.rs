@@ -1,9 +1,10 @@
-//! Talking to a realm's Redis Cluster with the realm's own credentials: the `RedisReachable`
-//! check (`CLUSTER INFO` on a seed node) and the optional purge of the realm's session records
-//! when the realm is deleted.
+//! Talking to a realm's Redis with the realm's own credentials: the `RedisReachable` check
+//! (`CLUSTER INFO` on a seed node; `PING` and `INFO` on a standalone server) and the optional
+//! purge of the realm's session records when the realm is deleted.
 
 use std::time::Duration;
 
+use authrealm_contract::RedisMode;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, TlsCertificates};
 
@@ -13,6 +14,8 @@ use crate::conditions::reason;
 /// never stored or logged).
 #[derive(Clone)]
 pub struct Connect {
+    /// A Redis Cluster (seed nodes) or one standalone server.
+    pub mode: RedisMode,
     pub endpoints: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -24,6 +27,7 @@ pub struct Connect {
 impl std::fmt::Debug for Connect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connect")
+            .field("mode", &self.mode)
             .field("endpoints", &self.endpoints)
             .field("username", &self.username.as_ref().map(|_| "<set>"))
             .field("password", &self.password.as_ref().map(|_| "<set>"))
@@ -48,6 +52,9 @@ pub enum CheckError {
     /// A referenced Secret lacks the opt-in label (see `controller::REDIS_SECRET_LABEL`).
     #[error("{0}")]
     NotLabelled(String),
+    /// The endpoint is not the kind of Redis `redis.mode` names.
+    #[error("{0}")]
+    ModeMismatch(String),
 }
 
 impl CheckError {
@@ -59,6 +66,7 @@ impl CheckError {
             CheckError::Credentials(_) => reason::CREDENTIALS_MISSING,
             CheckError::Tls(_) => reason::TLS_CONFIG_INVALID,
             CheckError::NotLabelled(_) => reason::CREDENTIALS_NOT_LABELLED,
+            CheckError::ModeMismatch(_) => reason::REDIS_MODE_MISMATCH,
         }
     }
 }
@@ -163,12 +171,86 @@ async fn cluster_info(
     }
 }
 
-/// `CLUSTER INFO` on an open connection, judged.
-async fn check_on(conn: &mut MultiplexedConnection, endpoint: &str, timeout: Duration) -> Result<String, CheckError> {
-    let text = cluster_info(conn, endpoint, timeout).await?;
+/// The check on an open connection, judged: `CLUSTER INFO` for a cluster, `PING` + `INFO` for a
+/// standalone server.
+async fn check_on(
+    mode: RedisMode,
+    conn: &mut MultiplexedConnection,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<String, CheckError> {
+    if mode == RedisMode::Standalone {
+        return check_standalone_on(conn, endpoint, timeout).await;
+    }
+    let text = match cluster_info(conn, endpoint, timeout).await {
+        Err(CheckError::Unreachable(m)) if m.contains("cluster support disabled") => {
+            return Err(CheckError::ModeMismatch(format!(
+                "{endpoint}: not a Redis Cluster node (cluster support disabled); for a single Redis server set \
+                 redis.mode: standalone"
+            )));
+        }
+        r => r?,
+    };
     let info = parse_cluster_info(&text);
     judge(&info).map_err(|m| CheckError::Degraded(format!("{endpoint}: {m}")))?;
     Ok(format!("{endpoint}: cluster_state ok, 16384 slots served, {} known nodes", info.known_nodes))
+}
+
+/// The fields of `INFO` a standalone check looks at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub role: String,
+    pub cluster_enabled: bool,
+    pub connected_replicas: u32,
+}
+
+pub fn parse_server_info(text: &str) -> ServerInfo {
+    let mut info = ServerInfo::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.trim().split_once(':') else { continue };
+        match k {
+            "role" => info.role = v.trim().to_owned(),
+            "cluster_enabled" => info.cluster_enabled = v.trim() == "1",
+            "connected_slaves" => info.connected_replicas = v.trim().parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    info
+}
+
+/// Verdict on a standalone server's `INFO`: a master that is not a cluster node (a replica
+/// refuses the sidecars' writes; a cluster node answers `MOVED` for most keys).
+pub fn judge_standalone(endpoint: &str, info: &ServerInfo) -> Result<String, CheckError> {
+    if info.cluster_enabled {
+        return Err(CheckError::ModeMismatch(format!(
+            "{endpoint}: is a Redis Cluster node; set redis.mode: cluster (or name a standalone server)"
+        )));
+    }
+    if info.role != "master" {
+        return Err(CheckError::ModeMismatch(format!(
+            "{endpoint}: is a {} (role:{}), not a master: a standalone realm needs the server that accepts writes",
+            if info.role == "slave" { "replica" } else { "server of another role" },
+            if info.role.is_empty() { "?" } else { &info.role }
+        )));
+    }
+    Ok(format!("{endpoint}: standalone Redis, role master, {} connected replica(s)", info.connected_replicas))
+}
+
+/// `PING`, then `INFO replication` and `INFO cluster` in one round trip.
+async fn check_standalone_on(
+    conn: &mut MultiplexedConnection,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<String, CheckError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("PING").ignore().cmd("INFO").arg("replication").cmd("INFO").arg("cluster");
+    match tokio::time::timeout(timeout, pipe.query_async::<(String, String)>(conn)).await {
+        Ok(Ok((replication, cluster))) => {
+            judge_standalone(endpoint, &parse_server_info(&format!("{replication}\n{cluster}")))
+        }
+        Ok(Err(e)) => Err(classify(endpoint, &e)),
+        Err(_) => Err(CheckError::Unreachable(format!("{endpoint}: PING/INFO timed out after {timeout:?}"))),
+    }
 }
 
 /// `AUTH` again on a kept connection, so that a password changed on the server since the
@@ -208,12 +290,12 @@ pub async fn check_kept(c: &Connect, kept: &mut Option<Kept>) -> Result<String, 
     if let Some(k) = kept.as_mut() {
         let r = async {
             reauthenticate(c, &mut k.conn, &k.endpoint).await?;
-            check_on(&mut k.conn, &k.endpoint, c.timeout).await
+            check_on(c.mode, &mut k.conn, &k.endpoint, c.timeout).await
         }
         .await;
         match r {
             Ok(m) => return Ok(m),
-            Err(e @ CheckError::Degraded(_)) => return Err(e),
+            Err(e @ (CheckError::Degraded(_) | CheckError::ModeMismatch(_))) => return Err(e),
             Err(e @ CheckError::Authentication(_)) => {
                 *kept = None;
                 return Err(e);
@@ -232,9 +314,9 @@ pub async fn check_kept(c: &Connect, kept: &mut Option<Kept>) -> Result<String, 
                 continue;
             }
         };
-        let r = check_on(&mut conn, endpoint, c.timeout).await;
+        let r = check_on(c.mode, &mut conn, endpoint, c.timeout).await;
         match r {
-            Ok(_) | Err(CheckError::Degraded(_)) => {
+            Ok(_) | Err(CheckError::Degraded(_) | CheckError::ModeMismatch(_)) => {
                 *kept = Some(Kept { endpoint: endpoint.clone(), conn });
                 return r;
             }
@@ -282,11 +364,11 @@ pub fn masters_from_cluster_nodes(text: &str) -> Vec<String> {
 }
 
 /// Deletes every key of the realm on every master (SCAN + UNLINK, one key per command since the
-/// keys span slots). Returns how many keys were deleted.
+/// keys span slots); on a standalone server, on that server. Returns how many keys were deleted.
 pub async fn purge_realm(c: &Connect, prefix: &str, realm: &str) -> Result<u64, CheckError> {
     let mut seed_err = CheckError::Unreachable("no endpoints".into());
-    let mut masters = None;
-    for endpoint in &c.endpoints {
+    let mut masters = (c.mode == RedisMode::Standalone).then(|| c.endpoints.clone());
+    for endpoint in c.endpoints.iter().filter(|_| masters.is_none()) {
         match connect_one(c, endpoint).await {
             Ok(mut conn) => {
                 let text: String = redis::cmd("CLUSTER")
@@ -349,6 +431,22 @@ mod tests {
         let partial = ok.replace("cluster_slots_ok:16384", "cluster_slots_ok:10923");
         assert!(judge(&parse_cluster_info(&partial)).unwrap_err().contains("10923"));
         assert!(judge(&parse_cluster_info("")).is_err());
+    }
+
+    #[test]
+    fn standalone_verdicts() {
+        let master = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\nslave0:ip=127.0.0.1,port=7001,state=online\r\n\n# Cluster\r\ncluster_enabled:0\r\n";
+        let info = parse_server_info(master);
+        assert_eq!(info, ServerInfo { role: "master".into(), cluster_enabled: false, connected_replicas: 1 });
+        assert!(judge_standalone("r:1", &info).unwrap().contains("role master, 1 connected replica"));
+        let replica = "role:slave\r\nmaster_host:10.0.0.1\r\ncluster_enabled:0\r\n";
+        let e = judge_standalone("r:1", &parse_server_info(replica)).unwrap_err();
+        assert_eq!(e.reason(), "RedisModeMismatch");
+        assert!(e.to_string().contains("replica"), "{e}");
+        let cluster_node = master.replace("cluster_enabled:0", "cluster_enabled:1");
+        let e = judge_standalone("r:1", &parse_server_info(&cluster_node)).unwrap_err();
+        assert!(e.to_string().contains("redis.mode: cluster"), "{e}");
+        assert!(judge_standalone("r:1", &parse_server_info("")).is_err());
     }
 
     #[test]

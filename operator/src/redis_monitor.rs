@@ -22,6 +22,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt as _};
 use sha2::{Digest as _, Sha256};
 
+use authrealm_contract::RedisMode;
+
 use crate::conditions::{self, Cond, Status, reason};
 use crate::crd::AuthRealm;
 use crate::redis_check::{self, CheckError, Connect, Kept};
@@ -123,6 +125,7 @@ impl Monitor {
                 },
             };
         Ok(Connect {
+            mode: target.mode,
             endpoints: target.endpoints.clone(),
             username,
             password,
@@ -146,14 +149,18 @@ impl Monitor {
             Ok(c) => self.pool.check(&c, max_age).await,
             Err(e) => Err(e),
         };
-        cond_from(result)
+        cond_from(target.mode, result)
     }
 }
 
 /// The condition for a check result.
-pub fn cond_from(result: Result<String, CheckError>) -> Cond {
+pub fn cond_from(mode: RedisMode, result: Result<String, CheckError>) -> Cond {
+    let ok = match mode {
+        RedisMode::Cluster => reason::CLUSTER_OK,
+        RedisMode::Standalone => reason::STANDALONE_OK,
+    };
     match result {
-        Ok(message) => Cond::new(conditions::REDIS_REACHABLE, Status::True, reason::CLUSTER_OK, message),
+        Ok(message) => Cond::new(conditions::REDIS_REACHABLE, Status::True, ok, message),
         Err(e) => Cond::new(conditions::REDIS_REACHABLE, Status::False, e.reason(), e.to_string()),
     }
 }
@@ -172,6 +179,10 @@ pub fn pool_key(c: &Connect) -> [u8; 32] {
         h.update((b.len() as u64).to_be_bytes());
         h.update(b);
     };
+    field(match c.mode {
+        RedisMode::Cluster => &b"\0cluster"[..],
+        RedisMode::Standalone => &b"\0standalone"[..],
+    });
     field(&(c.endpoints.len() as u64).to_be_bytes());
     for e in &c.endpoints {
         field(e.as_bytes());
@@ -270,14 +281,14 @@ pub async fn run_checks(
             let Some(target) = &resolved.redis else { continue };
             match monitor.connect_params(target, &ns).await {
                 Ok(c) => groups.entry(pool_key(&c)).or_insert_with(|| (c, Vec::new())).1.push(realm),
-                Err(e) => verdicts.push((realm, cond_from(Err(e)))),
+                Err(e) => verdicts.push((realm, cond_from(target.mode, Err(e)))),
             }
         }
         monitor.pool.retain(&groups.keys().copied().collect());
         let monitor = &monitor;
         let checked: Vec<_> = futures_util::stream::iter(groups.into_values())
             .map(|(c, realms)| async move {
-                let cond = cond_from(monitor.pool.check(&c, interval / 2).await);
+                let cond = cond_from(c.mode, monitor.pool.check(&c, interval / 2).await);
                 realms.into_iter().map(move |r| (r, cond.clone()))
             })
             .buffer_unordered(ROUND_CONCURRENCY)
@@ -306,6 +317,7 @@ mod tests {
 
     fn connect(endpoints: &[&str], password: Option<&str>, tls: Option<Option<&[u8]>>) -> Connect {
         Connect {
+            mode: RedisMode::Cluster,
             endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
             username: None,
             password: password.map(str::to_owned),
@@ -343,6 +355,7 @@ mod tests {
             ("tls with a CA", connect(&["127.0.0.1:7000", "127.0.0.1:7001"], Some("pw"), Some(Some(b"ca"))), false),
             ("username", Connect { username: Some("u".into()), ..base.clone() }, false),
             ("timeout", Connect { timeout: Duration::from_secs(1), ..base.clone() }, false),
+            ("standalone", Connect { mode: RedisMode::Standalone, ..base.clone() }, false),
             // Fields are length-prefixed: moving bytes between fields is another key.
             ("shifted bytes", connect(&["127.0.0.1:7000", "127.0.0.1:7001p"], Some("w"), None), false),
         ];
@@ -361,8 +374,9 @@ mod tests {
             observed_generation: Some(1),
             last_transition_time: Time(Timestamp::UNIX_EPOCH),
         };
-        let ok = cond_from(Ok("a:1: cluster_state ok".into()));
-        let down = cond_from(Err(CheckError::Unreachable("a:1: refused".into())));
+        let ok = cond_from(RedisMode::Cluster, Ok("a:1: cluster_state ok".into()));
+        let down = cond_from(RedisMode::Cluster, Err(CheckError::Unreachable("a:1: refused".into())));
+        assert_eq!(cond_from(RedisMode::Standalone, Ok("a:1: standalone".into())).reason, "StandaloneOk");
         let cases = [
             ("same result", Some(cond("True", "ClusterOk", "a:1: cluster_state ok")), &ok, false),
             ("no condition yet", None, &ok, true),

@@ -8,7 +8,7 @@ use authrealm_contract::config::{
     CONFIG_VERSION, IdentityHeader, Limits, Listeners, RedisConfig, RedisTls, SessionCacheConfig, Upstream,
     default_identity_headers,
 };
-use authrealm_contract::{KeySet, SessionMode, SidecarConfig};
+use authrealm_contract::{KeySet, RedisMode, SessionMode, SidecarConfig};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -82,6 +82,8 @@ fn spec_err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 /// Where and how to reach the realm's Redis Cluster (no secrets: those are read separately).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RedisTarget {
+    /// Cluster (`CLUSTER INFO`, purge on every master) or standalone (`PING`/`INFO`, one node).
+    pub mode: RedisMode,
     pub endpoints: Vec<String>,
     pub credentials: Option<RedisCredentials>,
     pub tls: Option<RedisTlsSpec>,
@@ -167,6 +169,9 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
             if endpoints.is_empty() || endpoints.len() > 16 {
                 return Err(spec_err("redis.endpoints", "list 1 to 16 host:port seeds"));
             }
+            if r.mode == RedisMode::Standalone && endpoints.len() != 1 {
+                return Err(spec_err("redis.endpoints", "mode standalone takes exactly one host:port (the server)"));
+            }
             if let Some(t) = &r.tls
                 && t.server_name.is_some()
             {
@@ -184,6 +189,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
                 u32::try_from(r.wait_replicas).map_err(|_| spec_err("redis.waitReplicas", "must be 0 to 5"))?;
             let connect_timeout_ms = millis("redis.connectTimeout", &r.connect_timeout)?;
             let cfg = RedisConfig {
+                mode: r.mode,
                 endpoints: endpoints.clone(),
                 username_env: "AUTHREALM_REDIS_USERNAME".into(),
                 password_env: "AUTHREALM_REDIS_PASSWORD".into(),
@@ -198,6 +204,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
                 wait_timeout_ms: millis("redis.waitTimeout", &r.wait_timeout)?,
             };
             let target = RedisTarget {
+                mode: r.mode,
                 endpoints,
                 credentials: r.credentials.clone(),
                 tls: r.tls.clone(),
@@ -395,6 +402,22 @@ mod tests {
         // The operator's purge (finalizer) scans with the same prefix the sidecars write with.
         assert_eq!(a.redis.unwrap().key_prefix, ca.key_prefix);
         assert_eq!(b.redis.unwrap().key_prefix, cb.key_prefix);
+    }
+
+    #[test]
+    fn standalone_mode_reaches_the_sidecar_config_with_exactly_one_endpoint() {
+        let mut v = base();
+        v["redis"]["mode"] = json!("standalone");
+        let r = resolve("shop", "prod", &spec(v.clone())).unwrap();
+        let c = r.config.redis.as_ref().unwrap();
+        assert_eq!(c.mode, RedisMode::Standalone);
+        assert!(r.config.to_json_pretty().contains("\"mode\": \"standalone\""));
+        assert_eq!(r.redis.unwrap().mode, RedisMode::Standalone);
+        SidecarConfig::from_json(r.config.to_json_pretty().as_bytes()).unwrap();
+        // A cluster realm's sidecar.json is unchanged by the field (older sidecars still read it).
+        assert!(!resolve("shop", "prod", &spec(base())).unwrap().config.to_json_pretty().contains("\"mode\""));
+        v["redis"]["endpoints"] = json!(["redis-0:6379", "redis-1:6379"]);
+        assert!(resolve("shop", "prod", &spec(v)).unwrap_err().to_string().contains("redis.endpoints"));
     }
 
     #[test]

@@ -12,9 +12,8 @@ use authrealm_contract::{FailurePolicy, SessionMode, SidecarConfig};
 
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
-use crate::session::SessionStore;
+use crate::session::{RedisConn, SessionStore, StoreClient};
 use crate::token::Policy;
-use redis::cluster_async::ClusterConnection;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -73,19 +72,20 @@ pub struct App {
     pub token_cache: crate::tokencache::TokenCache,
 }
 
-/// Two multiplexed cluster connections: one for per-request reads, one for writes and their
-/// WAITs (see SessionStore), so a WAIT never holds up request checks.
+/// Two multiplexed connections (cluster, or to the standalone server): one for per-request
+/// reads, one for writes and their WAITs (see SessionStore), so a WAIT never holds up request
+/// checks.
 async fn connect_pair(
-    client: &redis::cluster::ClusterClient,
-    write_client: &redis::cluster::ClusterClient,
+    client: &StoreClient,
+    write_client: &StoreClient,
     limit: Duration,
-) -> Result<(ClusterConnection, ClusterConnection), String> {
-    let reader = tokio::time::timeout(limit, client.get_async_connection()).await;
-    let writer = tokio::time::timeout(limit, write_client.get_async_connection()).await;
+) -> Result<(RedisConn, RedisConn), String> {
+    let reader = tokio::time::timeout(limit, client.connect()).await;
+    let writer = tokio::time::timeout(limit, write_client.connect()).await;
     match (reader, writer) {
         (Ok(Ok(r)), Ok(Ok(w))) => Ok((r, w)),
         (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e.to_string()),
-        _ => Err("connecting to redis cluster timed out".to_string()),
+        _ => Err("connecting to redis timed out".to_string()),
     }
 }
 
@@ -166,9 +166,9 @@ impl App {
         self.metrics.redis_ready.set(ready as i64);
         if was != ready {
             if ready {
-                tracing::info!("redis cluster reachable");
+                tracing::info!("redis reachable");
             } else {
-                tracing::warn!("redis cluster unreachable");
+                tracing::warn!("redis unreachable");
             }
         }
     }
@@ -188,7 +188,7 @@ impl App {
         }
     }
 
-    /// Connect to the Redis Cluster in the background, retrying forever; then keep a
+    /// Connect to Redis (cluster or standalone) in the background, retrying forever; then keep a
     /// readiness probe running. Never blocks start-up.
     pub fn spawn_redis(self: &Arc<Self>) {
         let Some(redis_cfg) = self.cfg.redis.clone() else { return };
@@ -214,7 +214,7 @@ impl App {
                     Err(e) => tracing::warn!(
                         error = %e,
                         retry_in_ms = backoff.as_millis() as u64,
-                        "cannot connect to redis cluster yet"
+                        "cannot connect to redis yet"
                     ),
                 }
                 tokio::time::sleep(backoff).await;
@@ -229,13 +229,17 @@ impl App {
                 app.cfg.leeway_seconds,
                 app.cfg.max_sessions_per_subject,
             );
-            let topology = crate::topology::TopologyWatch::start(
-                {
-                    let s = store.clone();
-                    move || s.read_connection()
-                },
-                Duration::from_millis(redis_cfg.command_timeout_ms.max(500)),
-            );
+            let topology = match (redis_cfg.mode, redis_cfg.endpoints.as_slice()) {
+                // One server: nothing to poll; the connection manager reconnects by itself.
+                (authrealm_contract::RedisMode::Standalone, [server]) => crate::topology::TopologyWatch::fixed(server),
+                _ => crate::topology::TopologyWatch::start(
+                    {
+                        let s = store.clone();
+                        move || s.read_connection()
+                    },
+                    Duration::from_millis(redis_cfg.command_timeout_ms.max(500)),
+                ),
+            };
             store = store.with_topology(topology.clone());
             if app.cfg.session_cache.enabled {
                 let cache = crate::sessioncache::SessionCache::new(

@@ -1,4 +1,6 @@
-//! Session records in the Redis Cluster: the key layout and every command that touches it.
+//! Session records in Redis (a Redis Cluster, or one standalone server): the key layout and
+//! every command that touches it. Both kinds of deployment use the same keys, Lua scripts,
+//! `WAIT`s and error handling; only the connection differs ([`RedisConn`]).
 //!
 //! # Key layout (the only place key names are built)
 //!
@@ -30,12 +32,13 @@ use arc_swap::ArcSwap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use authrealm_contract::SessionMode;
 use authrealm_contract::config::RedisConfig;
+use authrealm_contract::{RedisMode, SessionMode};
 
 use crate::sessioncache::{Lookup, SessionCache};
 use crate::topology::TopologyWatch;
@@ -300,17 +303,99 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return redis.call('DEL', KEYS[2])
 "#;
 
+/// A connection to the realm's Redis: a Redis Cluster connection, or a connection manager for
+/// one standalone server (which reconnects by itself after the server restarts; a command issued
+/// while it reconnects waits for the new connection, bounded like every command by
+/// [`SessionStore`]'s deadlines). Both are multiplexed and cheap to clone, and both already
+/// implement [`ConnectionLike`] with one boxed future per command, so dispatching through this
+/// enum adds a `match`, no allocation.
+#[derive(Clone)]
+pub enum RedisConn {
+    Cluster(ClusterConnection),
+    Standalone(ConnectionManager),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Standalone(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Standalone(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisConn {
+    /// `cmd` on the node `routing` names (a cluster); on the server (standalone).
+    pub async fn route_command(&mut self, cmd: Cmd, routing: RoutingInfo) -> redis::RedisResult<Value> {
+        match self {
+            RedisConn::Cluster(c) => c.route_command(cmd, routing).await,
+            RedisConn::Standalone(c) => c.send_packed_command(&cmd).await,
+        }
+    }
+
+    /// A pipeline on the master serving `key`'s slot (a cluster); on the server (standalone).
+    /// The raw replies, server errors included as values.
+    async fn pipeline_for_key(&mut self, key: &str, pipe: Pipeline, count: usize) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            RedisConn::Cluster(c) => {
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master));
+                c.route_pipeline(pipe, 0, count, route).await
+            }
+            RedisConn::Standalone(c) => c.send_packed_commands(&pipe, 0, count).await,
+        }
+    }
+}
+
+/// What connections are made from: a cluster client, or a standalone server's client and the
+/// connection manager's settings.
+#[derive(Clone)]
+pub enum StoreClient {
+    Cluster(redis::cluster::ClusterClient),
+    Standalone(redis::Client, ConnectionManagerConfig),
+}
+
+impl StoreClient {
+    /// A new connection (for a standalone server, a connection manager that keeps it up).
+    pub async fn connect(&self) -> redis::RedisResult<RedisConn> {
+        match self {
+            StoreClient::Cluster(c) => c.get_async_connection().await.map(RedisConn::Cluster),
+            StoreClient::Standalone(c, cfg) => {
+                ConnectionManager::new_with_config(c.clone(), cfg.clone()).await.map(RedisConn::Standalone)
+            }
+        }
+    }
+}
+
 /// The realm's session store.
 #[derive(Clone)]
 pub struct SessionStore {
     /// Per-request reads (EXISTS/MGET, locator GET, PING). Replaced by a new connection when the
     /// slot map changes ([`SessionStore::replace_connections`]).
-    conn: Arc<ArcSwap<ClusterConnection>>,
+    conn: Arc<ArcSwap<RedisConn>>,
     /// Writes and their `WAIT`s. Redis blocks the connection a `WAIT` arrives on until replicas
     /// confirm or the wait times out, and `WAIT` only counts writes made on that same connection;
     /// keeping writes apart means a slow or frozen replica delays revocations, never the checks
     /// of every other request routed to that master.
-    writer: Arc<ArcSwap<ClusterConnection>>,
+    writer: Arc<ArcSwap<RedisConn>>,
     pub layout: KeyLayout,
     mode: SessionMode,
     timeout: Duration,
@@ -334,22 +419,40 @@ pub(crate) fn credentials(cfg: &RedisConfig) -> (Option<String>, Option<String>)
     (read(&cfg.username_env), read(&cfg.password_env))
 }
 
-/// Build the cluster client (no connection is made yet).
-/// The cluster client. `for_writes`: the client of the write connection, whose `WAIT`s block
-/// server-side for up to `waitTimeoutMs` each and can queue behind one another on a node; its
-/// response timeout is generous so that a blocked `WAIT` is never mistaken for a dead
-/// connection (every operation is still bounded by its own deadline in [`SessionStore`]).
-pub fn build_client(cfg: &RedisConfig, for_writes: bool) -> Result<redis::cluster::ClusterClient, String> {
+/// The client (cluster or standalone, per `redis.mode`; no connection is made yet).
+/// `for_writes`: the client of the write connection, whose `WAIT`s block server-side for up to
+/// `waitTimeoutMs` each and can queue behind one another on a node; its response timeout is
+/// generous so that a blocked `WAIT` is never mistaken for a dead connection (every operation is
+/// still bounded by its own deadline in [`SessionStore`]).
+pub fn build_client(cfg: &RedisConfig, for_writes: bool) -> Result<StoreClient, String> {
+    let response_timeout = Duration::from_millis(if for_writes {
+        cfg.command_timeout_ms + 4 * cfg.wait_timeout_ms + 1000
+    } else {
+        cfg.command_timeout_ms.max(cfg.wait_timeout_ms + 200)
+    });
+    if cfg.mode == RedisMode::Standalone {
+        let addr = match cfg.endpoints.as_slice() {
+            [one] => one,
+            _ => return Err("redis.endpoints: mode standalone takes exactly one host:port".into()),
+        };
+        let client = standalone_client(cfg, addr, false)?;
+        // Reconnects are tried at once and then once more shortly after; a request never waits
+        // for them longer than its own deadline, and the readiness probe (every 250 ms while
+        // Redis is down) starts a new attempt each time.
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        return Ok(StoreClient::Standalone(client, manager));
+    }
     let tls = cfg.tls.is_some();
     let nodes: Vec<String> =
         cfg.endpoints.iter().map(|e| if tls { format!("rediss://{e}") } else { format!("redis://{e}") }).collect();
     let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-        .response_timeout(Duration::from_millis(if for_writes {
-            cfg.command_timeout_ms + 4 * cfg.wait_timeout_ms + 1000
-        } else {
-            cfg.command_timeout_ms.max(cfg.wait_timeout_ms + 200)
-        }))
+        .response_timeout(response_timeout)
         .retries(3)
         .min_retry_wait(10)
         .max_retry_wait(100);
@@ -372,13 +475,44 @@ pub fn build_client(cfg: &RedisConfig, for_writes: bool) -> Result<redis::cluste
             return Err("redis.tls.serverName: not supported by the Redis client; use endpoint host names that match the servers' certificates (Redis 7: cluster-preferred-endpoint-type hostname)".into());
         }
     }
-    b.build().map_err(|e| format!("redis: {e}"))
+    b.build().map(StoreClient::Cluster).map_err(|e| format!("redis: {e}"))
+}
+
+/// A client for one server (`addr`) with the realm's TLS settings and credentials; RESP3 when
+/// asked (the session cache's tracking connections).
+pub(crate) fn standalone_client(cfg: &RedisConfig, addr: &str, resp3: bool) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo as _;
+    if cfg.tls.as_ref().is_some_and(|t| t.server_name.is_some()) {
+        return Err("redis.tls.serverName: not supported by the Redis client; use an endpoint host name that matches the server's certificate".into());
+    }
+    let scheme = if cfg.tls.is_some() { "rediss" } else { "redis" };
+    let info = format!("{scheme}://{addr}").into_connection_info().map_err(|e| format!("redis: {e}"))?;
+    let mut settings = info.redis_settings().clone();
+    if resp3 {
+        settings = settings.set_protocol(redis::ProtocolVersion::RESP3);
+    }
+    let (user, pass) = credentials(cfg);
+    if let Some(user) = user {
+        settings = settings.set_username(user);
+    }
+    if let Some(pass) = pass {
+        settings = settings.set_password(pass);
+    }
+    let info = info.set_redis_settings(settings);
+    match cfg.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
+        Some(ca) => {
+            let pem = std::fs::read(ca).map_err(|e| format!("redis.tls.caFile {ca}: {e}"))?;
+            redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+                .map_err(|e| format!("redis: {e}"))
+        }
+        None => redis::Client::open(info).map_err(|e| format!("redis: {e}")),
+    }
 }
 
 impl SessionStore {
     pub fn new(
-        conn: ClusterConnection,
-        writer: ClusterConnection,
+        conn: RedisConn,
+        writer: RedisConn,
         cfg: &RedisConfig,
         realm: &str,
         mode: SessionMode,
@@ -413,18 +547,18 @@ impl SessionStore {
     }
 
     /// The current per-request read connection.
-    pub fn read_connection(&self) -> ClusterConnection {
-        ClusterConnection::clone(&self.conn.load())
+    pub fn read_connection(&self) -> RedisConn {
+        RedisConn::clone(&self.conn.load())
     }
 
-    fn write_connection(&self) -> ClusterConnection {
-        ClusterConnection::clone(&self.writer.load())
+    fn write_connection(&self) -> RedisConn {
+        RedisConn::clone(&self.writer.load())
     }
 
     /// Swap in freshly made connections (after a slot-map change the cluster client could not
     /// learn from its own errors, e.g. a master frozen rather than dead). Commands in flight finish
     /// on the old ones.
-    pub fn replace_connections(&self, conn: ClusterConnection, writer: ClusterConnection) {
+    pub fn replace_connections(&self, conn: RedisConn, writer: RedisConn) {
         self.conn.store(Arc::new(conn));
         self.writer.store(Arc::new(writer));
     }
@@ -529,7 +663,8 @@ impl SessionStore {
         self.timeout.max(Duration::from_millis(1000))
     }
 
-    /// Run `write` on the master that owns `key`'s slot and, in the same pipeline on the same
+    /// Run `write` on the master that owns `key`'s slot (the server, standalone) and, in the same
+    /// pipeline on the same
     /// connection, `WAIT` for replicas. `WAIT` counts only the writes made on the connection it
     /// arrives on: sent separately, a reconnect in between (or the client library re-sending a
     /// `WAIT` whose connection dropped) would count replicas that never saw the write — a false
@@ -543,9 +678,8 @@ impl SessionStore {
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(self.wait_timeout_ms);
         }
         let count = if self.wait_replicas > 0 { 2 } else { 1 };
-        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master));
         let limit = Duration::from_millis(self.wait_timeout_ms) + self.write_limit();
-        let mut replies = self.bounded(limit, conn.route_pipeline(pipe, 0, count, route)).await?.into_iter();
+        let mut replies = self.bounded(limit, conn.pipeline_for_key(key, pipe, count)).await?.into_iter();
         let written = replies.next().ok_or(StoreError::Protocol)?;
         if let Value::ServerError(e) = &written {
             return Err(StoreError::Redis(redis::RedisError::from(e.clone())));
@@ -740,9 +874,10 @@ impl SessionStore {
         }
     }
 
-    /// PING every master over the write connection. Its result is not used: the point is that a
-    /// dead master makes the write connection refresh its slot map now, in the background, rather
-    /// than on the next revocation.
+    /// PING every master over the write connection (the server, standalone). Its result is not
+    /// used: the point is that a dead master makes the write connection refresh its slot map (a
+    /// standalone connection: reconnect) now, in the background, rather than on the next
+    /// revocation.
     pub async fn touch_writer(&self) {
         let mut conn = self.write_connection();
         let mut cmd = Cmd::new();
@@ -751,7 +886,8 @@ impl SessionStore {
         let _ = self.bounded(self.timeout.max(Duration::from_millis(500)), conn.route_command(cmd, route)).await;
     }
 
-    /// Readiness probe: one PING to a random master, bounded by the command timeout.
+    /// Readiness probe: one PING to a random master (the server, standalone), bounded by the
+    /// command timeout.
     pub async fn ping(&self) -> Result<Duration, StoreError> {
         let mut conn = self.read_connection();
         let start = Instant::now();

@@ -6,14 +6,19 @@
 //! The cluster client learns about a failover only from errors on its own connections; a master
 //! that stops answering without closing them (SIGSTOP, a black-holed network) returns none, so
 //! without this its slots would stay routed to it until it came back.
+//!
+//! A standalone Redis (`redis.mode: standalone`) has no slot map to poll: [`TopologyWatch::fixed`]
+//! publishes one master serving every slot, once. (The session cache's tracking connection to it
+//! still flushes the cache whenever it is lost or re-made, e.g. when the server restarts.)
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::Value;
-use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use tokio::sync::{Notify, watch};
+
+use crate::session::RedisConn;
 
 /// Slots of a cluster.
 pub const SLOTS: usize = 16384;
@@ -90,12 +95,19 @@ pub struct TopologyWatch {
 
 impl TopologyWatch {
     /// Start polling. `conn` returns the current request-path connection (it may be replaced).
-    pub fn start(conn: impl Fn() -> ClusterConnection + Send + 'static, limit: Duration) -> Self {
+    pub fn start(conn: impl Fn() -> RedisConn + Send + 'static, limit: Duration) -> Self {
         let (tx, _) = watch::channel(None);
         let w = TopologyWatch { inner: Arc::new(Inner { tx, poke: Notify::new() }) };
         let inner = w.inner.clone();
         tokio::spawn(async move { poll(inner, conn, limit).await });
         w
+    }
+
+    /// A standalone server `addr`: one master serving every slot, published once; no polling.
+    pub fn fixed(addr: &str) -> Self {
+        let layout = SlotLayout { masters: vec![addr.to_string()], slots: vec![0; SLOTS] };
+        let (tx, _) = watch::channel(Some(Arc::new(layout)));
+        TopologyWatch { inner: Arc::new(Inner { tx, poke: Notify::new() }) }
     }
 
     /// The current slot map and every later one.
@@ -109,7 +121,7 @@ impl TopologyWatch {
     }
 }
 
-async fn poll(inner: Arc<Inner>, conn: impl Fn() -> ClusterConnection, limit: Duration) {
+async fn poll(inner: Arc<Inner>, conn: impl Fn() -> RedisConn, limit: Duration) {
     // Whoever answered last is asked first: a frozen master would only time out.
     let last_good: Mutex<Option<String>> = Mutex::new(None);
     loop {
@@ -163,6 +175,15 @@ async fn poll(inner: Arc<Inner>, conn: impl Fn() -> ClusterConnection, limit: Du
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standalone_server_serves_every_slot() {
+        let w = TopologyWatch::fixed("127.0.0.1:6379");
+        let l = w.subscribe().borrow().clone().unwrap();
+        assert_eq!(l.masters, ["127.0.0.1:6379"]);
+        assert!(l.slots.len() == SLOTS && l.slots.iter().all(|s| *s == 0));
+        w.poke();
+    }
 
     #[test]
     fn cluster_slots_replies_parse() {
