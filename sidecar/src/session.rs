@@ -315,11 +315,28 @@ pub enum RedisConn {
     Standalone(ConnectionManager),
 }
 
+/// True when a standalone connection manager answered with an error that made it start a new
+/// connection: its connection was found dropped (the server restarted or died), or its last
+/// reconnect had failed (the server was down; such a command was never sent). The command is then
+/// sent once more, on the connection being made — as the cluster client retries on its own — so
+/// that after the server comes back the first request on each connection is answered rather than
+/// refused. Safe: request-path commands only read, and every issuer write is idempotent and sent
+/// with its `WAIT` in one pipeline (see [`SessionStore::write_and_wait`]). Bounded, like every
+/// command, by the caller's deadline.
+fn reconnecting(e: &redis::RedisError) -> bool {
+    e.is_connection_refusal() || e.is_unrecoverable_error()
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConn::Cluster(c) => c.req_packed_command(cmd),
-            RedisConn::Standalone(c) => c.req_packed_command(cmd),
+            RedisConn::Standalone(c) => Box::pin(async move {
+                match c.send_packed_command(cmd).await {
+                    Err(e) if reconnecting(&e) => c.send_packed_command(cmd).await,
+                    r => r,
+                }
+            }),
         }
     }
 
@@ -331,7 +348,12 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Standalone(c) => Box::pin(async move {
+                match c.send_packed_commands(pipeline, offset, count).await {
+                    Err(e) if reconnecting(&e) => c.send_packed_commands(pipeline, offset, count).await,
+                    r => r,
+                }
+            }),
         }
     }
 
@@ -348,7 +370,7 @@ impl RedisConn {
     pub async fn route_command(&mut self, cmd: Cmd, routing: RoutingInfo) -> redis::RedisResult<Value> {
         match self {
             RedisConn::Cluster(c) => c.route_command(cmd, routing).await,
-            RedisConn::Standalone(c) => c.send_packed_command(&cmd).await,
+            RedisConn::Standalone(_) => self.req_packed_command(&cmd).await,
         }
     }
 
@@ -360,7 +382,7 @@ impl RedisConn {
                 let route = SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master));
                 c.route_pipeline(pipe, 0, count, route).await
             }
-            RedisConn::Standalone(c) => c.send_packed_commands(&pipe, 0, count).await,
+            RedisConn::Standalone(_) => self.req_packed_commands(&pipe, 0, count).await,
         }
     }
 }

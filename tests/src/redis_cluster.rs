@@ -844,13 +844,13 @@ impl Drop for RedisCluster {
     }
 }
 
-struct CliOutput {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct CliOutput {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<CliOutput> {
+pub(crate) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<CliOutput> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -893,7 +893,7 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<CliOutput> {
 }
 
 /// `key:value` lines of INFO / CLUSTER INFO output (`\r\n` separated, `#` comments).
-fn parse_info(text: &str) -> HashMap<String, String> {
+pub(crate) fn parse_info(text: &str) -> HashMap<String, String> {
     text.lines()
         .map(|l| l.trim_end_matches('\r'))
         .filter(|l| !l.starts_with('#'))
@@ -902,13 +902,13 @@ fn parse_info(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-struct ReplicaLine {
-    port: u16,
-    state: String,
+pub(crate) struct ReplicaLine {
+    pub(crate) port: u16,
+    pub(crate) state: String,
 }
 
 /// `slaveN:ip=…,port=…,state=…,offset=…,lag=…` entries of a master's INFO replication.
-fn replica_lines(info: &HashMap<String, String>) -> Vec<ReplicaLine> {
+pub(crate) fn replica_lines(info: &HashMap<String, String>) -> Vec<ReplicaLine> {
     let mut lines: Vec<(&String, &String)> = info
         .iter()
         .filter(|(k, _)| {
@@ -941,7 +941,7 @@ fn slot_map(view: &[NodeInfo]) -> SlotMap {
     map
 }
 
-fn check_binaries() -> Result<()> {
+pub(crate) fn check_binaries() -> Result<()> {
     for bin in ["redis-server", "redis-cli"] {
         let ok = Command::new(bin)
             .arg("--version")
@@ -957,7 +957,7 @@ fn check_binaries() -> Result<()> {
     Ok(())
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
@@ -965,7 +965,7 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-fn make_temp_dir() -> Result<PathBuf> {
+pub(crate) fn make_temp_dir() -> Result<PathBuf> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let tmp = std::env::temp_dir();
     for _ in 0..100 {
@@ -1015,7 +1015,7 @@ fn tail_lines(text: &str, n: usize) -> String {
 }
 
 /// The last lines of a log file (reads at most the last 16 KiB).
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let read = || -> std::io::Result<String> {
         let mut f = File::open(path)?;
         let len = f.metadata()?.len();

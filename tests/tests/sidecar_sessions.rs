@@ -1,10 +1,12 @@
-//! Session modes against a real Redis Cluster, through the real sidecar binary.
+//! Session modes through the real sidecar binary, against a real Redis Cluster and against a
+//! real standalone Redis (`redis.mode: standalone`, one replica for `WAIT`): the same test body
+//! for both.
 
 use std::time::Duration;
 
 use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, KeySet, KeyState, SessionMode};
-use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions, key_slot};
+use authrealm_tests::redis_backend::TestRedis;
 use authrealm_tests::sidecar::{Sidecar, Upstream, test_config};
 use http::StatusCode;
 use serde_json::json;
@@ -44,12 +46,22 @@ async fn status(s: &Sidecar, t: &str) -> StatusCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_modes_against_a_real_cluster() {
-    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    let redis = tokio::task::spawn_blocking(TestRedis::cluster).await.unwrap().unwrap();
+    session_modes(&redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_modes_against_a_standalone_redis() {
+    let redis = tokio::task::spawn_blocking(|| TestRedis::standalone(1)).await.unwrap().unwrap();
+    session_modes(&redis).await;
+}
+
+async fn session_modes(redis: &TestRedis) {
     let upstream = Upstream::start().await.unwrap();
     let keys = key_set(Alg::ES256);
 
     // ---- single: one active token per subject; identity headers; spoofing ----
-    let s = Sidecar::start(test_config("single", Some(cluster.seeds())), &keys, upstream.addr).await.unwrap();
+    let s = Sidecar::start(redis.config("single"), &keys, upstream.addr).await.unwrap();
     s.wait_ready(Duration::from_secs(20)).await.unwrap();
     let first = s.mint("alice").await.unwrap();
     assert_eq!(first["token_type"], "Bearer");
@@ -126,8 +138,8 @@ async fn session_modes_against_a_real_cluster() {
         s.mint_with(json!({ "subject": "carol", "claims": { "role": "admin" }, "ttl_seconds": 60 })).await.unwrap();
     assert_eq!(custom["expires_in"], 60);
 
-    // Subjects spread over all three masters: the records really are in the cluster, on
-    // the master that owns each subject's slot.
+    // Subjects spread over all three masters of a cluster: the records really are in Redis, on
+    // the master that owns each subject's slot (on the one server, standalone).
     let mut masters = std::collections::BTreeSet::new();
     let prefix = s.config.redis.as_ref().unwrap().key_prefix.clone();
     for i in 0..30 {
@@ -138,20 +150,20 @@ async fn session_modes_against_a_real_cluster() {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x)
         };
         let key = format!("{prefix}{{single:{}}}:t:{}", b64(&sub), b64(minted["jti"].as_str().unwrap()));
-        let owner = cluster.master_for_slot(key_slot(key.as_bytes())).unwrap();
-        let exists = cluster.cli(&owner.addr, &["EXISTS", &key]).unwrap();
-        assert_eq!(exists.trim(), "1", "session record of {sub} not on {}", owner.addr);
-        let ttl: i64 = cluster.cli(&owner.addr, &["TTL", &key]).unwrap().trim().parse().unwrap();
+        let owner = redis.node_for_key(&key).unwrap();
+        let exists = redis.cli_for_key(&key, &["EXISTS", &key]).unwrap();
+        assert_eq!(exists.trim(), "1", "session record of {sub} not on {owner}");
+        let ttl: i64 = redis.cli_for_key(&key, &["TTL", &key]).unwrap().trim().parse().unwrap();
         assert!(ttl > 800 && ttl <= 900, "record TTL must equal the token's remaining life, got {ttl}");
-        let value = cluster.cli(&owner.addr, &["GET", &key]).unwrap();
+        let value = redis.cli_for_key(&key, &["GET", &key]).unwrap();
         assert!(!value.contains('.'), "no token material in Redis: {value}");
-        masters.insert(owner.addr);
+        masters.insert(owner);
     }
-    assert_eq!(masters.len(), 3, "subjects should land on all three masters: {masters:?}");
+    assert_eq!(masters.len(), redis.data_nodes(), "subjects should land on every master: {masters:?}");
     drop(s);
 
     // ---- multi: many tokens per subject, revoke one, then all ----
-    let mut cfg = test_config("multi", Some(cluster.seeds()));
+    let mut cfg = redis.config("multi");
     cfg.session_mode = SessionMode::Multi;
     cfg.max_sessions_per_subject = 3;
     let s = Sidecar::start(cfg, &keys, upstream.addr).await.unwrap();
@@ -187,7 +199,7 @@ async fn session_modes_against_a_real_cluster() {
     drop(s);
 
     // ---- denylist: tokens minted elsewhere with the realm's key are accepted ----
-    let mut cfg = test_config("deny", Some(cluster.seeds()));
+    let mut cfg = redis.config("deny");
     cfg.session_mode = SessionMode::Denylist;
     let s = Sidecar::start(cfg.clone(), &keys, upstream.addr).await.unwrap();
     s.wait_ready(Duration::from_secs(20)).await.unwrap();
@@ -225,19 +237,19 @@ async fn session_modes_against_a_real_cluster() {
     let prefix = &cfg.redis.as_ref().unwrap().key_prefix;
     let b64 = |v: &str| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, v);
     let deny_key = format!("{prefix}{{deny:{}}}:d:{}", b64("dave"), b64("f-max"));
-    let ttl: i64 = cluster.cli_cluster(&cluster.seeds()[0], &["TTL", &deny_key]).unwrap().trim().parse().unwrap();
+    let ttl: i64 = redis.cli_for_key(&deny_key, &["TTL", &deny_key]).unwrap().trim().parse().unwrap();
     assert!(ttl > max + cfg.leeway_seconds as i64 - 5, "deny record outlives the token it denies: ttl {ttl}");
 
     // The log-out cut-off only moves forward: a later log-out from a pod whose clock is behind
     // (here: a cut-off 5 s in the future already stored) does not revive tokens.
     let cut_key = format!("{prefix}{{deny:{}}}:cut", b64("hana"));
     let ahead = (now + 5).to_string();
-    cluster.cli_cluster(&cluster.seeds()[0], &["SET", &cut_key, &ahead, "EX", "600"]).unwrap();
+    redis.cli_for_key(&cut_key, &["SET", &cut_key, &ahead, "EX", "600"]).unwrap();
     let h = foreign_with("hana", "h-1", now + 3, now + 300);
     assert_eq!(status(&s, &h).await, StatusCode::UNAUTHORIZED, "issued before the stored cut-off");
     let r = s.issuer_call("DELETE", "/v1/subjects/hana/tokens", None).await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(cluster.cli_cluster(&cluster.seeds()[0], &["GET", &cut_key]).unwrap().trim(), ahead);
+    assert_eq!(redis.cli_for_key(&cut_key, &["GET", &cut_key]).unwrap().trim(), ahead);
     assert_eq!(status(&s, &h).await, StatusCode::UNAUTHORIZED, "a later, earlier-clocked log-out revived a token");
 
     // Identities reach the app exactly or not at all: " dave" would be read back as "dave".
@@ -261,9 +273,8 @@ async fn session_modes_against_a_real_cluster() {
     drop(s);
 
     // ---- verify-only sidecar: public keys only → cannot mint, still verifies ----
-    let issuer = Sidecar::start(test_config("single", Some(cluster.seeds())), &keys, upstream.addr).await.unwrap();
-    let verifier =
-        Sidecar::start(test_config("single", Some(cluster.seeds())), &keys.public_only(), upstream.addr).await.unwrap();
+    let issuer = Sidecar::start(redis.config("single"), &keys, upstream.addr).await.unwrap();
+    let verifier = Sidecar::start(redis.config("single"), &keys.public_only(), upstream.addr).await.unwrap();
     verifier.wait_ready(Duration::from_secs(20)).await.unwrap();
     issuer.wait_ready(Duration::from_secs(20)).await.unwrap();
     let r = verifier.issuer_call("POST", "/v1/tokens", Some(json!({ "subject": "x" }))).await.unwrap();
