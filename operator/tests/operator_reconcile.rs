@@ -11,12 +11,13 @@ use authrealm_contract::{Alg, KeyState, SidecarConfig};
 use authrealm_operator::crd::AuthRealm;
 use authrealm_operator::render;
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
+use authrealm_tests::redis_standalone::{RedisStandalone, RedisStandaloneOptions};
 use common::*;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,6 +375,118 @@ async fn redis_reachable_comes_from_a_real_cluster_check_with_the_realms_credent
     assert!(evs.iter().any(|(r, _)| r == "RedisReachable"), "{evs:?}");
     op.stop().await?;
     drop(cluster);
+    Ok(())
+}
+
+/// `redis.mode: standalone` against a real single Redis: the check is PING/INFO (not CLUSTER
+/// INFO), a mode that does not match the server is named, the API server refuses two endpoints,
+/// and the purge on delete scans the one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_realm_is_checked_and_purged_on_its_one_server() -> anyhow::Result<()> {
+    let server = tokio::task::spawn_blocking(|| {
+        RedisStandalone::start_with(RedisStandaloneOptions {
+            password: Some("solo-pw".into()),
+            ..RedisStandaloneOptions::default()
+        })
+    })
+    .await??;
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("solo").await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some("redis-auth".into()),
+                    labels: Some(BTreeMap::from([("authrealm.dev/redis-credentials".to_owned(), "true".to_owned())])),
+                    ..ObjectMeta::default()
+                },
+                data: Some(BTreeMap::from([("password".to_owned(), ByteString(b"solo-pw".to_vec()))])),
+                ..Secret::default()
+            },
+        )
+        .await?;
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    // The API server refuses two endpoints in standalone mode, with the CRD's message.
+    let two = json!({
+        "issuer": "https://auth.example.test",
+        "audiences": ["app"],
+        "redis": {"mode": "standalone", "endpoints": [server.addr(), "127.0.0.1:1"]},
+    });
+    let e = api.create(&PostParams::default(), &realm("two", two)).await.unwrap_err();
+    assert!(e.to_string().contains("redis.mode standalone takes exactly one endpoint"), "{e}");
+
+    let op = InProcess::start(client.clone(), &ns);
+    let spec = json!({
+        "issuer": "https://auth.example.test",
+        "audiences": ["app"],
+        "redis": {"mode": "standalone", "endpoints": [server.addr()], "credentials": {"secretName": "redis-auth"},
+                  "waitReplicas": 0, "purgeOnDelete": true},
+    });
+    create_realm(&client, &ns, &realm("solo", spec)).await?;
+    let r =
+        wait_condition(&client, &ns, "solo", "RedisReachable", "True", Some("StandaloneOk"), Duration::from_secs(30))
+            .await?;
+    let st = r.status.unwrap();
+    assert_eq!((st.conditions[0].type_.as_str(), st.conditions[0].status.as_str()), ("Ready", "True"));
+    let msg = &st.conditions.iter().find(|c| c.type_ == "RedisReachable").unwrap().message;
+    assert!(msg.contains("standalone Redis, role master"), "{msg}");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cfg = cms.get("solo-sidecar").await?.data.unwrap()["sidecar.json"].clone();
+    let cfg = SidecarConfig::from_json(cfg.as_bytes())?;
+    assert_eq!(cfg.redis.as_ref().unwrap().mode, authrealm_contract::RedisMode::Standalone);
+    assert_eq!(cfg.redis.as_ref().unwrap().endpoints, [server.addr()]);
+
+    // A cluster realm named at this server is told what is wrong, not just "unreachable".
+    api.patch("solo", &PatchParams::default(), &Patch::Merge(json!({"spec": {"redis": {"mode": "cluster"}}}))).await?;
+    let r = wait_condition(
+        &client,
+        &ns,
+        "solo",
+        "RedisReachable",
+        "False",
+        Some("RedisModeMismatch"),
+        Duration::from_secs(30),
+    )
+    .await?;
+    let msg = &r.status.unwrap().conditions.iter().find(|c| c.type_ == "RedisReachable").unwrap().message.clone();
+    assert!(msg.contains("redis.mode: standalone"), "{msg}");
+    api.patch("solo", &PatchParams::default(), &Patch::Merge(json!({"spec": {"redis": {"mode": "standalone"}}})))
+        .await?;
+    wait_condition(&client, &ns, "solo", "Ready", "True", None, Duration::from_secs(30)).await?;
+
+    // Purge on delete: the realm's keys on the server go, another realm's stay.
+    let mut mine = Vec::new();
+    let mut theirs = Vec::new();
+    for i in 0..40 {
+        mine.push(format!("ar:{ns}:{{solo:user{i}}}:t:jti{i}"));
+        mine.push(format!("ar:{ns}:{{solo:j:jti{i}}}:loc"));
+        theirs.push(format!("ar:{ns}:{{solo-other:user{i}}}:t:jti{i}"));
+    }
+    for k in mine.iter().chain(&theirs) {
+        server.cli(&["SET", k, "1"])?;
+    }
+    let exists = |keys: &[String]| -> anyhow::Result<usize> {
+        let mut n = 0;
+        for k in keys {
+            n += server.cli(&["EXISTS", k])?.trim().parse::<usize>()?;
+        }
+        Ok(n)
+    };
+    assert_eq!(exists(&mine)?, mine.len());
+    api.delete("solo", &DeleteParams::default()).await?;
+    wait_for("realm gone", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { api.get_opt("solo").await.ok()?.is_none().then_some(()) }
+    })
+    .await?;
+    assert_eq!(exists(&mine)?, 0, "the realm's session records were not purged");
+    assert_eq!(exists(&theirs)?, theirs.len(), "another realm's records were touched");
+    let evs = events(&client, &ns, "solo").await;
+    assert!(evs.iter().any(|(r, n)| r == "SessionsPurged" && n.contains("80")), "{evs:?}");
+    op.stop().await?;
     Ok(())
 }
 
