@@ -419,12 +419,15 @@ async fn a_standalone_realm_is_checked_and_purged_on_its_one_server() -> anyhow:
     assert!(e.to_string().contains("redis.mode standalone takes exactly one endpoint"), "{e}");
 
     let op = InProcess::start(client.clone(), &ns);
-    let spec = json!({
-        "issuer": "https://auth.example.test",
-        "audiences": ["app"],
-        "redis": {"mode": "standalone", "endpoints": [server.addr()], "credentials": {"secretName": "redis-auth"},
-                  "waitReplicas": 0, "purgeOnDelete": true},
-    });
+    // The shipped example, pointed at this server.
+    let mut example = authrealm_tests::support::yaml_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/authrealm-standalone.yaml"
+    ))?;
+    assert_eq!(example["spec"]["redis"]["mode"], "standalone");
+    let mut spec = example["spec"].take();
+    spec["redis"]["endpoints"] = json!([server.addr()]);
+    spec["redis"]["purgeOnDelete"] = json!(true);
     create_realm(&client, &ns, &realm("solo", spec)).await?;
     let r =
         wait_condition(&client, &ns, "solo", "RedisReachable", "True", Some("StandaloneOk"), Duration::from_secs(30))

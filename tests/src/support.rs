@@ -93,3 +93,10 @@ pub async fn install_crd(client: &Client) -> anyhow::Result<()> {
     })
     .await
 }
+
+/// A one-document YAML file (e.g. a manifest under `examples/`) as JSON.
+pub fn yaml_file(path: impl AsRef<Path>) -> anyhow::Result<serde_json::Value> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
