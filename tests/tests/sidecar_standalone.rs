@@ -204,6 +204,35 @@ async fn kill_9_and_restart_with_the_open_policy() {
     kill_and_restart(FailurePolicy::Open).await;
 }
 
+/// A sidecar started while its server is down (and password-protected) starts, reports not
+/// ready, answers by policy, and becomes ready by itself once the server is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_started_before_its_server_becomes_ready_when_it_comes_up() {
+    let opts = RedisStandaloneOptions { password: Some("s3cret-pw".into()), ..RedisStandaloneOptions::default() };
+    let mut redis = tokio::task::spawn_blocking(move || RedisStandalone::start_with(opts)).await.unwrap().unwrap();
+    redis.kill().unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let env = [("AUTHREALM_REDIS_PASSWORD", "s3cret-pw")];
+    let s =
+        Sidecar::start_with_env(config(&redis, "early", FailurePolicy::Closed, true), &key_set(), upstream.addr, &env)
+            .await
+            .unwrap();
+    assert_eq!(ready(&s).await, StatusCode::SERVICE_UNAVAILABLE);
+    let r = s.issuer_call("POST", "/v1/tokens", Some(json!({ "subject": "hal" }))).await.unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
+    tokio::task::block_in_place(|| redis.restart()).unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let hal = token(&s.mint("hal").await.unwrap());
+    assert_eq!(status(&s, &hal).await, StatusCode::OK);
+    let r = s.issuer_call("DELETE", "/v1/subjects/hal/tokens", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(status(&s, &hal).await, StatusCode::UNAUTHORIZED);
+    // The records are on the server, under the realm's prefix, written with the password.
+    let prefix = s.config.redis.as_ref().unwrap().key_prefix.clone();
+    let keys = redis.cli(&["KEYS", &format!("{prefix}*")]).unwrap();
+    assert!(keys.contains("{early:"), "{keys}");
+}
+
 /// The session cache on one server: a revocation through one pod reaches the other pod's cache
 /// through CLIENT TRACKING on that server; and a restart that lost every record (no persistence)
 /// never leaves a cached "active" in use past `maxStalenessMs`.
