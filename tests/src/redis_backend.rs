@@ -65,6 +65,52 @@ impl TestRedis {
         }
     }
 
+    /// `redis-cli` on the node at `addr`.
+    pub fn cli_at(&self, addr: &str, args: &[&str]) -> Result<String> {
+        match self {
+            TestRedis::Cluster(c) => c.cli(addr, args),
+            TestRedis::Standalone(s) => s.cli_at(addr, args),
+        }
+    }
+
+    /// A replica of the node holding `key` (the master's first replica; the server's first).
+    pub fn replica_for_key(&self, key: &str) -> Result<String> {
+        match self {
+            TestRedis::Cluster(c) => {
+                let master = self.node_for_key(key)?;
+                let mut replicas = c.replicas_of(&master)?;
+                anyhow::ensure!(!replicas.is_empty(), "{master} has no replica");
+                Ok(replicas.remove(0).addr)
+            }
+            TestRedis::Standalone(s) => {
+                s.replica_addrs().into_iter().next().ok_or_else(|| anyhow::anyhow!("the server has no replica"))
+            }
+        }
+    }
+
+    /// SIGSTOP / SIGCONT of the process at `addr`.
+    pub fn pause(&self, addr: &str) -> Result<()> {
+        match self {
+            TestRedis::Cluster(c) => c.pause(addr),
+            TestRedis::Standalone(s) => s.pause_at(addr),
+        }
+    }
+
+    pub fn resume(&self, addr: &str) -> Result<()> {
+        match self {
+            TestRedis::Cluster(c) => c.resume(addr),
+            TestRedis::Standalone(s) => s.resume_at(addr),
+        }
+    }
+
+    /// Until every master's replicas are online again.
+    pub fn wait_replication(&self, timeout: std::time::Duration) -> Result<()> {
+        match self {
+            TestRedis::Cluster(c) => c.wait_replication(timeout, Some(1)),
+            TestRedis::Standalone(s) => s.wait_replication(timeout),
+        }
+    }
+
     /// Nodes that hold data (the cluster's masters; 1).
     pub fn data_nodes(&self) -> usize {
         match self {

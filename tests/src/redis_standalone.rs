@@ -271,15 +271,29 @@ impl RedisStandalone {
     /// Freezes the server with SIGSTOP (sockets open, no answers); undo with
     /// [`resume`](Self::resume).
     pub fn pause(&self) -> Result<()> {
-        self.signal("-STOP")
+        self.pause_at(&self.addr())
     }
 
     pub fn resume(&self) -> Result<()> {
-        self.signal("-CONT")
+        self.resume_at(&self.addr())
     }
 
-    fn signal(&self, sig: &str) -> Result<()> {
-        let pid = self.server.child.as_ref().with_context(|| format!("{} is not running", self.addr()))?.id();
+    /// SIGSTOP of the process at `addr` (the server or a replica).
+    pub fn pause_at(&self, addr: &str) -> Result<()> {
+        self.signal(addr, "-STOP")
+    }
+
+    /// SIGCONT of the process at `addr`.
+    pub fn resume_at(&self, addr: &str) -> Result<()> {
+        self.signal(addr, "-CONT")
+    }
+
+    fn signal(&self, addr: &str, sig: &str) -> Result<()> {
+        let p = std::iter::once(&self.server)
+            .chain(&self.replicas)
+            .find(|p| p.addr() == addr)
+            .ok_or_else(|| anyhow!("{addr} is not part of this setup"))?;
+        let pid = p.child.as_ref().with_context(|| format!("{addr} is not running"))?.id();
         let status = Command::new("kill").arg(sig).arg(pid.to_string()).status().context("running kill")?;
         ensure!(status.success(), "kill {sig} {pid} failed: {status}");
         Ok(())

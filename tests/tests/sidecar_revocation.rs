@@ -1,13 +1,13 @@
 //! Revocation outlives acceptance, on every pod: two real sidecar processes whose wall clocks
-//! differ by the realm's leeway (libfaketime), a real Redis Cluster, and a `WAIT` that cannot
-//! count replicas that never saw the write.
+//! differ by the realm's leeway (libfaketime), a real Redis Cluster (and the same against a
+//! standalone Redis), and a `WAIT` that cannot count replicas that never saw the write.
 
 use std::time::{Duration, Instant};
 
 use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, KeySet, KeyState, SessionMode, SidecarConfig};
-use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions, key_slot};
-use authrealm_tests::sidecar::{Sidecar, Upstream, test_config};
+use authrealm_tests::redis_backend::TestRedis;
+use authrealm_tests::sidecar::{Sidecar, Upstream};
 use base64::Engine as _;
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -38,8 +38,8 @@ async fn align_to_second(ms: i64) {
     tokio::time::sleep(Duration::from_millis(wait as u64)).await;
 }
 
-fn denylist_config(cluster: &RedisCluster) -> SidecarConfig {
-    let mut cfg = test_config("clocks", Some(cluster.seeds()));
+fn denylist_config(redis: &TestRedis) -> SidecarConfig {
+    let mut cfg = redis.config("clocks");
     cfg.session_mode = SessionMode::Denylist;
     cfg.leeway_seconds = LEEWAY;
     cfg.max_token_ttl_seconds = 120;
@@ -70,11 +70,21 @@ async fn accepted_until(pods: &[&Sidecar], t: &str, until_ms: i64) -> Vec<(usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_stays_refused_on_every_pod_until_it_expires_everywhere() {
-    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
-    cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+    let cluster = tokio::task::spawn_blocking(TestRedis::cluster).await.unwrap().unwrap();
+    revoked_until_expired_everywhere(&cluster).await;
+}
+
+/// The same on one standalone server (with a replica for `WAIT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stays_refused_on_every_pod_until_it_expires_everywhere_on_a_standalone_redis() {
+    let server = tokio::task::spawn_blocking(|| TestRedis::standalone(1)).await.unwrap().unwrap();
+    revoked_until_expired_everywhere(&server).await;
+}
+
+async fn revoked_until_expired_everywhere(redis: &TestRedis) {
     let upstream = Upstream::start().await.unwrap();
     let keys = key_set();
-    let cfg = denylist_config(&cluster);
+    let cfg = denylist_config(redis);
     // Pod A (issuer) runs SKEW seconds ahead of pod B and of this test.
     let a = Sidecar::start_with_clock(cfg.clone(), &keys, upstream.addr, SKEW).await.unwrap();
     let b = Sidecar::start(cfg.clone(), &keys, upstream.addr).await.unwrap();
@@ -150,12 +160,23 @@ fn decode_claims(t: &str) -> Value {
 /// the revocation would be reported "replicated".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_never_counts_replicas_that_missed_the_write() {
-    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
-    cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+    let cluster = tokio::task::spawn_blocking(TestRedis::cluster).await.unwrap().unwrap();
+    wait_never_counts_a_replica_that_missed_the_write(&cluster).await;
+}
+
+/// The same on a standalone server with one replica (its connection manager re-sends the write
+/// with its `WAIT` after the kill, never the `WAIT` alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_never_counts_replicas_that_missed_the_write_on_a_standalone_redis() {
+    let server = tokio::task::spawn_blocking(|| TestRedis::standalone(1)).await.unwrap().unwrap();
+    wait_never_counts_a_replica_that_missed_the_write(&server).await;
+}
+
+async fn wait_never_counts_a_replica_that_missed_the_write(redis: &TestRedis) {
     let upstream = Upstream::start().await.unwrap();
     let keys = key_set();
     for mode in [SessionMode::Single, SessionMode::Denylist] {
-        let mut cfg = test_config("waits", Some(cluster.seeds()));
+        let mut cfg = redis.config("waits");
         cfg.session_mode = mode;
         let r = cfg.redis.as_mut().unwrap();
         r.wait_replicas = 1;
@@ -168,9 +189,10 @@ async fn a_wait_never_counts_replicas_that_missed_the_write() {
         let t = token(&m);
 
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&sub);
-        let master = cluster.master_for_slot(key_slot(format!("{prefix}{{waits:{b64}}}:idx").as_bytes())).unwrap();
-        let replica = cluster.replicas_of(&master.addr).unwrap().remove(0);
-        cluster.pause(&replica.addr).unwrap();
+        let idx = format!("{prefix}{{waits:{b64}}}:idx");
+        let master = redis.node_for_key(&idx).unwrap();
+        let replica = redis.replica_for_key(&idx).unwrap();
+        redis.pause(&replica).unwrap();
 
         let jti = m["jti"].as_str().unwrap().to_string();
         let started = Instant::now();
@@ -190,9 +212,9 @@ async fn a_wait_never_counts_replicas_that_missed_the_write() {
         };
         // While the WAIT blocks on the frozen replica, drop every client connection of the master.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let killed = cluster.cli(&master.addr, &["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
+        let killed = redis.cli_at(&master, &["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
         let (status, body) = revoke.await.unwrap();
-        cluster.resume(&replica.addr).unwrap();
+        redis.resume(&replica).unwrap();
         eprintln!(
             "{mode:?}: killed {} connections; revoke answered {status} {body} after {:?}",
             killed.trim(),
@@ -209,7 +231,7 @@ async fn a_wait_never_counts_replicas_that_missed_the_write() {
         // The revocation itself was applied on the master, and a retry once the replica is back
         // is acknowledged.
         assert_eq!(s.get("/x", Some(&t)).await.unwrap().status, StatusCode::UNAUTHORIZED, "{mode:?}");
-        cluster.wait_replication(Duration::from_secs(20), Some(1)).unwrap();
+        redis.wait_replication(Duration::from_secs(20)).unwrap();
         let again = s.issuer_call("DELETE", &format!("/v1/tokens/{jti}"), None).await.unwrap();
         let again_json = again.json();
         if mode == SessionMode::Denylist {
