@@ -115,7 +115,8 @@ pub struct AuthRealmSpec {
     #[schemars(length(max = 32), inner(length(min = 1, max = 256)), extend("x-kubernetes-list-type" = "set"))]
     pub required_claims: Vec<String>,
 
-    /// The Redis Cluster holding session records. Required unless `sessionMode` is `stateless`.
+    /// The Redis holding session records: a Redis Cluster, or one server (`mode: standalone`).
+    /// Required unless `sessionMode` is `stateless`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
 
@@ -197,7 +198,7 @@ fn default_max_staleness() -> GoDuration {
     GoDuration::new("1s")
 }
 
-/// Connection to the realm's Redis Cluster.
+/// Connection to the realm's Redis Cluster (or single Redis server).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = redis_rules()))]
