@@ -418,7 +418,14 @@ async fn a_standalone_realm_is_checked_and_purged_on_its_one_server() -> anyhow:
     let e = api.create(&PostParams::default(), &realm("two", two)).await.unwrap_err();
     assert!(e.to_string().contains("redis.mode standalone takes exactly one endpoint"), "{e}");
 
-    let op = InProcess::start(client.clone(), &ns);
+    let op = InProcess::start_with(
+        client.clone(),
+        authrealm_operator::controller::Settings {
+            namespace: Some(ns.clone()),
+            redis_check_interval: Duration::from_secs(2),
+            ..Default::default()
+        },
+    );
     // The shipped example, pointed at this server.
     let mut example = authrealm_tests::support::yaml_file(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -441,6 +448,17 @@ async fn a_standalone_realm_is_checked_and_purged_on_its_one_server() -> anyhow:
     let cfg = SidecarConfig::from_json(cfg.as_bytes())?;
     assert_eq!(cfg.redis.as_ref().unwrap().mode, authrealm_contract::RedisMode::Standalone);
     assert_eq!(cfg.redis.as_ref().unwrap().endpoints, [server.addr()]);
+
+    // The server killed: the periodic check reports it; back on its port: Ready again.
+    let mut server = server;
+    tokio::task::block_in_place(|| server.kill())?;
+    let r =
+        wait_condition(&client, &ns, "solo", "RedisReachable", "False", Some("Unreachable"), Duration::from_secs(30))
+            .await?;
+    assert_eq!(r.status.unwrap().conditions[0].status, "False", "Ready follows RedisReachable");
+    tokio::task::block_in_place(|| server.restart())?;
+    wait_condition(&client, &ns, "solo", "RedisReachable", "True", Some("StandaloneOk"), Duration::from_secs(30))
+        .await?;
 
     // A cluster realm named at this server is told what is wrong, not just "unreachable".
     api.patch("solo", &PatchParams::default(), &Patch::Merge(json!({"spec": {"redis": {"mode": "cluster"}}}))).await?;
