@@ -270,3 +270,90 @@ async fn ready_realms_at_rest_cost_no_requests_no_writes_and_one_shared_redis_co
     }
     Ok(())
 }
+
+/// A leader at rest renews its Lease with one request per renewal: it replaces the Lease it last
+/// wrote (the resourceVersion makes the write conditional) instead of reading it first. Another
+/// writer in between turns the renewal into a conflict, after which the leader reads the Lease
+/// and carries on — it does not lose leadership over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_at_rest_renews_its_lease_with_one_request_per_renewal() -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    crypto();
+    let dir = std::env::temp_dir().join(format!("authrealm-lease-audit-{}-{}", std::process::id(), unix_now_f()));
+    let (opts, log) = KubeEnvOptions::audited(&dir, AUDIT_POLICY)?;
+    let env = KubeEnv::start(opts).await?;
+    let client = env.client().await?;
+    install_crd(&client).await?;
+    let ns = env.create_temp_namespace("lease").await?;
+    let identity = "lease-0";
+    let _op = OperatorProcess::spawn(
+        &env,
+        "operator-lease",
+        &[
+            "--namespace",
+            &ns,
+            "--lease-namespace",
+            &ns,
+            "--leader-elect=true",
+            "--lease-duration=8s",
+            "--renew-deadline=6s",
+            "--retry-period=1s",
+            "--webhook-enabled=false",
+            "--identity",
+            identity,
+        ],
+    )?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = |leases: Api<Lease>| async move {
+        let l = leases.get_opt("authrealm-operator").await.ok()??;
+        let spec = l.spec?;
+        Some((spec.holder_identity?, spec.renew_time?.0, spec.lease_transitions.unwrap_or(0)))
+    };
+    wait_for("the operator holds the Lease", Duration::from_secs(30), || {
+        let leases = leases.clone();
+        async move { holder(leases).await.filter(|(h, _, _)| h == identity) }
+    })
+    .await?;
+
+    let lease_requests = |since: Timestamp| -> Vec<Request> {
+        requests_since(&log, identity, since).into_iter().filter(|r| r.resource == "leases").collect()
+    };
+    let since = Timestamp::now();
+    let window = Instant::now();
+    wait_for("five renewals", Duration::from_secs(30), || {
+        let n = lease_requests(since).len();
+        async move { (n >= 5).then_some(()) }
+    })
+    .await?;
+    let requests = lease_requests(since);
+    let listed: Vec<String> = requests.iter().map(ToString::to_string).collect();
+    assert!(
+        requests.iter().all(|r| r.verb == "update"),
+        "lease requests at rest in {:.1?} (one update per renewal expected, no reads):\n{}",
+        window.elapsed(),
+        listed.join("\n")
+    );
+
+    // Someone else writes the Lease (an annotation; holder unchanged): the next renewal
+    // conflicts, the leader reads the Lease once and keeps renewing as the holder.
+    let (_, renewed, transitions) = holder(leases.clone()).await.context("lease")?;
+    leases
+        .patch(
+            "authrealm-operator",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"example.test/touched": "yes"}}})),
+        )
+        .await?;
+    wait_for("a renewal after the foreign write", Duration::from_secs(30), || {
+        let leases = leases.clone();
+        async move { holder(leases).await.filter(|(h, t, _)| h == identity && *t > renewed) }
+    })
+    .await?;
+    let (_, _, after) = holder(leases.clone()).await.context("lease")?;
+    assert_eq!(after, transitions, "the leader kept its term through a conflicting write");
+    drop(env);
+    if std::env::var_os("AUTHREALM_KEEP_KUBE_ENV").is_none_or(|v| v.is_empty()) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
