@@ -61,7 +61,8 @@ pub enum PathMatch {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PublicRoute {
-    /// Absolute path, starting with `/`.
+    /// Absolute path, starting with `/`, at most 1024 characters.
+    #[schemars(length(max = 1024))]
     pub path: String,
     #[serde(default, rename = "match")]
     pub path_match: PathMatch,

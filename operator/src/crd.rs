@@ -535,7 +535,9 @@ fn spec_rules() -> serde_json::Value {
          "message": "clockLeeway must be at most 10m"},
         {"rule": "self.sessionMode == 'stateless' || has(self.redis)",
          "message": "redis is required unless sessionMode is stateless"},
-        {"rule": "!has(self.authorization) || !has(self.sidecar) || !has(self.sidecar.publicRoutes) || self.authorization.rules.all(r, !self.sidecar.publicRoutes.exists(p, (!has(p.methods) || size(p.methods) == 0 || size(r.methods) == 0 || p.methods.exists(m, m in r.methods || (m == 'HEAD' && 'GET' in r.methods))) && (p.path.lowerAscii() == r.path.lowerAscii() || p.path.lowerAscii() == r.path.lowerAscii() + '/' || (p.match == 'prefix' && r.path.lowerAscii().startsWith(p.path.endsWith('/') ? p.path.lowerAscii() : p.path.lowerAscii() + '/')))))",
+        // Cheapest first (CEL cost is bounded per call): a public route can only cover the rule's
+        // path when it is at most one character longer; methods are compared last.
+        {"rule": "!has(self.authorization) || !has(self.sidecar) || !has(self.sidecar.publicRoutes) || self.authorization.rules.all(r, !self.sidecar.publicRoutes.exists(p, size(p.path) <= size(r.path) + 1 && (p.match == 'exact' ? (p.path.lowerAscii() == r.path.lowerAscii() || p.path.lowerAscii() == r.path.lowerAscii() + '/') : (r.path.lowerAscii() + '/').startsWith(p.path.endsWith('/') ? p.path.lowerAscii() : p.path.lowerAscii() + '/')) && (!has(p.methods) || size(p.methods) == 0 || size(r.methods) == 0 || p.methods.exists(m, m in r.methods || (m == 'HEAD' && 'GET' in r.methods)))))",
          "message": "an authorization rule's path is made public by sidecar.publicRoutes for one of its methods: public routes skip authentication, so the rule could never apply"},
     ])
 }

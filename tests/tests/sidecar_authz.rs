@@ -251,7 +251,8 @@ fn check_config_refuses_rules_the_crd_refuses() {
     let ok = check(&|_| {});
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "authorization.rules[4].path: ambiguous: rules[3]",
             Box::new(|v| {
