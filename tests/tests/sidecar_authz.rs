@@ -282,3 +282,52 @@ fn check_config_refuses_rules_the_crd_refuses() {
     }
     std::fs::remove_dir_all(d).unwrap();
 }
+
+/// With sessions in Redis: a revoked token gets 401 (the session is checked before the route's
+/// requirements), and when Redis cannot answer under `failurePolicy: open` the requirements
+/// still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_get_401_and_fail_open_still_enforces_the_rules() {
+    use authrealm_contract::FailurePolicy;
+    use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
+    let cluster = RedisCluster::start(RedisClusterOptions::default()).unwrap();
+    let upstream = Upstream::start().await.unwrap();
+    let keys = KeySet {
+        version: authrealm_contract::keyset::KEYSET_VERSION.into(),
+        keys: vec![generate(Alg::ES256, "k1", 0, KeyState::Current).unwrap()],
+    };
+    let mut cfg = config();
+    cfg.session_mode = authrealm_contract::SessionMode::Multi;
+    cfg.redis = test_config("authz", Some(cluster.seeds())).redis;
+    let s = Sidecar::start(cfg.clone(), &keys, upstream.addr).await.unwrap();
+    s.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let minted = s.mint_with(json!({"subject": "alice", "claims": {"scope": "user"}})).await.unwrap();
+    let user = minted["access_token"].as_str().unwrap().to_string();
+    assert_eq!(call(&s, "GET", "/x", &user).await.status, StatusCode::OK);
+    assert_eq!(call(&s, "GET", "/admin", &user).await.status, StatusCode::FORBIDDEN);
+    let r = s.issuer_call("DELETE", &format!("/v1/tokens/{}", minted["jti"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let r = call(&s, "GET", "/admin", &user).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "a revoked token is not a valid token lacking a scope");
+    assert!(r.headers["www-authenticate"].to_str().unwrap().contains("invalid_token"));
+
+    // Redis unreachable, failure policy open: admitted on signature and claims, still by the rules.
+    let mut open = cfg.clone();
+    open.failure_policy = FailurePolicy::Open;
+    open.redis.as_mut().unwrap().endpoints = vec![format!("127.0.0.1:{}", authrealm_tests::support::free_port())];
+    let o = Sidecar::start(open, &keys, upstream.addr).await.unwrap();
+    let t = authrealm_tests::sidecar::sign_raw(
+        &keys.keys[0],
+        &json!({"alg": "ES256", "kid": "k1", "typ": "JWT"}),
+        &json!({"iss": cfg.issuer, "aud": "app", "sub": "bob", "jti": "j-bob", "scope": "user",
+                "iat": authrealm_tests::sidecar::unix_now(), "exp": authrealm_tests::sidecar::unix_now() + 300}),
+    );
+    upstream.clear();
+    assert_eq!(call(&o, "GET", "/x", &t).await.status, StatusCode::OK);
+    let r = call(&o, "GET", "/admin", &t).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(upstream.seen().len(), 1, "only the allowed request reached the app");
+    let m = o.metrics().await.unwrap();
+    assert_eq!(metric_value(&m, FORBIDDEN_CLAIMS), 1.0);
+    assert!(metric_value(&m, "authrealm_sidecar_fail_open_total") >= 1.0);
+}
