@@ -220,7 +220,7 @@ fn has_scope(v: Option<&Value>, scope: &str) -> bool {
 
 /// Paths refused when rules exist: those never treated as public (dot segments, encoded `.`,
 /// `/`, `\`, `;`, backslashes, `..;`), plus an encoded `%` (an app that decodes twice would see
-/// a new escape) and broken escapes.
+/// a new escape), NUL, the overlong-UTF-8 lead bytes 0xC0/0xC1, and broken escapes.
 pub fn path_is_ambiguous(path: &str) -> bool {
     if !path_is_public_candidate(path) {
         return true;
@@ -230,7 +230,9 @@ pub fn path_is_ambiguous(path: &str) -> bool {
     while i < b.len() {
         if b[i] == b'%' {
             match (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
-                (Some(h), Some(l)) if h * 16 + l != b'%' => i += 3,
+                // `%25` decodes to a new escape for an app that decodes twice; NUL truncates the
+                // path in C-based servers; 0xC0/0xC1 start overlong UTF-8 (`%c0%ae` as `.`).
+                (Some(h), Some(l)) if !matches!(h * 16 + l, b'%' | 0 | 0xc0 | 0xc1) => i += 3,
                 _ => return true,
             }
         } else {
@@ -407,6 +409,10 @@ mod tests {
             "/admin%",
             "/admin%4",
             "/admin%zz",
+            "/admin%00",
+            "/admin%00.png",
+            "/%c0%ae%c0%ae/admin",
+            "/%C1%9C",
             "/admin/..",
             "/admin/.",
         ] {

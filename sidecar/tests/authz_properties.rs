@@ -54,7 +54,7 @@ fn rules() -> impl Strategy<Value = Vec<AuthorizationRule>> {
     })
 }
 
-const PARTS: [&str; 24] = [
+const PARTS: [&str; 27] = [
     "admin",
     "ADMIN",
     "Admin",
@@ -79,6 +79,9 @@ const PARTS: [&str; 24] = [
     "%4",
     "a\\b",
     "x%20y",
+    "admin%00",
+    "%c0%ae",
+    "%C3%A9",
 ];
 
 fn path() -> impl Strategy<Value = String> {
@@ -117,7 +120,7 @@ fn reference_segments(path: &str) -> Result<Vec<Vec<u8>>, AmbiguousPath> {
                     return Err(AmbiguousPath);
                 };
                 let c = h * 16 + l;
-                if b"./\\;%".contains(&c) {
+                if b"./\\;%\0\xc0\xc1".contains(&c) {
                     return Err(AmbiguousPath);
                 }
                 out.push(c.to_ascii_lowercase());

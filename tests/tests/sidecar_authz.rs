@@ -203,6 +203,8 @@ async fn path_tricks_cannot_reach_a_protected_route_through_a_less_protected_one
         "/public/%252e%252e/admin",
         "/admin%3Bx",
         "/admin%zz",
+        "/admin%00.png",
+        "/%c0%ae%c0%ae/admin",
     ];
     for p in ambiguous {
         let r = call(&s, "GET", p, &user).await;
