@@ -172,5 +172,15 @@ async fn authorization_rules_are_validated_by_the_api_server() -> anyhow::Result
         json!([{"path": "/login", "match": "exact", "methods": ["POST"]}]),
     );
     assert_eq!(try_create(&client, &ns, "disjoint", disjoint).await, None);
+
+    // What CEL cannot see exactly (a public route spelled with an empty segment) the operator
+    // refuses when it renders the config: the realm reports InvalidSpec naming the field.
+    let sneaky =
+        spec(json!([scopes("/admin", json!({"match": "exact"}))]), json!([{"path": "//admin", "match": "exact"}]));
+    assert_eq!(try_create(&client, &ns, "sneaky", sneaky).await, None);
+    let r = api.get("sneaky").await?;
+    let e = render::resolve("sneaky", &ns, &r.spec).err().unwrap();
+    assert_eq!(e.field, "(sidecar config) authorization.rules[0].path");
+    assert!(e.message.contains("publicRoutes[0] makes this path public"), "{}", e.message);
     Ok(())
 }
