@@ -13,10 +13,10 @@
 //! copying it (segments split in place, escapes decoded and letters folded while comparing) and
 //! [`Rule::check`] is a few word-wise ANDs: no allocation on the request path.
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 
-use authrealm_contract::authz::{Authorization, method_bit, precedence, rule_segments};
+use authrealm_contract::authz::{Authorization, RuleMethod, method_bit, precedence, rule_segments};
 use authrealm_contract::config::PathMatch;
 
 use crate::paths::path_is_public_candidate;
@@ -207,6 +207,168 @@ impl Authz {
         let bit = method_bit(method);
         Ok(self.rules.iter().find(|r| r.matches(bit, path)))
     }
+}
+
+/// Headers some frameworks take the method from instead of the request line.
+const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+/// Headers some frameworks (IIS URL rewrite, Symfony, Zend) route by instead of the request path.
+const PATH_OVERRIDES: [HeaderName; 2] =
+    [HeaderName::from_static("x-original-url"), HeaderName::from_static("x-rewrite-url")];
+
+/// The rules one request must satisfy: the one deciding its method and path and, since the app
+/// may route by them instead, those deciding an override method (`X-HTTP-Method-Override`,
+/// `X-HTTP-Method`, `X-Method-Override`, a `_method` query parameter) or override path
+/// (`X-Original-URL`, `X-Rewrite-URL`) it carries, in every combination.
+#[derive(Debug, Default)]
+pub struct Decision<'a> {
+    rules: [Option<&'a Rule>; 4],
+}
+
+impl<'a> Decision<'a> {
+    /// `Ok` when the token satisfies every rule; else the first rule it fails and why.
+    pub fn check(&self, granted: &Granted) -> Result<(), (&'a Rule, Denied)> {
+        for rule in self.rules.iter().flatten() {
+            rule.check(granted).map_err(|d| (*rule, d))?;
+        }
+        Ok(())
+    }
+
+    /// Whether no rule applies (any valid token passes).
+    pub fn is_empty(&self) -> bool {
+        self.rules.iter().all(Option::is_none)
+    }
+}
+
+impl Authz {
+    /// The rules `method path` (and its overrides, see [`Decision`]) must satisfy. With rules
+    /// configured, an ambiguous path — or an override the sidecar cannot read as one method or
+    /// one path — is refused instead (`400`).
+    pub fn decide(
+        &self,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<Decision<'_>, AmbiguousPath> {
+        let mut d = Decision::default();
+        if self.rules.is_empty() {
+            return Ok(d);
+        }
+        if path_is_ambiguous(path) {
+            return Err(AmbiguousPath);
+        }
+        let other_method = override_method(query, headers)?;
+        let other_path = override_path(headers)?;
+        let method = method_bit(method);
+        let find = |m: u16, p: &str| self.rules.iter().find(|r| r.matches(m, p));
+        d.rules[0] = find(method, path);
+        if let Some(m) = other_method {
+            d.rules[1] = find(m, path);
+        }
+        if let Some(p) = other_path {
+            d.rules[2] = find(method, p);
+            if let Some(m) = other_method {
+                d.rules[3] = find(m, p);
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// The method bit of a method name in any case (overrides are read case-insensitively by the
+/// frameworks that honour them); 0 for other names.
+fn method_bit_ignore_case(name: &[u8]) -> u16 {
+    const ALL: [RuleMethod; 8] = [
+        RuleMethod::Get,
+        RuleMethod::Post,
+        RuleMethod::Put,
+        RuleMethod::Patch,
+        RuleMethod::Delete,
+        RuleMethod::Options,
+        RuleMethod::Connect,
+        RuleMethod::Trace,
+    ];
+    if name.eq_ignore_ascii_case(b"HEAD") {
+        return RuleMethod::Get.bit();
+    }
+    ALL.iter().find(|m| name.eq_ignore_ascii_case(m.as_str().as_bytes())).map_or(0, |m| m.bit())
+}
+
+/// Decode a form-encoded query component (`%XX`, `+` as space) into `buf`; `None` when it does
+/// not fit or an escape is broken.
+fn form_decode<'b>(raw: &[u8], buf: &'b mut [u8; 16]) -> Option<&'b [u8]> {
+    let (mut i, mut n) = (0, 0);
+    while i < raw.len() {
+        let c = match raw[i] {
+            b'%' => {
+                let c = hex(*raw.get(i + 1)?)? * 16 + hex(*raw.get(i + 2)?)?;
+                i += 3;
+                c
+            }
+            b'+' => {
+                i += 1;
+                b' '
+            }
+            c => {
+                i += 1;
+                c
+            }
+        };
+        *buf.get_mut(n)? = c;
+        n += 1;
+    }
+    Some(&buf[..n])
+}
+
+/// The one override method a request carries, if any; several that disagree are ambiguous.
+fn override_method(query: Option<&str>, headers: &HeaderMap) -> Result<Option<u16>, AmbiguousPath> {
+    let mut found: Option<u16> = None;
+    let mut note = |bit: u16| match found {
+        Some(b) if b != bit => Err(AmbiguousPath),
+        _ => {
+            found = Some(bit);
+            Ok(())
+        }
+    };
+    for name in &METHOD_OVERRIDES {
+        for v in headers.get_all(name) {
+            note(method_bit_ignore_case(v.as_bytes().trim_ascii()))?;
+        }
+    }
+    if let Some(q) = query {
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let mut kb = [0u8; 16];
+            if form_decode(k.as_bytes(), &mut kb) != Some(b"_method") {
+                continue;
+            }
+            let mut vb = [0u8; 16];
+            let bit = form_decode(v.as_bytes(), &mut vb).map_or(0, |v| method_bit_ignore_case(v.trim_ascii()));
+            note(bit)?;
+        }
+    }
+    Ok(found)
+}
+
+/// The one override path a request carries (up to any `?`), if any. Several that disagree, one
+/// that is not an absolute path, or one that is ambiguous itself, are refused.
+fn override_path(headers: &HeaderMap) -> Result<Option<&str>, AmbiguousPath> {
+    let mut found: Option<&str> = None;
+    for name in &PATH_OVERRIDES {
+        for v in headers.get_all(name) {
+            let v = v.to_str().map_err(|_| AmbiguousPath)?.trim();
+            let p = v.split(['?', '#']).next().unwrap_or("");
+            if !p.starts_with('/') || path_is_ambiguous(p) || found.is_some_and(|f| f != p) {
+                return Err(AmbiguousPath);
+            }
+            found = Some(p);
+        }
+    }
+    Ok(found)
 }
 
 /// `scope` / `scp`: a space-separated string or an array of strings.
@@ -420,6 +582,67 @@ mod tests {
         }
         // Without rules nothing changes: every path is passed on as before.
         assert_eq!(compile(vec![]).route("GET", "/public/../admin").map(|r| r.is_none()), Ok(true));
+    }
+
+    #[test]
+    fn method_and_path_overrides_must_be_satisfied_too() {
+        use PathMatch::*;
+        use RuleMethod::*;
+        let a = compile(vec![
+            rule("/", Prefix, &[], &["user"]),         // 0
+            rule("/items", Prefix, &[Get], &["read"]), // 1
+            rule("/items", Prefix, &[], &["write"]),   // 2
+            rule("/admin", Prefix, &[], &["admin"]),   // 3
+        ]);
+        let decide = |method: &str, target: &str, headers: &[(&str, &str)]| {
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (target, None),
+            };
+            let mut h = HeaderMap::new();
+            for (k, v) in headers {
+                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            a.decide(method, path, query, &h).map(|d| {
+                let mut v: Vec<usize> = d.rules.iter().flatten().map(|r| r.index).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            })
+        };
+        let table: &[(&str, &str, &[(&str, &str)], Result<&[usize], AmbiguousPath>)] = &[
+            ("GET", "/items", &[], Ok(&[1])),
+            ("GET", "/items?x=1&method=DELETE", &[], Ok(&[1])),
+            ("POST", "/items", &[("x-http-method-override", "GET")], Ok(&[1, 2])),
+            ("GET", "/items", &[("X-HTTP-Method-Override", " delete ")], Ok(&[1, 2])),
+            ("GET", "/items", &[("x-http-method", "PUT")], Ok(&[1, 2])),
+            ("GET", "/items", &[("x-method-override", "PATCH")], Ok(&[1, 2])),
+            ("GET", "/items?_method=delete", &[], Ok(&[1, 2])),
+            ("GET", "/items?a=1&%5Fmethod=DEL%45TE", &[], Ok(&[1, 2])),
+            ("GET", "/items?_method=DELETE", &[("x-http-method-override", "delete")], Ok(&[1, 2])),
+            ("GET", "/items?_method=DELETE", &[("x-http-method-override", "PUT")], Err(AmbiguousPath)),
+            ("GET", "/items", &[("x-http-method-override", "PUT"), ("x-http-method", "GET")], Err(AmbiguousPath)),
+            ("GET", "/", &[("x-original-url", "/admin")], Ok(&[0, 3])),
+            ("GET", "/", &[("x-rewrite-url", "/ADMIN/x?y=1")], Ok(&[0, 3])),
+            ("GET", "/", &[("x-original-url", "/items"), ("x-http-method-override", "DELETE")], Ok(&[0, 1, 2])),
+            ("GET", "/", &[("x-original-url", "/admin"), ("x-rewrite-url", "/admin")], Ok(&[0, 3])),
+            ("GET", "/", &[("x-original-url", "/admin"), ("x-rewrite-url", "/x")], Err(AmbiguousPath)),
+            ("GET", "/", &[("x-original-url", "admin")], Err(AmbiguousPath)),
+            ("GET", "/", &[("x-original-url", "/x/../admin")], Err(AmbiguousPath)),
+            ("GET", "/", &[("x-original-url", "/%2e%2e/admin")], Err(AmbiguousPath)),
+        ];
+        for (method, target, headers, want) in table {
+            assert_eq!(
+                decide(method, target, headers).as_deref().map_err(|e| *e),
+                *want,
+                "{method} {target} {headers:?}"
+            );
+        }
+        // Without rules nothing is read.
+        let none = compile(vec![]);
+        let mut h = HeaderMap::new();
+        h.insert("x-original-url", HeaderValue::from_static("/x/../admin"));
+        assert!(none.decide("GET", "/", None, &h).unwrap().is_empty());
     }
 
     #[test]

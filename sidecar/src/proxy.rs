@@ -289,10 +289,10 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
     }
-    // The rule that decides this route (authorization.rules), found before any token work; a
+    // The rules that decide this route (authorization.rules), found before any token work; a
     // path the app could resolve to another route is refused when rules exist.
-    let rule = match app.authz.route(req.method().as_str(), path) {
-        Ok(rule) => rule,
+    let decision = match app.authz.decide(req.method().as_str(), path, req.uri().query(), req.headers()) {
+        Ok(decision) => decision,
         Err(AmbiguousPath) => {
             app.metrics.request("rejected", "ambiguous_path");
             return Err(Box::new(plain(StatusCode::BAD_REQUEST, "ambiguous request path\n")));
@@ -301,9 +301,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
     // A valid, live token: the route's requirements decide (after the session check, so a
     // revoked token gets 401, never 403).
     let admit = |verified: Grant, outcome: &'static str, reason: &'static str| {
-        if let Some(rule) = rule
-            && let Err(denied) = rule.check(&verified.authz)
-        {
+        if let Err((rule, denied)) = decision.check(&verified.authz) {
             app.metrics.request("forbidden", denied.label());
             tracing::debug!(reason = denied.label(), rule = rule.index, "request forbidden");
             return Err(Box::new(forbidden(rule)));
