@@ -610,7 +610,8 @@ mod tests {
                 v
             })
         };
-        let table: &[(&str, &str, &[(&str, &str)], Result<&[usize], AmbiguousPath>)] = &[
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Result<&'a [usize], AmbiguousPath>);
+        let table: &[Case<'_>] = &[
             ("GET", "/items", &[], Ok(&[1])),
             ("GET", "/items?x=1&method=DELETE", &[], Ok(&[1])),
             ("POST", "/items", &[("x-http-method-override", "GET")], Ok(&[1, 2])),
