@@ -11,7 +11,9 @@
 //! segments are skipped (`//admin/` is `/admin`), `;parameters` are dropped from each segment,
 //! percent-escapes are decoded and ASCII letters compared case-insensitively. Paths that an app
 //! could resolve to another route (dot segments, encoded `.`, `/`, `\`, `;` or `%`, backslashes,
-//! broken escapes) are refused with `400` whenever the realm has rules. Rule paths are therefore
+//! broken escapes) are refused with `400` whenever the realm has rules. A request that carries a
+//! method or path override some frameworks route by (`X-HTTP-Method-Override`, `_method`,
+//! `X-Original-URL`, …) must satisfy the rules for those too. Rule paths are therefore
 //! plain: no `%`, `;`, `\`, empty or dot segments, and no trailing `/` (except the root `/`).
 //!
 //! [`Authorization::validate`] refuses what the CRD's CEL rules refuse (so a hand-written

@@ -9,9 +9,10 @@
 //!
 //! Once per verified token (at verification, stored in the verified-token cache next to the
 //! identity headers) [`Authz::grant`] evaluates every atom against the claims into a fixed-size
-//! bit set, [`Granted`]. Per request, [`Authz::route`] walks the raw request path without
-//! copying it (segments split in place, escapes decoded and letters folded while comparing) and
-//! [`Rule::check`] is a few word-wise ANDs: no allocation on the request path.
+//! bit set, [`Granted`]. Per request, [`Authz::decide`] walks the raw request path without
+//! copying it (segments split in place, escapes decoded and letters folded while comparing) —
+//! and any override method or path the request carries, see [`Decision`] — and
+//! [`Decision::check`] is a few word-wise ANDs: no allocation on the request path.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
