@@ -280,6 +280,19 @@ impl Authz {
     }
 }
 
+/// Whether a request carries a method or path override some frameworks route by (such a
+/// request never counts as public: the app may serve it from another route).
+pub fn has_override(query: Option<&str>, headers: &HeaderMap) -> bool {
+    METHOD_OVERRIDES.iter().chain(PATH_OVERRIDES.iter()).any(|h| headers.contains_key(h))
+        || query.is_some_and(|q| {
+            q.split('&').any(|pair| {
+                let k = pair.split_once('=').map_or(pair, |(k, _)| k);
+                let mut kb = [0u8; 16];
+                form_decode(k.as_bytes(), &mut kb) == Some(b"_method")
+            })
+        })
+}
+
 /// The method bit of a method name in any case (overrides are read case-insensitively by the
 /// frameworks that honour them); 0 for other names.
 fn method_bit_ignore_case(name: &[u8]) -> u16 {
@@ -640,6 +653,13 @@ mod tests {
                 "{method} {target} {headers:?}"
             );
         }
+        // Such requests never count as public either.
+        let mut h = HeaderMap::new();
+        assert!(!has_override(Some("a=1&method=x&_methods=y"), &h));
+        assert!(has_override(Some("a=1&_method=DELETE"), &h));
+        assert!(has_override(Some("%5fmethod"), &h));
+        h.insert("x-rewrite-url", HeaderValue::from_static("/x"));
+        assert!(has_override(None, &h));
         // Without rules nothing is read.
         let none = compile(vec![]);
         let mut h = HeaderMap::new();

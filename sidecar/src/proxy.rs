@@ -281,10 +281,12 @@ fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
 
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
     let path = req.uri().path();
-    // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`).
+    // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`), nor do
+    // requests with a method or path override the app may route by.
     if !app.cfg.public_routes.is_empty()
         && path_is_public_candidate(path)
         && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path))
+        && !crate::authz::has_override(req.uri().query(), req.headers())
     {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);

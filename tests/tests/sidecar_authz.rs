@@ -103,8 +103,14 @@ async fn routes_require_their_claims_and_answer_403_insufficient_scope() {
         assert_eq!(r.status, StatusCode::OK, "{method} {path}");
         assert_eq!(upstream.seen().len(), 1, "{method} {path} reached the app once");
     }
-    // The public route still needs no token; no token on a rule's route is still 401.
+    // The public route still needs no token — unless the request carries an override the app
+    // may route by; no token on a rule's route is still 401.
     assert_eq!(s.get("/health", None).await.unwrap().status, StatusCode::OK);
+    let r = s.request(s.public, "GET", "/health", &[("x-original-url", "/admin")], Bytes::new()).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = s.request(s.public, "GET", "/health", &[("x-http-method-override", "DELETE")], Bytes::new()).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.get("/health?_method=DELETE", None).await.unwrap().status, StatusCode::UNAUTHORIZED);
     let r = s.get("/admin", None).await.unwrap();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 
