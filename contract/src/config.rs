@@ -61,7 +61,8 @@ pub enum PathMatch {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PublicRoute {
-    /// Absolute path, starting with `/`.
+    /// Absolute path, starting with `/`, at most 1024 characters.
+    #[schemars(length(max = 1024))]
     pub path: String,
     #[serde(default, rename = "match")]
     pub path_match: PathMatch,
@@ -444,6 +445,9 @@ pub struct SidecarConfig {
     pub limits: Limits,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub public_routes: Vec<PublicRoute>,
+    /// Per-route authorization by claims (see [`crate::authz`]).
+    #[serde(default, skip_serializing_if = "crate::authz::Authorization::is_empty")]
+    pub authorization: crate::authz::Authorization,
     /// Claims forwarded to the app as headers. Any incoming header with one of these names
     /// (in any case, with `_` in place of `-`) is removed first.
     #[serde(default = "default_identity_headers")]
@@ -629,6 +633,9 @@ impl SidecarConfig {
                 ));
             }
         }
+        self.authorization
+            .validate(&self.public_routes)
+            .map_err(|(field, message)| err(format!("authorization.{field}"), message))?;
         for (i, h) in self.identity_headers.iter().enumerate() {
             if h.claim.is_empty() {
                 return Err(err(format!("identityHeaders[{i}].claim"), "must not be empty"));
@@ -673,6 +680,7 @@ impl SidecarConfig {
             upstream: Upstream::default(),
             limits: Limits::default(),
             public_routes: vec![],
+            authorization: Default::default(),
             identity_headers: default_identity_headers(),
             key_reload_interval_ms: default_key_reload_ms(),
         }

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alg;
+pub mod authz;
 pub mod config;
 pub mod keygen;
 pub mod keyset;

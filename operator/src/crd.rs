@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use authrealm_contract::authz::Authorization;
 use authrealm_contract::config::PublicRoute;
 use authrealm_contract::{Alg, FailurePolicy, RedisMode, SessionMode};
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -133,6 +134,15 @@ pub struct AuthRealmSpec {
     /// Settings of the sidecar injected into the realm's pods.
     #[serde(default)]
     pub sidecar: SidecarSpec,
+
+    /// Per-route authorization by claims: routes (path, match, methods, as in
+    /// `sidecar.publicRoutes`) where a valid token must also carry scopes and claim values.
+    /// A token that lacks them gets 403 (`insufficient_scope`) and never reaches the app. The
+    /// most specific matching rule alone decides; a request matching no rule needs only a
+    /// valid token. See "Authorize routes by claims" in the README.
+    #[serde(default, skip_serializing_if = "Authorization::is_empty")]
+    #[schemars(extend("x-kubernetes-validations" = authorization_rules()))]
+    pub authorization: Authorization,
 }
 
 /// Key rotation timing.
@@ -535,6 +545,19 @@ fn spec_rules() -> serde_json::Value {
          "message": "clockLeeway must be at most 10m"},
         {"rule": "self.sessionMode == 'stateless' || has(self.redis)",
          "message": "redis is required unless sessionMode is stateless"},
+        // Cheapest first (CEL cost is bounded per call): a public route can only cover the rule's
+        // path when it is at most one character longer; methods are compared last.
+        {"rule": "!has(self.authorization) || !has(self.sidecar) || !has(self.sidecar.publicRoutes) || self.authorization.rules.all(r, !self.sidecar.publicRoutes.exists(p, size(p.path) <= size(r.path) + 1 && (p.match == 'exact' ? (p.path.lowerAscii() == r.path.lowerAscii() || p.path.lowerAscii() == r.path.lowerAscii() + '/') : (r.path.lowerAscii() + '/').startsWith(p.path.endsWith('/') ? p.path.lowerAscii() : p.path.lowerAscii() + '/')) && (!has(p.methods) || size(p.methods) == 0 || size(r.methods) == 0 || p.methods.exists(m, m in r.methods || (m == 'HEAD' && 'GET' in r.methods)))))",
+         "message": "an authorization rule's path is made public by sidecar.publicRoutes for one of its methods: public routes skip authentication, so the rule could never apply"},
+    ])
+}
+
+/// CEL on `spec.authorization`: no two rules may decide the same requests. The per-rule checks
+/// (paths, non-empty requirements) are on the rule type in `authrealm_contract::authz`.
+fn authorization_rules() -> serde_json::Value {
+    json!([
+        {"rule": "self.rules.all(a, self.rules.exists_one(b, b.path.lowerAscii() == a.path.lowerAscii() && b.match == a.match && ((size(a.methods) == 0 && size(b.methods) == 0) || a.methods.exists(m, m in b.methods))))",
+         "message": "authorization.rules are ambiguous: two rules have the same path and match (compared case-insensitively) and share a method, or neither lists methods"},
     ])
 }
 

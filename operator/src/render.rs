@@ -262,6 +262,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
         },
         limits: Limits::default(),
         public_routes: s.public_routes.clone(),
+        authorization: spec.authorization.clone(),
         identity_headers,
         key_reload_interval_ms: 2000,
     };

@@ -70,6 +70,8 @@ pub struct App {
     pub tunnels: Arc<tokio::sync::Semaphore>,
     /// Tokens verified before (see `tokencache`).
     pub token_cache: crate::tokencache::TokenCache,
+    /// `authorization.rules`, compiled (see `authz`).
+    pub authz: crate::authz::Authz,
 }
 
 /// Two multiplexed connections (cluster, or to the standalone server): one for per-request
@@ -122,7 +124,9 @@ impl App {
         let www_authenticate_invalid =
             HeaderValue::from_str(&format!("Bearer realm=\"{}\", error=\"invalid_token\"", cfg.realm))
                 .expect("realm is a DNS name");
+        let authz = crate::authz::Authz::new(&cfg.authorization, &cfg.realm);
         Arc::new(App {
+            authz,
             cfg,
             policy,
             keys,

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod cli;
 pub mod framing;
 pub mod issuer;

@@ -5,12 +5,13 @@
 /// resolves them, so such paths never count as public (they still reach the app, but only
 /// with a valid token).
 pub fn path_is_public_candidate(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    let ambiguous = lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
+    // No allocation: this runs on every request.
+    let has = |needle: &[u8]| path.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
+    let ambiguous = has(b"%2e")
+        || has(b"%2f")
+        || has(b"%5c")
         || path.contains('\\')
-        || lower.contains("%3b")
+        || has(b"%3b")
         // `..;` and `.;x`: servlet containers drop path parameters before normalising.
         || path.split('/').any(|seg| matches!(seg.split(';').next(), Some(".") | Some("..")));
     !ambiguous

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use authrealm_contract::FailurePolicy;
 
 use crate::app::{App, Body, BoxError, full, json_response, now_unix};
+use crate::authz::AmbiguousPath;
 use crate::longlived::Grant;
 use crate::paths::path_is_public_candidate;
 use crate::tokencache::VerifiedToken;
@@ -183,6 +184,18 @@ fn www_auth_response(app: &App, reject: Reject) -> Response<Body> {
     r
 }
 
+/// `403` for a valid token that lacks what the route requires (RFC 6750 §3.1): the rule's
+/// precomputed challenge names the required scopes, never anything from the token.
+fn forbidden(rule: &crate::authz::Rule) -> Response<Body> {
+    let mut r = Response::new(full(&b"{\"error\":\"insufficient_scope\"}"[..]));
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::WWW_AUTHENTICATE, rule.challenge.clone());
+    r
+}
+
 fn plain(status: StatusCode, msg: &'static str) -> Response<Body> {
     let mut r = Response::new(full(msg));
     *r.status_mut() = status;
@@ -251,22 +264,53 @@ fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
             identity.push((ih.name.clone(), value));
         }
     }
-    let grant =
-        Arc::new(VerifiedToken { kid: v.kid, sub: v.sub, jti: v.jti, iat: v.iat, nbf: v.nbf, exp: v.exp, identity });
+    let authz = app.authz.grant(&v.claims);
+    let grant = Arc::new(VerifiedToken {
+        kid: v.kid,
+        sub: v.sub,
+        jti: v.jti,
+        iat: v.iat,
+        nbf: v.nbf,
+        exp: v.exp,
+        identity,
+        authz,
+    });
     app.token_cache.insert(token, &ring.digest, grant.clone());
     Ok(grant)
 }
 
 async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Response<Body>>> {
     let path = req.uri().path();
-    // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`).
+    // Dot segments and encoded '.', '/', '\' or ';' never count as public (see `paths`), nor do
+    // requests with a method or path override the app may route by.
     if !app.cfg.public_routes.is_empty()
         && path_is_public_candidate(path)
         && app.cfg.public_routes.iter().any(|r| r.matches(req.method().as_str(), path))
+        && !crate::authz::has_override(req.uri().query(), req.headers())
     {
         app.metrics.request("public", "public_route");
         return Ok(Auth::Public);
     }
+    // The rules that decide this route (authorization.rules), found before any token work; a
+    // path the app could resolve to another route is refused when rules exist.
+    let decision = match app.authz.decide(req.method().as_str(), path, req.uri().query(), req.headers()) {
+        Ok(decision) => decision,
+        Err(AmbiguousPath) => {
+            app.metrics.request("rejected", "ambiguous_path");
+            return Err(Box::new(plain(StatusCode::BAD_REQUEST, "ambiguous request path\n")));
+        }
+    };
+    // A valid, live token: the route's requirements decide (after the session check, so a
+    // revoked token gets 401, never 403).
+    let admit = |verified: Grant, outcome: &'static str, reason: &'static str| {
+        if let Err((rule, denied)) = decision.check(&verified.authz) {
+            app.metrics.request("forbidden", denied.label());
+            tracing::debug!(reason = denied.label(), rule = rule.index, "request forbidden");
+            return Err(Box::new(forbidden(rule)));
+        }
+        app.metrics.request(outcome, reason);
+        Ok(Auth::Allowed(verified))
+    };
     let reject = |r: Reject| {
         app.metrics.request("rejected", r.label());
         tracing::debug!(reason = r.label(), "request rejected");
@@ -281,8 +325,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Err(r) => return reject(r),
     };
     if !app.stateful() {
-        app.metrics.request("allowed", "ok");
-        return Ok(Auth::Allowed(verified));
+        return admit(verified, "allowed", "ok");
     }
     let (sub, jti) = (verified.sub.as_deref().unwrap_or(""), verified.jti.as_deref().unwrap_or(""));
     let redis_started = Instant::now();
@@ -296,8 +339,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
             if !local {
                 app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
             }
-            app.metrics.request("allowed", "ok");
-            Ok(Auth::Allowed(verified))
+            admit(verified, "allowed", "ok")
         }
         Ok(SessionState::Revoked) => {
             app.metrics.redis("check", "ok", redis_started.elapsed().as_secs_f64());
@@ -313,8 +355,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
                 }
                 FailurePolicy::Open => {
                     app.note_fail_open(e.kind());
-                    app.metrics.request("fail_open", e.kind());
-                    Ok(Auth::Allowed(verified))
+                    admit(verified, "fail_open", e.kind())
                 }
             }
         }

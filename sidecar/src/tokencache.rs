@@ -2,8 +2,9 @@
 //! verified and its claims parsed once, not on every request.
 //!
 //! What is cached is the outcome of every check that does not depend on the time: signature,
-//! algorithm, `kid`, `iss`, `aud`, `sub`/`jti`, required claims, the denylist lifetime bound, and
-//! the identity-header values. `exp`, `nbf` and `iat` are evaluated again on every request, and
+//! algorithm, `kid`, `iss`, `aud`, `sub`/`jti`, required claims, the denylist lifetime bound, the
+//! identity-header values and the route requirements the claims satisfy (`authz::Granted`).
+//! `exp`, `nbf` and `iat` are evaluated again on every request, and
 //! the session/revocation check in Redis still runs on every request.
 //!
 //! * Keyed by the whole token: an entry is found through a hash of the token's signature, and
@@ -39,6 +40,8 @@ pub struct VerifiedToken {
     pub exp: i64,
     /// The identity headers for the app (already checked to be representable).
     pub identity: Vec<(HeaderName, HeaderValue)>,
+    /// The route requirements (`authorization.rules`) this token's claims satisfy.
+    pub authz: crate::authz::Granted,
 }
 
 impl VerifiedToken {
@@ -265,6 +268,7 @@ mod tests {
             nbf: Some(exp - 60),
             exp,
             identity: vec![(HeaderName::from_static("x-auth-subject"), HeaderValue::from_str(sub).unwrap())],
+            authz: Default::default(),
         })
     }
 
