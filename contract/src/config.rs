@@ -427,6 +427,10 @@ pub struct SidecarConfig {
     /// How often the key-set file is checked for changes (ms).
     #[serde(default = "default_key_reload_ms")]
     pub key_reload_interval_ms: u64,
+    /// External OIDC issuers whose tokens are accepted besides the realm's own (see
+    /// [`crate::external`]); only with `sessionMode` `denylist` or `stateless`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_issuers: Vec<crate::external::ExternalIssuer>,
 }
 
 fn default_token_ttl() -> u64 {
@@ -602,6 +606,7 @@ impl SidecarConfig {
                 ));
             }
         }
+        crate::external::check_all(self)?;
         for (i, h) in self.identity_headers.iter().enumerate() {
             if h.claim.is_empty() {
                 return Err(err(format!("identityHeaders[{i}].claim"), "must not be empty"));
@@ -647,6 +652,7 @@ impl SidecarConfig {
             public_routes: vec![],
             identity_headers: default_identity_headers(),
             key_reload_interval_ms: default_key_reload_ms(),
+            external_issuers: vec![],
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod app;
 pub mod cli;
 pub mod framing;
 pub mod issuer;
+pub mod jwks;
 pub mod keys;
 pub mod longlived;
 pub mod metrics;

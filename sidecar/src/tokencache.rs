@@ -39,6 +39,8 @@ pub struct VerifiedToken {
     pub exp: i64,
     /// The identity headers for the app (already checked to be representable).
     pub identity: Vec<(HeaderName, HeaderValue)>,
+    /// Index of the external issuer whose key verified it (None: the realm's own keys).
+    pub external: Option<usize>,
 }
 
 impl VerifiedToken {
@@ -258,6 +260,7 @@ mod tests {
 
     fn verified(sub: &str, exp: i64) -> Arc<VerifiedToken> {
         Arc::new(VerifiedToken {
+            external: None,
             kid: "k".into(),
             sub: Some(sub.into()),
             jti: Some(format!("j-{sub}")),
