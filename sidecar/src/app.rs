@@ -159,8 +159,8 @@ impl App {
     }
 
     /// Every local check of `token`, with the keys and rules of the issuer its `iss` names: the
-    /// realm's own (also for an unknown or missing `iss`, which then fails as it always did) or
-    /// one external issuer's. A `kid` unknown to that issuer's set triggers a refetch
+    /// realm's own (also when `iss` is missing or unreadable, which then fails as it always did)
+    /// or one external issuer's; any other `iss` is refused at once (`wrong_issuer`). A `kid` unknown to that issuer's set triggers a refetch
     /// (single-flight, at most once per `minRefetchIntervalMs`) and one more attempt. Returns the
     /// external issuer's index with the verified token.
     pub async fn validate_token(
@@ -172,9 +172,14 @@ impl App {
         let ext = if self.external.is_empty() || token.len() > self.policy.max_token_bytes {
             None
         } else {
-            crate::jwks::peek_issuer(token)
-                .filter(|iss| *iss != self.cfg.issuer)
-                .and_then(|iss| self.external.by_issuer(&iss).cloned())
+            match crate::jwks::peek_issuer(token) {
+                Some(iss) if iss != self.cfg.issuer => match self.external.by_issuer(&iss) {
+                    Some(x) => Some(x.clone()),
+                    // Neither the realm nor any issuer it trusts.
+                    None => return Err(Reject::WrongIssuer),
+                },
+                _ => None,
+            }
         };
         let Some(ext) = ext else {
             let ring = self.keys.ring();
