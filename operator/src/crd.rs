@@ -48,6 +48,7 @@ pub const MAX_REALM_NAME: usize = 63;
     // `string`, not `date`: kubectl prints a `date` column as an age, and a time in the future
     // (every next rotation) as `<invalid>`.
     printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationTime"}"#,
+    printcolumn = r#"{"name":"Issuer Keys","type":"string","jsonPath":".status.conditions[?(@.type==\"IssuerKeysReady\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63")
         .message("AuthRealm names are at most 63 characters (the name is used as the authrealm.dev/realm label value on app pods)"),
@@ -132,6 +133,14 @@ pub struct AuthRealmSpec {
     /// Settings of the sidecar injected into the realm's pods.
     #[serde(default)]
     pub sidecar: SidecarSpec,
+
+    /// OpenID Connect providers whose tokens the realm accepts besides its own (at most 16).
+    /// Every sidecar fetches each provider's keys (discovery, JWKS) and refetches on an unknown
+    /// `kid`; the operator reports whether they load (`IssuerKeysReady`). Only with
+    /// `sessionMode` `denylist` (revocable by jti and subject) or `stateless`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub external_issuers: Vec<crate::issuers::ExternalIssuerSpec>,
 }
 
 /// Key rotation timing.
@@ -417,7 +426,8 @@ pub struct AuthRealmStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `KeysReady`, `RedisReachable` and `KeysIntact` (see the README).
+    /// `Ready`, `KeysReady`, `RedisReachable`, `KeysIntact` and, for realms with external
+    /// issuers, `IssuerKeysReady` (see the README).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -526,6 +536,12 @@ fn spec_rules() -> serde_json::Value {
         {"rule": "self.sessionMode == 'stateless' || has(self.redis)",
          "message": "redis is required unless sessionMode is stateless"},
     ])
+    .as_array()
+    .into_iter()
+    .flatten()
+    .chain(crate::issuers::spec_rules().as_array().into_iter().flatten())
+    .cloned()
+    .collect()
 }
 
 fn redis_rules() -> serde_json::Value {

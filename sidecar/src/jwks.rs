@@ -66,20 +66,30 @@ pub struct Fetcher {
     max_bytes: usize,
 }
 
-/// The trust roots for an issuer: its CA bundle, or the system's.
+/// The trust roots for an issuer: its CA bundle file, or the system's.
 pub fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, FetchError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| ferr(format!("caFile {path}: {e}")))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| ferr(format!("caFile {path}: {e}")))?;
-                roots.add(cert).map_err(|e| ferr(format!("caFile {path}: {e}")))?;
+            tls_config_pem(Some(&pem)).map_err(|e| ferr(format!("caFile {path}: {e}")))
+        }
+        None => tls_config_pem(None),
+    }
+}
+
+/// The trust roots for an issuer: the PEM CA bundle given, or the system's.
+pub fn tls_config_pem(ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, FetchError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| ferr(e.to_string()))?;
+                roots.add(cert).map_err(|e| ferr(e.to_string()))?;
             }
             if roots.is_empty() {
-                return Err(ferr(format!("caFile {path}: no certificate")));
+                return Err(ferr("no certificate in the CA bundle"));
             }
         }
         None => {
@@ -105,12 +115,17 @@ enum Answer {
 
 impl Fetcher {
     pub fn new(x: &ExternalIssuer) -> Result<Fetcher, FetchError> {
-        Ok(Fetcher {
-            tls: tls_config(x.ca_file.as_deref())?,
+        Ok(Fetcher::with_tls(x, tls_config(x.ca_file.as_deref())?))
+    }
+
+    /// A fetcher with the limits of `x` and the given trust roots.
+    pub fn with_tls(x: &ExternalIssuer, tls: Arc<rustls::ClientConfig>) -> Fetcher {
+        Fetcher {
+            tls,
             allow_http: x.allow_insecure_http,
             timeout: Duration::from_millis(x.fetch_timeout_ms),
             max_bytes: x.max_document_bytes as usize,
-        })
+        }
     }
 
     /// GET `url` within the fetch timeout; the body of a 200 with a JSON content type.
