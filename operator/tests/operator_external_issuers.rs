@@ -182,5 +182,14 @@ async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
     }
     let ok = bad("denylist", good_x);
     api.create(&PostParams::default(), &ok).await?;
+
+    // The shipped example is accepted by the API server as it stands.
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/external-oidc-realm.yaml"))?;
+    let mut example: AuthRealm = serde_yaml_ng::from_str(&example)?;
+    example.metadata.namespace = Some(ns.clone());
+    let created = api.create(&PostParams { dry_run: true, ..Default::default() }, &example).await?;
+    assert_eq!(created.spec.external_issuers.len(), 2);
+    assert!(authrealm_operator::render::resolve("shop-sso", &ns, &created.spec).is_ok());
     op.stop().await
 }
