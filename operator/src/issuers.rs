@@ -283,8 +283,13 @@ pub async fn condition(
     }
     let mut ok = Vec::new();
     let mut failed = Vec::new();
-    for (spec, x) in specs.iter().zip(rendered) {
-        match outcome(client, ns, spec, x, max_age).await {
+    // Concurrently: one slow provider delays the reconcile by one fetch, not by one per issuer.
+    let outcomes =
+        futures_util::future::join_all(specs.iter().zip(rendered).map(|(s, x)| outcome(client, ns, s, x, max_age)))
+            .await;
+    for (x, o) in rendered.iter().zip(outcomes) {
+        match o {
+            Ok(1) => ok.push(format!("1 key from {}", x.issuer)),
             Ok(n) => ok.push(format!("{n} keys from {}", x.issuer)),
             Err(e) => failed.push(format!("{}: {e}", x.issuer)),
         }

@@ -61,7 +61,7 @@ async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
     create_realm(&client, &ns, &realm("sso", spec)).await?;
     let r = wait_condition(&client, &ns, "sso", "IssuerKeysReady", "True", None, Duration::from_secs(30)).await?;
     let (_, reason, message) = condition(&r, "IssuerKeysReady");
-    assert_eq!((reason.as_str(), message.clone()), ("KeysLoaded", format!("1 keys from {}", idp.issuer)));
+    assert_eq!((reason.as_str(), message.clone()), ("KeysLoaded", format!("1 key from {}", idp.issuer)));
     assert_eq!(condition(&r, "Ready").0, "True");
 
     // The sidecar config names the issuer, with the CA bundle where the webhook mounts it.

@@ -92,12 +92,7 @@ pub fn tls_config_pem(ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>
                 return Err(ferr("no certificate in the CA bundle"));
             }
         }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                let _ = roots.add(cert);
-            }
-        }
+        None => return Ok(system_roots()),
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -106,6 +101,29 @@ pub fn tls_config_pem(ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(cfg))
+}
+
+/// The system roots (the image's `/etc/ssl/certs`, or `SSL_CERT_FILE`), read once.
+fn system_roots() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            match rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+                Ok(b) => Arc::new(b.with_root_certificates(roots).with_no_client_auth()),
+                // aws-lc-rs supports the default versions; an empty root store fails every fetch.
+                Err(_) => Arc::new(
+                    rustls::ClientConfig::builder()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                ),
+            }
+        })
+        .clone()
 }
 
 enum Answer {
@@ -481,7 +499,6 @@ pub struct IssuerKeys {
     pub index: usize,
     pub policy: crate::token::Policy,
     keys: ArcSwap<ExtKeySet>,
-    fetcher: Option<Fetcher>,
     state: Mutex<FetchState>,
     /// Bumped (under `state`'s lock) when a fetch ends.
     done: watch::Sender<u64>,
@@ -498,13 +515,6 @@ impl IssuerKeys {
         generation: Arc<AtomicU64>,
         metrics: crate::metrics::Metrics,
     ) -> IssuerKeys {
-        let fetcher = match Fetcher::new(&cfg) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::error!(issuer = %cfg.issuer, error = %e, "external issuer: no usable TLS trust roots");
-                None
-            }
-        };
         let policy = crate::token::Policy {
             issuer: cfg.issuer.clone(),
             audiences: cfg.audiences.clone(),
@@ -521,7 +531,6 @@ impl IssuerKeys {
             index,
             policy,
             keys: ArcSwap::from_pointee(ExtKeySet::empty()),
-            fetcher,
             state: Mutex::new(FetchState::default()),
             done,
             generation,
@@ -575,9 +584,11 @@ impl IssuerKeys {
             // A periodic refresh re-reads discovery too; other fetches reuse its jwks_uri.
             if trigger == Trigger::Refresh { None } else { st.jwks_uri.clone() }
         };
-        let result = match &self.fetcher {
-            Some(f) => fetch_keys(f, &self.cfg, cached.as_deref()).await,
-            None => Err(ferr("no usable TLS trust roots (caFile)")),
+        // The CA bundle is read for every fetch: a bundle updated in its ConfigMap (or mounted
+        // late) is used without a restart.
+        let result = match Fetcher::new(&self.cfg) {
+            Ok(f) => fetch_keys(&f, &self.cfg, cached.as_deref()).await,
+            Err(e) => Err(e),
         };
         let label = self.label();
         let outcome = if result.is_ok() { "ok" } else { "error" };

@@ -377,8 +377,11 @@ async fn plain_http_and_foreign_cas_are_refused() {
     let idp = TestIdp::start(Alg::ES256).await.unwrap();
     let other = TestIdp::start(Alg::ES256).await.unwrap();
     // The provider's certificate is not signed by the CA this entry trusts.
+    let ca_file = std::env::temp_dir().join(format!("authrealm-ext-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, &other.ca_pem).unwrap();
     let mut wrong_ca = via_discovery(&idp, vec![Alg::ES256]);
-    wrong_ca.ca_file = Some(other.ca_file.to_string_lossy().into_owned());
+    wrong_ca.ca_file = Some(ca_file.to_string_lossy().into_owned());
+    wrong_ca.min_refetch_interval_ms = 500;
     let s = Sidecar::start(stateless(vec![wrong_ca]), &own_keys(), upstream.addr).await.unwrap();
     let t = idp.token("alice", "api", 300);
     wait_for("a failed first fetch", Duration::from_secs(10), || async {
@@ -390,6 +393,10 @@ async fn plain_http_and_foreign_cas_are_refused() {
     assert_eq!(status(&s, &t).await, StatusCode::UNAUTHORIZED);
     let err = s.request(s.admin, "GET", "/readyz", &[], Default::default()).await.unwrap().json();
     assert!(err["externalIssuers"][0]["lastError"].as_str().unwrap().contains("TLS"), "{err}");
+    // The bundle is corrected where it is mounted (a ConfigMap update): used without a restart.
+    std::fs::write(&ca_file, &idp.ca_pem).unwrap();
+    wait_status(&s, &t, StatusCode::OK, Duration::from_secs(15)).await;
+    let _ = std::fs::remove_file(&ca_file);
     // http:// is a config error unless the entry allows it.
     let mut http = via_discovery(&idp, vec![Alg::ES256]);
     http.discovery_url = Some(format!("http://{}/.well-known/openid-configuration", idp.addr));

@@ -218,7 +218,11 @@ pub fn sidecar_volumes(plan: &SidecarPlan) -> Vec<Value> {
         let sources: Vec<Value> = plan
             .issuer_cas
             .iter()
-            .map(|(i, cm, key)| json!({"configMap": {"name": cm, "items": [{"key": key, "path": format!("{i}.crt")}]}}))
+            // Optional: a missing bundle fails only that issuer's fetches (IssuerKeysReady says
+            // which ConfigMap), never the pod; the sidecar reads the file on every fetch.
+            .map(|(i, cm, key)| {
+                json!({"configMap": {"name": cm, "optional": true, "items": [{"key": key, "path": format!("{i}.crt")}]}})
+            })
             .collect();
         volumes.push(json!({"name": crate::issuers::ISSUER_CA_VOLUME, "projected": {"sources": sources}}));
     }
@@ -445,8 +449,8 @@ mod tests {
         assert_eq!(
             v["projected"]["sources"],
             json!([
-                {"configMap": {"name": "dex-ca", "items": [{"key": "ca.crt", "path": "0.crt"}]}},
-                {"configMap": {"name": "kc-ca", "items": [{"key": "bundle.pem", "path": "2.crt"}]}},
+                {"configMap": {"name": "dex-ca", "optional": true, "items": [{"key": "ca.crt", "path": "0.crt"}]}},
+                {"configMap": {"name": "kc-ca", "optional": true, "items": [{"key": "bundle.pem", "path": "2.crt"}]}},
             ])
         );
         let c = sidecar_container(&p);
