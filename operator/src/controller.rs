@@ -437,6 +437,7 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
 
     // Events: key changes, recovery, Redis flips.
     publish_key_events(realm, ctx, &keys, &resolved).await;
+    crate::issuers::publish_flip(realm, &ctx.events, &old.conditions, issuer_keys.as_ref()).await;
     let old_redis = conditions::find(&old.conditions, conditions::REDIS_REACHABLE);
     match (redis.status, old_redis) {
         (Status::False, o) if o.is_none_or(|o| o.status != "False" || o.reason != redis.reason) => {

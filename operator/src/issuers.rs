@@ -301,6 +301,30 @@ pub async fn condition(
     })
 }
 
+/// A Warning event when `IssuerKeysReady` turns False (or its error changes), a Normal one when it
+/// turns True again.
+pub async fn publish_flip(
+    realm: &crate::crd::AuthRealm,
+    events: &crate::events::Publisher,
+    old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    new: Option<&Cond>,
+) {
+    use crate::events::Severity;
+    let Some(new) = new else { return };
+    let old = old.iter().find(|c| c.type_ == ISSUER_KEYS_READY);
+    match new.status {
+        Status::False if old.is_none_or(|o| o.status != "False" || o.message != new.message) => {
+            events
+                .publish(realm, Severity::Warning, "IssuerKeysUnavailable", "FetchIssuerKeys", new.message.clone())
+                .await
+        }
+        Status::True if old.is_some_and(|o| o.status == "False") => {
+            events.publish(realm, Severity::Normal, "IssuerKeysLoaded", "FetchIssuerKeys", new.message.clone()).await
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,6 +105,19 @@ async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
     idp.set_mode(Mode::Up);
     let r = wait_condition(&client, &ns, "sso", "IssuerKeysReady", "True", None, Duration::from_secs(30)).await?;
     assert_eq!(condition(&r, "IssuerKeysReady").2, format!("2 keys from {}", idp.issuer));
+    // Each flip was announced: the outage, the malformed document, the recovery.
+    let evs = wait_for("the recovery event", Duration::from_secs(10), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let evs = events(&client, &ns, "sso").await;
+            evs.iter().any(|(r, _)| r == "IssuerKeysLoaded").then_some(evs)
+        }
+    })
+    .await?;
+    let unavailable: Vec<&String> = evs.iter().filter(|(r, _)| r == "IssuerKeysUnavailable").map(|(_, n)| n).collect();
+    assert!(unavailable.iter().any(|n| n.contains("HTTP 503")), "{evs:?}");
+    assert!(unavailable.iter().any(|n| n.contains("not valid JSON")), "{evs:?}");
 
     // A CA bundle that does not sign the provider's certificate.
     let other = TestIdp::start(Alg::ES256).await?;
