@@ -4,7 +4,8 @@
 //! Every sidecar fetches its issuers' keys itself (`authrealm_sidecar::jwks`). The operator
 //! probes the same URLs with the same code and limits, from its own network position, on the
 //! periodic check interval: discovery + JWKS, counted keys or the fetch error. Realms naming the
-//! same issuer configuration (URLs, CA bundle, limits) share one probe result.
+//! same issuer configuration (URLs, CA bundle, limits) share one probe result; between probes a
+//! reconcile costs no request (the CA bundle ConfigMap is read only when a probe is due).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -17,7 +18,6 @@ use kube::api::Api;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 
 use crate::conditions::{Cond, ISSUER_KEYS_READY, Status};
 use crate::crd::GoDuration;
@@ -227,13 +227,9 @@ async fn outcome(
     x: &ExternalIssuer,
     max_age: Duration,
 ) -> Outcome {
-    let ca = match &spec.ca_bundle {
-        Some(r) => Some(ca_pem(client, ns, r).await?),
-        None => None,
-    };
-    let digest: [u8; 32] = Sha256::digest(ca.as_deref().unwrap_or_default()).into();
-    let key = format!("{:?}|{}", ExternalIssuer { ca_file: None, ..x.clone() }, ca.is_some());
-    let key = format!("{key}|{digest:x?}");
+    // The CA bundle is named by (namespace, ConfigMap, key) and read only when a probe is due.
+    let bundle = spec.ca_bundle.as_ref().map(|r| format!("{ns}/{}/{}", r.name, r.key));
+    let key = format!("{:?}|{bundle:?}", ExternalIssuer { ca_file: None, ..x.clone() });
     let entry = {
         let mut probes = PROBES.lock().unwrap_or_else(|p| p.into_inner());
         // Configurations no realm asked about for a while are forgotten.
@@ -263,7 +259,13 @@ async fn outcome(
     let mut e = entry.lock().await;
     e.used = Instant::now();
     if e.at.is_none_or(|at| at.elapsed() >= max_age) {
-        e.outcome = probe(x, ca.as_deref()).await;
+        e.outcome = match &spec.ca_bundle {
+            Some(r) => match ca_pem(client, ns, r).await {
+                Ok(pem) => probe(x, Some(&pem)).await,
+                Err(err) => Err(err),
+            },
+            None => probe(x, None).await,
+        };
         e.at = Some(Instant::now());
     }
     e.outcome.clone()
