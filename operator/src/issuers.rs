@@ -134,6 +134,12 @@ fn rules() -> serde_json::Value {
          "message": "discoveryUrl/jwksUrl must be https:// URLs (allowInsecureHttp permits http:// for local testing)"},
         {"rule": "!has(self.algorithms) || self.algorithms.all(a, !a.startsWith('HS'))",
          "message": "external issuers need asymmetric algorithms: an HMAC key cannot be published in a JWKS"},
+        {"rule": "!has(self.refreshInterval) || (duration(self.refreshInterval) >= duration('1s') && duration(self.refreshInterval) <= duration('24h'))",
+         "message": "refreshInterval must be between 1s and 24h"},
+        {"rule": "!has(self.minRefetchInterval) || (duration(self.minRefetchInterval) >= duration('100ms') && duration(self.minRefetchInterval) <= duration('1h'))",
+         "message": "minRefetchInterval must be between 100ms and 1h"},
+        {"rule": "!has(self.fetchTimeout) || (duration(self.fetchTimeout) >= duration('100ms') && duration(self.fetchTimeout) <= duration('60s'))",
+         "message": "fetchTimeout must be between 100ms and 60s"},
     ])
 }
 

@@ -182,6 +182,14 @@ async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
             "asymmetric",
         ),
         (
+            "a refetch interval of zero",
+            bad(
+                "denylist",
+                json!({"issuer": "https://x", "jwksUrl": "https://x/j", "audiences": ["api"], "minRefetchInterval": "0s"}),
+            ),
+            "minRefetchInterval must be between 100ms and 1h",
+        ),
+        (
             "own issuer",
             bad(
                 "denylist",
