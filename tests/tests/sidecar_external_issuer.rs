@@ -471,3 +471,51 @@ async fn denylist_revocation_of_external_tokens_across_two_sidecars() {
     assert_eq!(i.json()["active"], true);
     assert_eq!(i.json()["iss"], idp.issuer.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_ends_when_its_external_key_leaves_the_set() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::start().await.unwrap();
+    let idp = TestIdp::start(Alg::ES256).await.unwrap();
+    let mut x = via_discovery(&idp, vec![Alg::ES256]);
+    x.refresh_interval_ms = 1000;
+    let mut cfg = stateless(vec![x]);
+    cfg.limits.revalidate_interval_ms = 200;
+    let s = Sidecar::start(cfg, &own_keys(), upstream.addr).await.unwrap();
+    let old_kid = idp.current_kid();
+    let t = idp.token("alice", "api", 600);
+    wait_status(&s, &t, StatusCode::OK, Duration::from_secs(10)).await;
+    let _ = idp.rotate();
+
+    // An upgraded (echo) connection opened with the token.
+    let mut conn = tokio::net::TcpStream::connect(s.public).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: app\r\nAuthorization: Bearer {t}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf[..n]));
+    conn.write_all(b"ping").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"ping");
+
+    // The provider retires the key: the next refresh drops it, the next re-check ends the tunnel.
+    idp.remove_key(&old_kid);
+    let removed = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the tunnel is still open 5 s after the key was removed");
+    eprintln!("tunnel closed {:?} after the provider removed the key", removed.elapsed());
+    let m = s.metrics().await.unwrap();
+    assert_eq!(metric(&m, "authrealm_sidecar_long_lived_ended_total{outcome=\"key_retired\"}"), 1.0, "{m}");
+    assert_eq!(status(&s, &t).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&s, &idp.token("alice", "api", 600)).await, StatusCode::OK);
+}
