@@ -262,8 +262,8 @@ async fn rotated_key_accepted_within_the_bound_and_a_kid_flood_is_rate_limited()
     wait_status(&s, &again, StatusCode::OK, Duration::from_millis(MIN_REFETCH_MS + 3000)).await;
     let accepted_after = t1.elapsed();
     assert!(
-        accepted_after <= Duration::from_millis(MIN_REFETCH_MS + 1000),
-        "accepted {accepted_after:?} after rotation (bound {MIN_REFETCH_MS} ms + one fetch)"
+        accepted_after <= Duration::from_millis(MIN_REFETCH_MS + 1500),
+        "accepted {accepted_after:?} after rotation (bound {MIN_REFETCH_MS} ms + one fetch and polling)"
     );
     eprintln!(
         "rotated key: first use accepted in {first_use_ms} ms; right after a fetch accepted after {accepted_after:?}"
