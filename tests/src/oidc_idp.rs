@@ -1,5 +1,5 @@
 //! A small OpenID Connect provider of the tests' own: HTTPS (a CA generated per instance, rcgen +
-//! tokio-rustls), `/.well-known/openid-configuration` and `/jwks`, tokens signed with its
+//! tokio-rustls; or plain HTTP for realms that allow it), `/.well-known/openid-configuration` and `/jwks`, tokens signed with its
 //! current key, and controls for what the suites need to see — key rotation, an outage (503 or
 //! connections closed at once), a hanging answer, an oversize or malformed JWKS, a redirect,
 //! extra JWKS entries — plus a count of each document fetched.
@@ -122,6 +122,15 @@ fn answer(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Res
 impl TestIdp {
     /// A provider on a free loopback port signing with a fresh `alg` key.
     pub async fn start(alg: Alg) -> Result<TestIdp> {
+        Self::start_inner(alg, false).await
+    }
+
+    /// The same over plain HTTP (`http://127.0.0.1:PORT`), for realms that allow it.
+    pub async fn start_plain_http(alg: Alg) -> Result<TestIdp> {
+        Self::start_inner(alg, true).await
+    }
+
+    async fn start_inner(alg: Alg, plain: bool) -> Result<TestIdp> {
         static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "authrealm-idp-{}-{}",
@@ -133,7 +142,7 @@ impl TestIdp {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let issuer = format!("https://{addr}");
+        let issuer = if plain { format!("http://{addr}") } else { format!("https://{addr}") };
         let state = Arc::new(Mutex::new(State {
             keys: vec![generate(alg, &random_kid(), 0, KeyState::Current)?],
             mode: Mode::Up,
@@ -151,12 +160,16 @@ impl TestIdp {
                 }
                 let (acceptor, st, df, jf, iss) = (acceptor.clone(), st.clone(), df.clone(), jf.clone(), iss.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (st, df, jf, iss) = (st.clone(), df.clone(), jf.clone(), iss.clone());
                         async move { Ok::<_, std::convert::Infallible>(serve(req, &st, &df, &jf, &iss).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    if plain {
+                        let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
+                    } else if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+                    }
                 });
             }
         });

@@ -397,11 +397,15 @@ async fn plain_http_and_foreign_cas_are_refused() {
     std::fs::write(&ca_file, &idp.ca_pem).unwrap();
     wait_status(&s, &t, StatusCode::OK, Duration::from_secs(15)).await;
     let _ = std::fs::remove_file(&ca_file);
-    // http:// is a config error unless the entry allows it.
-    let mut http = via_discovery(&idp, vec![Alg::ES256]);
-    http.discovery_url = Some(format!("http://{}/.well-known/openid-configuration", idp.addr));
-    let cfg = stateless(vec![http]);
-    assert!(cfg.validate().unwrap_err().to_string().contains("https"));
+    // http:// is a config error unless the entry allows it; allowed, it works (local testing).
+    let plain = TestIdp::start_plain_http(Alg::ES256).await.unwrap();
+    let mut http = ExternalIssuer::new(&plain.issuer, Some(plain.discovery_url()), None);
+    http.audiences = vec!["api".into()];
+    http.algorithms = vec![Alg::ES256];
+    assert!(stateless(vec![http.clone()]).validate().unwrap_err().to_string().contains("https"));
+    http.allow_insecure_http = true;
+    let p = Sidecar::start(stateless(vec![http]), &own_keys(), upstream.addr).await.unwrap();
+    wait_status(&p, &plain.token("bob", "api", 300), StatusCode::OK, Duration::from_secs(10)).await;
     // Realms whose tokens need records only the realm mints refuse external issuers.
     let mut single = stateless(vec![via_discovery(&idp, vec![Alg::ES256])]);
     single.session_mode = SessionMode::Single;
