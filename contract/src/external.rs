@@ -219,6 +219,27 @@ mod tests {
             mutate(&mut i);
             assert_eq!(i.check().unwrap_err().0, field);
         }
+        // Realm-level rules.
+        let mut cfg = crate::SidecarConfig::example("demo", "/k", None);
+        cfg.external_issuers = vec![ok.clone()];
+        assert!(cfg.validate().is_ok(), "stateless");
+        cfg.session_mode = crate::SessionMode::Denylist;
+        cfg.redis = crate::SidecarConfig::example("demo", "/k", Some(vec!["127.0.0.1:7000".into()])).redis;
+        assert!(cfg.validate().is_ok(), "denylist");
+        let field = |c: &crate::SidecarConfig| c.validate().unwrap_err().field;
+        let mut twice = cfg.clone();
+        twice.external_issuers.push(ok.clone());
+        assert_eq!(field(&twice), "externalIssuers[1].issuer");
+        let mut own = cfg.clone();
+        own.external_issuers[0].issuer = own.issuer.clone();
+        assert_eq!(field(&own), "externalIssuers[0].issuer");
+        let mut multi = cfg.clone();
+        multi.session_mode = crate::SessionMode::Multi;
+        assert_eq!(field(&multi), "externalIssuers");
+        let mut bad_entry = cfg.clone();
+        bad_entry.external_issuers[0].audiences.clear();
+        assert_eq!(field(&bad_entry), "externalIssuers[0].audiences");
+
         let mut http = ok.clone();
         http.discovery_url = Some("http://127.0.0.1:5556/dex/.well-known/openid-configuration".into());
         http.allow_insecure_http = true;
