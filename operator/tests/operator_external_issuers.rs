@@ -214,3 +214,47 @@ async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
     assert!(authrealm_operator::render::resolve("shop-sso", &ns, &created.spec).is_ok());
     op.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realms_naming_the_same_issuer_share_one_probe() -> anyhow::Result<()> {
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("extshare").await?;
+    let idp = TestIdp::start(Alg::ES256).await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    cms.create(
+        &PostParams::default(),
+        &ConfigMap {
+            metadata: ObjectMeta { name: Some("idp-ca".into()), ..Default::default() },
+            data: Some(BTreeMap::from([("ca.crt".to_string(), idp.ca_pem.clone())])),
+            ..Default::default()
+        },
+    )
+    .await?;
+    // A long check interval: every reconcile within it uses the one probe result.
+    let op = InProcess::start_with(
+        client.clone(),
+        authrealm_operator::controller::Settings {
+            namespace: Some(ns.clone()),
+            redis_check_interval: Duration::from_secs(120),
+            ..Default::default()
+        },
+    );
+    for name in ["one", "two", "three"] {
+        let spec = json!({
+            "issuer": format!("https://{name}.example.test"),
+            "audiences": ["app"],
+            "sessionMode": "stateless",
+            "externalIssuers": [{
+                "issuer": idp.issuer, "discoveryUrl": idp.discovery_url(), "audiences": ["api"],
+                "algorithms": ["ES256"], "caBundle": {"name": "idp-ca"},
+            }],
+        });
+        create_realm(&client, &ns, &realm(name, spec)).await?;
+    }
+    for name in ["one", "two", "three"] {
+        wait_condition(&client, &ns, name, "IssuerKeysReady", "True", None, Duration::from_secs(30)).await?;
+    }
+    assert_eq!((idp.discovery_fetches(), idp.jwks_fetches()), (1, 1), "three realms, one probe");
+    op.stop().await
+}
