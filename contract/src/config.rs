@@ -455,6 +455,10 @@ pub struct SidecarConfig {
     /// How often the key-set file is checked for changes (ms).
     #[serde(default = "default_key_reload_ms")]
     pub key_reload_interval_ms: u64,
+    /// External OIDC issuers whose tokens are accepted besides the realm's own (see
+    /// [`crate::external`]); only with `sessionMode` `denylist` or `stateless`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_issuers: Vec<crate::external::ExternalIssuer>,
 }
 
 fn default_token_ttl() -> u64 {
@@ -636,6 +640,7 @@ impl SidecarConfig {
         self.authorization
             .validate(&self.public_routes)
             .map_err(|(field, message)| err(format!("authorization.{field}"), message))?;
+        crate::external::check_all(self)?;
         for (i, h) in self.identity_headers.iter().enumerate() {
             if h.claim.is_empty() {
                 return Err(err(format!("identityHeaders[{i}].claim"), "must not be empty"));
@@ -683,6 +688,7 @@ impl SidecarConfig {
             authorization: Default::default(),
             identity_headers: default_identity_headers(),
             key_reload_interval_ms: default_key_reload_ms(),
+            external_issuers: vec![],
         }
     }
 }

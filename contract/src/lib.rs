@@ -15,9 +15,11 @@
 pub mod alg;
 pub mod authz;
 pub mod config;
+pub mod external;
 pub mod keygen;
 pub mod keyset;
 
 pub use alg::Alg;
 pub use config::{FailurePolicy, RedisMode, SessionMode, SidecarConfig};
+pub use external::ExternalIssuer;
 pub use keyset::{KeyEntry, KeySet, KeyState};

@@ -15,8 +15,13 @@ pub const REDIS_REACHABLE: &str = "RedisReachable";
 /// Does not affect `Ready`.
 pub const KEYS_INTACT: &str = "KeysIntact";
 
+/// Realms with `externalIssuers`: every external issuer's keys could be fetched by the
+/// operator's probe (message: keys per issuer, or the last fetch error). Does not affect `Ready`:
+/// sidecars keep the last keys they fetched through an outage.
+pub const ISSUER_KEYS_READY: &str = "IssuerKeysReady";
+
 /// Condition types in the order they are reported.
-pub const ALL: [&str; 4] = [READY, KEYS_READY, REDIS_REACHABLE, KEYS_INTACT];
+pub const ALL: [&str; 5] = [READY, KEYS_READY, REDIS_REACHABLE, KEYS_INTACT, ISSUER_KEYS_READY];
 
 /// Reasons.
 pub mod reason {

@@ -429,10 +429,15 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
     // From a check no older than the check interval, shared with the realms naming the same
     // Redis (the periodic check keeps it fresh and wakes the realm when it changes).
     let redis = ctx.redis.condition(resolved.redis.as_ref(), &ns, ctx.settings.redis_check_interval).await;
+    // External issuers' keys, probed on the same interval (shared between realms; see issuers.rs).
+    let (specs, interval) = (&realm.spec.external_issuers, ctx.settings.redis_check_interval);
+    let issuer_keys =
+        crate::issuers::condition(&ctx.client, &ns, specs, &resolved.config.external_issuers, interval).await;
     let old = realm.status.clone().unwrap_or_default();
 
     // Events: key changes, recovery, Redis flips.
     publish_key_events(realm, ctx, &keys, &resolved).await;
+    crate::issuers::publish_flip(realm, &ctx.events, &old.conditions, issuer_keys.as_ref()).await;
     let old_redis = conditions::find(&old.conditions, conditions::REDIS_REACHABLE);
     match (redis.status, old_redis) {
         (Status::False, o) if o.is_none_or(|o| o.status != "False" || o.reason != redis.reason) => {
@@ -475,7 +480,11 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
 
     let status = AuthRealmStatus {
         observed_generation: realm.metadata.generation,
-        conditions: build_conditions(&old, vec![keys_ready, redis.clone(), intact], realm.metadata.generation),
+        conditions: build_conditions(
+            &old,
+            [keys_ready, redis.clone(), intact].into_iter().chain(issuer_keys.clone()).collect(),
+            realm.metadata.generation,
+        ),
         current_kid: current.map(|k| k.kid.clone()),
         next_rotation_time: keys.rotation_at.map(time),
         key_count: Some(keys.set.keys.len() as i32),
@@ -488,6 +497,7 @@ async fn reconcile_realm(realm: &AuthRealm, ctx: &Context) -> Result<Action, Err
 
     // Requeue at the next rotation event (the Redis check has its own timer, `run_checks`).
     let next = keys.wake_at.map(|t| Duration::from_millis((t * 1000 - now_ms).max(0) as u64 + 50));
+    let next = if issuer_keys.is_some() { Some(next.map_or(interval, |n| n.min(interval))) } else { next };
     Ok(Action::requeue(next.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100))))
 }
 

@@ -49,6 +49,7 @@ pub const MAX_REALM_NAME: usize = 63;
     // `string`, not `date`: kubectl prints a `date` column as an age, and a time in the future
     // (every next rotation) as `<invalid>`.
     printcolumn = r#"{"name":"Next Rotation","type":"string","jsonPath":".status.nextRotationTime"}"#,
+    printcolumn = r#"{"name":"Issuer Keys","type":"string","jsonPath":".status.conditions[?(@.type==\"IssuerKeysReady\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63")
         .message("AuthRealm names are at most 63 characters (the name is used as the authrealm.dev/realm label value on app pods)"),
@@ -143,6 +144,13 @@ pub struct AuthRealmSpec {
     #[serde(default, skip_serializing_if = "Authorization::is_empty")]
     #[schemars(extend("x-kubernetes-validations" = authorization_rules()))]
     pub authorization: Authorization,
+    /// OpenID Connect providers whose tokens the realm accepts besides its own (at most 16).
+    /// Every sidecar fetches each provider's keys (discovery, JWKS) and refetches on an unknown
+    /// `kid`; the operator reports whether they load (`IssuerKeysReady`). Only with
+    /// `sessionMode` `denylist` (revocable by jti and subject) or `stateless`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub external_issuers: Vec<crate::issuers::ExternalIssuerSpec>,
 }
 
 /// Key rotation timing.
@@ -437,7 +445,8 @@ pub struct AuthRealmStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `KeysReady`, `RedisReachable` and `KeysIntact` (see the README).
+    /// `Ready`, `KeysReady`, `RedisReachable`, `KeysIntact` and, for realms with external
+    /// issuers, `IssuerKeysReady` (see the README).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -559,6 +568,12 @@ fn authorization_rules() -> serde_json::Value {
         {"rule": "self.rules.all(a, self.rules.exists_one(b, b.path.lowerAscii() == a.path.lowerAscii() && b.match == a.match && ((size(a.methods) == 0 && size(b.methods) == 0) || a.methods.exists(m, m in b.methods))))",
          "message": "authorization.rules are ambiguous: two rules have the same path and match (compared case-insensitively) and share a method, or neither lists methods"},
     ])
+    .as_array()
+    .into_iter()
+    .flatten()
+    .chain(crate::issuers::spec_rules().as_array().into_iter().flatten())
+    .cloned()
+    .collect()
 }
 
 fn redis_rules() -> serde_json::Value {

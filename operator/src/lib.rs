@@ -22,6 +22,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod events;
+pub mod issuers;
 pub mod key_cache;
 pub mod leader;
 pub mod metrics;

@@ -265,6 +265,7 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
         authorization: spec.authorization.clone(),
         identity_headers,
         key_reload_interval_ms: 2000,
+        external_issuers: crate::issuers::render(&spec.external_issuers).map_err(|(f, m)| spec_err(f, m))?,
     };
     config.validate().map_err(|e| spec_err(format!("(sidecar config) {}", e.field), e.message))?;
     let schedule = Schedule { alg: spec.algorithm, interval, propagation, token_lifetime: max_ttl + leeway, leeway };

@@ -24,6 +24,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
                     "keys": ring.keys.len(),
                     "currentKid": ring.current_kid(),
                     "canMint": ring.signer().is_some(),
+                    "externalIssuers": app.external.issuers.iter().map(|x| json!({
+                        "issuer": x.cfg.issuer,
+                        "keys": x.keys().keys.len(),
+                        "lastError": x.last_error(),
+                    })).collect::<Vec<_>>(),
                 }),
             )
         }

@@ -72,6 +72,8 @@ pub struct App {
     pub token_cache: crate::tokencache::TokenCache,
     /// `authorization.rules`, compiled (see `authz`).
     pub authz: crate::authz::Authz,
+    /// External issuers' key sets (`externalIssuers`; see `jwks`).
+    pub external: crate::jwks::External,
 }
 
 /// Two multiplexed connections (cluster, or to the standalone server): one for per-request
@@ -125,8 +127,10 @@ impl App {
             HeaderValue::from_str(&format!("Bearer realm=\"{}\", error=\"invalid_token\"", cfg.realm))
                 .expect("realm is a DNS name");
         let authz = crate::authz::Authz::new(&cfg.authorization, &cfg.realm);
+        let external = crate::jwks::External::new(&cfg, &metrics);
         Arc::new(App {
             authz,
+            external,
             cfg,
             policy,
             keys,
@@ -142,6 +146,66 @@ impl App {
             tunnels: Arc::new(tokio::sync::Semaphore::new(cfg_max_connections)),
             token_cache,
         })
+    }
+
+    /// The identity of every key set a verification may have used: the own ring's digest, and
+    /// the external sets' generation when there are external issuers. The verified-token cache
+    /// is keyed by it, so any key leaving any set drops every cached verification.
+    pub fn trust_digest(&self, ring_digest: &[u8; 32]) -> [u8; 32] {
+        if self.external.is_empty() {
+            return *ring_digest;
+        }
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(ring_digest);
+        h.update(self.external.generation().to_be_bytes());
+        h.finalize().into()
+    }
+
+    /// Every local check of `token`, with the keys and rules of the issuer its `iss` names: the
+    /// realm's own (also when `iss` is missing or unreadable, which then fails as it always did)
+    /// or one external issuer's; any other `iss` is refused at once (`wrong_issuer`). A `kid` unknown to that issuer's set triggers a refetch
+    /// (single-flight, at most once per `minRefetchIntervalMs`) and one more attempt. Returns the
+    /// external issuer's index with the verified token.
+    pub async fn validate_token(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<(crate::token::Verified, Option<usize>), crate::token::Reject> {
+        use crate::token::{Reject, validate, validate_with};
+        let ext = if self.external.is_empty() || token.len() > self.policy.max_token_bytes {
+            None
+        } else {
+            match crate::jwks::peek_issuer(token) {
+                Some(iss) if iss != self.cfg.issuer => match self.external.by_issuer(&iss) {
+                    Some(x) => Some(x.clone()),
+                    // Neither the realm nor any issuer it trusts.
+                    None => return Err(Reject::WrongIssuer),
+                },
+                _ => None,
+            }
+        };
+        let Some(ext) = ext else {
+            let ring = self.keys.ring();
+            return validate(token, &ring, &self.policy, now).map(|v| (v, None));
+        };
+        let attempt = || validate_with(token, &*ext.keys(), &ext.policy, &ext.cfg.subject_claim, now);
+        match attempt() {
+            Err(Reject::UnknownKid) => {
+                ext.refetch(crate::jwks::Trigger::UnknownKid).await;
+                attempt()
+            }
+            other => other,
+        }
+        .map(|v| (v, Some(ext.index)))
+    }
+
+    /// False once the key that verified a grant has left its key set.
+    pub fn grant_key_present(&self, g: &crate::tokencache::VerifiedToken) -> bool {
+        match g.external {
+            None => self.keys.ring().get(&g.kid).is_some(),
+            Some(i) => self.external.issuers.get(i).is_some_and(|x| x.keys().get(&g.kid).is_some()),
+        }
     }
 
     pub fn sessions(&self) -> Option<&SessionStore> {

@@ -210,6 +210,7 @@ async fn run(cfg: SidecarConfig, keys: KeyStore, drain: Duration) -> ExitCode {
         Err(c) => return c,
     };
     app.spawn_redis();
+    app.external.spawn();
     let ring = app.keys.ring();
     tracing::info!(
         realm = %app.cfg.realm,

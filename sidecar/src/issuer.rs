@@ -14,7 +14,7 @@ use authrealm_contract::SessionMode;
 use crate::app::{App, Body, json_response, now_unix, now_unix_ms};
 use crate::proxy::json_error;
 use crate::session::{Durability, SessionState, StoreError, latest_exp_for_iat};
-use crate::token::{MAX_ID_BYTES, MintError, mint, validate};
+use crate::token::{MAX_ID_BYTES, MintError, mint};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -361,11 +361,7 @@ async fn introspect(app: &App, req: Request<Incoming>) -> Response<Body> {
         return bad(app, OP, StatusCode::BAD_REQUEST, "invalid_request", "missing token parameter");
     };
     let inactive = || ok(app, OP, StatusCode::OK, json!({ "active": false }));
-    let verified = {
-        let ring = app.keys.ring();
-        validate(&token, &ring, &app.policy, now_unix())
-    };
-    let Ok(v) = verified else { return inactive() };
+    let Ok((v, _)) = app.validate_token(&token, now_unix()).await else { return inactive() };
     if app.stateful() {
         let Some(store) = app.sessions() else { return store_error(app, OP, &StoreError::NotConnected) };
         match store.check(v.sub.as_deref().unwrap_or(""), v.jti.as_deref().unwrap_or(""), v.iat).await {

@@ -9,6 +9,7 @@ pub mod authz;
 pub mod cli;
 pub mod framing;
 pub mod issuer;
+pub mod jwks;
 pub mod keys;
 pub mod longlived;
 pub mod metrics;

@@ -79,7 +79,7 @@ async fn recheck(app: &App, g: &Grant) -> Result<Option<End>, ()> {
     if until_expiry(app, g).is_zero() {
         return Ok(Some(End::Expired));
     }
-    if app.keys.ring().get(&g.kid).is_none() {
+    if !app.grant_key_present(g) {
         return Ok(Some(End::KeyRetired));
     }
     if !app.stateful() {

@@ -42,6 +42,21 @@ pub struct OpLabel {
     pub outcome: &'static str,
 }
 
+/// One external issuer (from the config: bounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabel {
+    pub issuer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    pub issuer: String,
+    /// `start`, `refresh`, `unknown_kid`.
+    pub trigger: &'static str,
+    /// `ok`, `error`.
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 50µs … ~3.3s
     Histogram::new(exponential_buckets(0.00005, 2.0, 17))
@@ -70,6 +85,12 @@ pub struct Metrics {
     pub long_lived_ended: Family<OutcomeLabel, Counter>,
     pub token_cache: crate::tokencache::CacheStats,
     pub session_cache: crate::sessioncache::CacheMetrics,
+    /// External issuers' key fetches (discovery + JWKS) by issuer, trigger and result.
+    pub jwks_fetches: Family<FetchLabels, Counter>,
+    pub jwks_keys: Family<IssuerLabel, Gauge>,
+    pub jwks_keys_skipped: Family<IssuerLabel, Gauge>,
+    pub jwks_fresh: Family<IssuerLabel, Gauge>,
+    pub jwks_last_success: Family<IssuerLabel, Gauge>,
     /// Series of the request path, looked up once (a `Family` lookup takes a lock and hashes
     /// the labels).
     hot: Arc<Hot>,
@@ -183,7 +204,38 @@ impl Metrics {
             "Masters whose invalidation channel has a heartbeat confirmed within maxStalenessMs",
             session_cache.nodes_fresh.clone(),
         );
+        let jwks_fetches = Family::<FetchLabels, Counter>::default();
+        r.register(
+            "jwks_fetches",
+            "External issuers' key fetches (discovery and JWKS) by issuer, trigger (start, refresh, unknown_kid) and result",
+            jwks_fetches.clone(),
+        );
+        let jwks_keys = Family::<IssuerLabel, Gauge>::default();
+        r.register("jwks_keys", "Usable keys of each external issuer (last good key set)", jwks_keys.clone());
+        let jwks_keys_skipped = Family::<IssuerLabel, Gauge>::default();
+        r.register(
+            "jwks_keys_skipped",
+            "JWKS entries of the last successful fetch that were skipped (unsupported, malformed, duplicate kid)",
+            jwks_keys_skipped.clone(),
+        );
+        let jwks_fresh = Family::<IssuerLabel, Gauge>::default();
+        r.register(
+            "jwks_fresh",
+            "1 when the last key fetch of the external issuer succeeded, 0 while it fails (the last good keys stay in use)",
+            jwks_fresh.clone(),
+        );
+        let jwks_last_success = Family::<IssuerLabel, Gauge>::default();
+        r.register(
+            "jwks_last_success_timestamp_seconds",
+            "Unix time of the external issuer's last successful key fetch (time() - this = seconds since)",
+            jwks_last_success.clone(),
+        );
         Metrics {
+            jwks_fetches,
+            jwks_keys,
+            jwks_keys_skipped,
+            jwks_fresh,
+            jwks_last_success,
             session_cache,
             hot: Arc::new(Hot::default()),
             token_cache,

@@ -23,7 +23,7 @@ use crate::tokencache::VerifiedToken;
 /// Responses announcing at most this many bytes are not re-checked while they stream.
 const SHORT_BODY_BYTES: u64 = 256 * 1024;
 use crate::session::SessionState;
-use crate::token::{Reject, extract_bearer, identity_value, validate};
+use crate::token::{Reject, extract_bearer, identity_value};
 
 pub type UpstreamClient = crate::upstream::Upstream;
 
@@ -248,19 +248,26 @@ enum Auth {
 }
 
 /// Verify `token`, or find it verified in the cache (then only the time checks run again).
-fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
-    let ring = app.keys.ring();
-    if let Some(v) = app.token_cache.get(token, &ring.digest) {
+async fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
+    // Computed before any key is read: a key set that changes meanwhile makes this entry stale.
+    let digest = app.trust_digest(&app.keys.ring().digest);
+    if let Some(v) = app.token_cache.get(token, &digest) {
         v.check_time(now, app.policy.leeway)?;
         return Ok(v);
     }
     let started = Instant::now();
-    let verified = validate(token, &ring, &app.policy, now);
+    let verified = app.validate_token(token, now).await;
     app.metrics.validation_seconds.observe(started.elapsed().as_secs_f64());
-    let v = verified?;
+    let (v, external) = verified?;
     let mut identity = Vec::with_capacity(app.identity.len());
     for ih in &app.identity {
-        if let Some(value) = identity_value(v.claims.get(&ih.claim))? {
+        // `sub` is the token's subject: for an external issuer, its `subjectClaim`.
+        let value = if ih.claim == "sub" {
+            identity_value(v.sub.as_ref().map(|s| serde_json::Value::String(s.clone())).as_ref())?
+        } else {
+            identity_value(v.claims.get(&ih.claim))?
+        };
+        if let Some(value) = value {
             identity.push((ih.name.clone(), value));
         }
     }
@@ -274,8 +281,9 @@ fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
         exp: v.exp,
         identity,
         authz,
+        external,
     });
-    app.token_cache.insert(token, &ring.digest, grant.clone());
+    app.token_cache.insert(token, &digest, grant.clone());
     Ok(grant)
 }
 
@@ -320,7 +328,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
         Ok(t) => t,
         Err(r) => return reject(r),
     };
-    let verified = match verify(app, token, now_unix()) {
+    let verified = match verify(app, token, now_unix()).await {
         Ok(v) => v,
         Err(r) => return reject(r),
     };

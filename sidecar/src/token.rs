@@ -214,8 +214,42 @@ fn numeric_date(v: &Value) -> Option<i64> {
 /// material or processing rules carried by the token itself.
 const FORBIDDEN_HEADER_MEMBERS: [&str; 7] = ["crit", "b64", "jwk", "jku", "x5u", "x5c", "zip"];
 
-/// Run every local check on `token` at time `now` (unix seconds).
+/// Where a token's verification key comes from: the realm's own key ring, or one external
+/// issuer's JWKS ([`crate::jwks::ExtKeySet`]). A `kid` is only ever looked up in the set of the
+/// issuer the token names.
+pub trait TokenKeys {
+    /// True when some key verifies `alg` (the allow-list when the policy names none).
+    fn has_alg(&self, alg: Alg) -> bool;
+    /// The key `kid`, usable with `alg`: otherwise `UnknownKid` or `KidAlgMismatch`.
+    fn key_for(&self, kid: &str, alg: Alg) -> Result<&jsonwebtoken::DecodingKey, Reject>;
+}
+
+impl TokenKeys for KeyRing {
+    fn has_alg(&self, alg: Alg) -> bool {
+        self.keys.iter().any(|k| k.alg == alg)
+    }
+    fn key_for(&self, kid: &str, alg: Alg) -> Result<&jsonwebtoken::DecodingKey, Reject> {
+        let key = self.get(kid).ok_or(Reject::UnknownKid)?;
+        if key.alg != alg {
+            return Err(Reject::KidAlgMismatch);
+        }
+        Ok(&key.verify)
+    }
+}
+
+/// Run every local check on `token` at time `now` (unix seconds), with the realm's own keys.
 pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Result<Verified, Reject> {
+    validate_with(token, ring, policy, "sub", now)
+}
+
+/// [`validate`] with any key source; `subject_claim` names the claim that is the subject.
+pub fn validate_with<K: TokenKeys + ?Sized>(
+    token: &str,
+    ring: &K,
+    policy: &Policy,
+    subject_claim: &str,
+    now: i64,
+) -> Result<Verified, Reject> {
     if token.len() > policy.max_token_bytes {
         return Err(Reject::TooLarge);
     }
@@ -234,11 +268,7 @@ pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Resul
         return Err(Reject::ForbiddenHeader);
     }
     let alg = header.get("alg").and_then(Value::as_str).and_then(Alg::from_jose).ok_or(Reject::AlgNotAllowed)?;
-    let allowed = if policy.algorithms.is_empty() {
-        ring.keys.iter().any(|k| k.alg == alg)
-    } else {
-        policy.algorithms.contains(&alg)
-    };
+    let allowed = if policy.algorithms.is_empty() { ring.has_alg(alg) } else { policy.algorithms.contains(&alg) };
     if !allowed {
         return Err(Reject::AlgNotAllowed);
     }
@@ -247,14 +277,11 @@ pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Resul
         Some(_) => return Err(Reject::BadHeader),
         None => return Err(Reject::MissingKid),
     };
-    let key = ring.get(kid).ok_or(Reject::UnknownKid)?;
-    if key.alg != alg {
-        return Err(Reject::KidAlgMismatch);
-    }
+    let key = ring.key_for(kid, alg)?;
 
-    // Signature, with the key's own algorithm.
+    // Signature, with the key's own algorithm (`key_for` checked that the key carries `alg`).
     let signing_input = &token[..h64.len() + 1 + p64.len()];
-    match jsonwebtoken::crypto::verify(s64, signing_input.as_bytes(), &key.verify, key.alg.to_jsonwebtoken()) {
+    match jsonwebtoken::crypto::verify(s64, signing_input.as_bytes(), key, alg.to_jsonwebtoken()) {
         Ok(true) => {}
         _ => return Err(Reject::BadSignature),
     }
@@ -317,7 +344,7 @@ pub fn validate(token: &str, ring: &KeyRing, policy: &Policy, now: i64) -> Resul
             None => Ok(None),
         }
     };
-    let sub = id("sub")?;
+    let sub = id(subject_claim)?;
     let jti = id("jti")?;
     if policy.session_mode != SessionMode::Stateless && (sub.is_none() || jti.is_none()) {
         return Err(Reject::MissingClaim);

@@ -42,6 +42,8 @@ pub struct VerifiedToken {
     pub identity: Vec<(HeaderName, HeaderValue)>,
     /// The route requirements (`authorization.rules`) this token's claims satisfy.
     pub authz: crate::authz::Granted,
+    /// Index of the external issuer whose key verified it (None: the realm's own keys).
+    pub external: Option<usize>,
 }
 
 impl VerifiedToken {
@@ -261,6 +263,7 @@ mod tests {
 
     fn verified(sub: &str, exp: i64) -> Arc<VerifiedToken> {
         Arc::new(VerifiedToken {
+            external: None,
             kid: "k".into(),
             sub: Some(sub.into()),
             jti: Some(format!("j-{sub}")),

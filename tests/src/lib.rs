@@ -1,6 +1,7 @@
 pub mod bins;
 pub mod kube_env;
 pub mod node_env;
+pub mod oidc_idp;
 pub mod redis_backend;
 pub mod redis_cluster;
 pub mod redis_standalone;

@@ -72,6 +72,9 @@ pub struct SidecarPlan {
     /// Secret and key of the Redis CA certificate, mounted as `ca.crt` in
     /// [`REDIS_CA_MOUNT_DIR`] (the path the rendered sidecar config names).
     pub redis_ca: Option<(String, String)>,
+    /// External issuers' CA bundles: (issuer index, ConfigMap, key), projected into one volume
+    /// as `<index>.crt` under [`crate::issuers::ISSUER_CA_MOUNT_DIR`].
+    pub issuer_cas: Vec<(usize, String, String)>,
 }
 
 /// A Pod the sidecar cannot be added to; the message is shown to the client.
@@ -184,6 +187,13 @@ pub fn sidecar_container(plan: &SidecarPlan) -> Value {
             .expect("array")
             .push(json!({"name": REDIS_CA_VOLUME, "mountPath": REDIS_CA_MOUNT_DIR, "readOnly": true}));
     }
+    if !plan.issuer_cas.is_empty() {
+        container["volumeMounts"].as_array_mut().expect("array").push(json!({
+            "name": crate::issuers::ISSUER_CA_VOLUME,
+            "mountPath": crate::issuers::ISSUER_CA_MOUNT_DIR,
+            "readOnly": true,
+        }));
+    }
     if let Some(policy) = &plan.image_pull_policy {
         container["imagePullPolicy"] = json!(policy);
     }
@@ -203,6 +213,18 @@ pub fn sidecar_volumes(plan: &SidecarPlan) -> Vec<Value> {
             "name": REDIS_CA_VOLUME,
             "secret": {"secretName": secret, "items": [{"key": key, "path": "ca.crt"}]},
         }));
+    }
+    if !plan.issuer_cas.is_empty() {
+        let sources: Vec<Value> = plan
+            .issuer_cas
+            .iter()
+            // Optional: a missing bundle fails only that issuer's fetches (IssuerKeysReady says
+            // which ConfigMap), never the pod; the sidecar reads the file on every fetch.
+            .map(|(i, cm, key)| {
+                json!({"configMap": {"name": cm, "optional": true, "items": [{"key": key, "path": format!("{i}.crt")}]}})
+            })
+            .collect();
+        volumes.push(json!({"name": crate::issuers::ISSUER_CA_VOLUME, "projected": {"sources": sources}}));
     }
     volumes
 }
@@ -231,7 +253,7 @@ pub fn mutate(pod: &Pod, plan: &SidecarPlan) -> Result<json_patch::Patch, Mutate
         }
     }
     for v in spec.volumes.iter().flatten() {
-        if [CONFIG_VOLUME, KEYS_VOLUME, REDIS_CA_VOLUME].contains(&v.name.as_str()) {
+        if [CONFIG_VOLUME, KEYS_VOLUME, REDIS_CA_VOLUME, crate::issuers::ISSUER_CA_VOLUME].contains(&v.name.as_str()) {
             return Err(MutateError::NameConflict { what: "volume", name: v.name.clone() });
         }
     }
@@ -301,6 +323,7 @@ mod tests {
                 username_env: "AUTHREALM_REDIS_USERNAME".into(),
             }),
             redis_ca: None,
+            issuer_cas: vec![],
         }
     }
 
@@ -414,6 +437,27 @@ mod tests {
         assert!(verifier.contains("demo-jwks") && !verifier.contains("signing-keys") && !verifier.contains("secret"));
         let issuer = volumes(Role::Issuer);
         assert!(issuer.contains(r#""secretName":"demo-signing-keys""#) && !issuer.contains("demo-jwks"));
+    }
+
+    #[test]
+    fn external_issuer_ca_bundles_are_projected_where_the_config_names_them() {
+        let mut p = plan(Role::Verifier);
+        assert!(!serde_json::to_string(&sidecar_volumes(&p)).unwrap().contains("issuer-ca"));
+        p.issuer_cas = vec![(0, "dex-ca".into(), "ca.crt".into()), (2, "kc-ca".into(), "bundle.pem".into())];
+        let volumes = serde_json::to_value(sidecar_volumes(&p)).unwrap();
+        let v = volumes.as_array().unwrap().iter().find(|v| v["name"] == "authrealm-issuer-ca").unwrap();
+        assert_eq!(
+            v["projected"]["sources"],
+            json!([
+                {"configMap": {"name": "dex-ca", "optional": true, "items": [{"key": "ca.crt", "path": "0.crt"}]}},
+                {"configMap": {"name": "kc-ca", "optional": true, "items": [{"key": "bundle.pem", "path": "2.crt"}]}},
+            ])
+        );
+        let c = sidecar_container(&p);
+        let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "authrealm-issuer-ca").unwrap();
+        // The rendered sidecar.json names crate::issuers::ca_file(i) under this directory.
+        assert_eq!(mount["mountPath"], "/etc/authrealm/issuer-ca");
+        assert!(crate::issuers::ca_file(2).starts_with("/etc/authrealm/issuer-ca/"));
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub fn sidecar_plan(realm: &AuthRealm, role: Role, defaults: &SidecarDefaults) -
             .and_then(|r| r.tls.as_ref())
             .and_then(|t| t.ca_secret.as_ref())
             .map(|s| (s.name.clone(), s.key.clone())),
+        issuer_cas: crate::issuers::ca_bundles(&spec.external_issuers),
     }
 }
 
