@@ -559,6 +559,12 @@ fn spec_rules() -> serde_json::Value {
         {"rule": "!has(self.authorization) || !has(self.sidecar) || !has(self.sidecar.publicRoutes) || self.authorization.rules.all(r, !self.sidecar.publicRoutes.exists(p, size(p.path) <= size(r.path) + 1 && (p.match == 'exact' ? (p.path.lowerAscii() == r.path.lowerAscii() || p.path.lowerAscii() == r.path.lowerAscii() + '/') : (r.path.lowerAscii() + '/').startsWith(p.path.endsWith('/') ? p.path.lowerAscii() : p.path.lowerAscii() + '/')) && (!has(p.methods) || size(p.methods) == 0 || size(r.methods) == 0 || p.methods.exists(m, m in r.methods || (m == 'HEAD' && 'GET' in r.methods)))))",
          "message": "an authorization rule's path is made public by sidecar.publicRoutes for one of its methods: public routes skip authentication, so the rule could never apply"},
     ])
+    .as_array()
+    .into_iter()
+    .flatten()
+    .chain(crate::issuers::spec_rules().as_array().into_iter().flatten())
+    .cloned()
+    .collect()
 }
 
 /// CEL on `spec.authorization`: no two rules may decide the same requests. The per-rule checks
@@ -568,12 +574,6 @@ fn authorization_rules() -> serde_json::Value {
         {"rule": "self.rules.all(a, self.rules.exists_one(b, b.path.lowerAscii() == a.path.lowerAscii() && b.match == a.match && ((size(a.methods) == 0 && size(b.methods) == 0) || a.methods.exists(m, m in b.methods))))",
          "message": "authorization.rules are ambiguous: two rules have the same path and match (compared case-insensitively) and share a method, or neither lists methods"},
     ])
-    .as_array()
-    .into_iter()
-    .flatten()
-    .chain(crate::issuers::spec_rules().as_array().into_iter().flatten())
-    .cloned()
-    .collect()
 }
 
 fn redis_rules() -> serde_json::Value {
