@@ -343,6 +343,9 @@ impl RawApp {
                                 ok = sock.write_all(&[b'.'; 1024]).await.is_ok();
                             }
                             if !ok || then == Then::Close {
+                                // Closed before it is counted: a test that waits for the count
+                                // must find the connection closed, not about to close.
+                                drop(sock);
                                 c.fetch_add(1, Ordering::SeqCst);
                                 return;
                             }
