@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use authrealm_contract::redis_keys::KeyLayout;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, TlsCertificates};
 
@@ -245,24 +246,6 @@ pub async fn check_kept(c: &Connect, kept: &mut Option<Kept>) -> Result<String, 
     Err(last)
 }
 
-/// Escapes a string for use as a literal in a Redis glob pattern.
-pub fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        if matches!(ch, '*' | '?' | '[' | ']' | '\\' | '^' | '-') {
-            out.push('\\');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-/// The SCAN pattern matching every key of a realm: all of them start with `P{R:` (see the key
-/// layout in the sidecar's `session` module).
-pub fn realm_pattern(prefix: &str, realm: &str) -> String {
-    format!("{}{{{}:*", glob_escape(prefix), glob_escape(realm))
-}
-
 /// Master addresses from `CLUSTER NODES` (`<id> <ip:port@bus[,host]> <flags> ...`).
 pub fn masters_from_cluster_nodes(text: &str) -> Vec<String> {
     text.lines()
@@ -302,7 +285,7 @@ pub async fn purge_realm(c: &Connect, prefix: &str, realm: &str) -> Result<u64, 
         }
     }
     let masters = masters.ok_or(seed_err)?;
-    let pattern = realm_pattern(prefix, realm);
+    let pattern = KeyLayout::new(prefix, realm).purge_pattern();
     let mut deleted = 0u64;
     for m in masters {
         let mut conn = connect_one(c, &m).await?;
@@ -349,12 +332,6 @@ mod tests {
         let partial = ok.replace("cluster_slots_ok:16384", "cluster_slots_ok:10923");
         assert!(judge(&parse_cluster_info(&partial)).unwrap_err().contains("10923"));
         assert!(judge(&parse_cluster_info("")).is_err());
-    }
-
-    #[test]
-    fn realm_pattern_escapes_glob_characters() {
-        assert_eq!(realm_pattern("ar:", "shop"), "ar:{shop:*");
-        assert_eq!(realm_pattern("a*[x]?", "r"), r"a\*\[x\]\?{r:*");
     }
 
     #[test]

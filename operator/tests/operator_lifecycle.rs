@@ -5,6 +5,7 @@
 
 mod common;
 
+use authrealm_contract::redis_keys::KeyLayout;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -64,10 +65,12 @@ async fn deleting_a_realm_runs_the_purge_finalizer_and_owned_objects_go() -> any
     // Keys are `<keyPrefix><namespace>:{<realm>:…}`; a realm of the same name in another
     // namespace sharing the cluster must be left alone.
     for i in 0..40 {
-        mine.push(format!("ar:{ns}:{{purge:user{i}}}:t:jti{i}"));
-        mine.push(format!("ar:{ns}:{{purge:j:jti{i}}}:loc"));
-        theirs.push(format!("ar:{ns}:{{purge-other:user{i}}}:t:jti{i}"));
-        theirs.push(format!("ar:elsewhere:{{purge:user{i}}}:t:jti{i}"));
+        let (user, jti) = (format!("user{i}"), format!("jti{i}"));
+        let mine_layout = KeyLayout::new(&format!("ar:{ns}:"), "purge");
+        mine.push(mine_layout.token(&user, &jti));
+        mine.push(mine_layout.locator(&jti));
+        theirs.push(KeyLayout::new(&format!("ar:{ns}:"), "purge-other").token(&user, &jti));
+        theirs.push(KeyLayout::new("ar:elsewhere:", "purge").token(&user, &jti));
     }
     let seed = cluster.seeds()[0].clone();
     for k in mine.iter().chain(&theirs) {

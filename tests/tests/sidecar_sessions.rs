@@ -1,5 +1,6 @@
 //! Session modes against a real Redis Cluster, through the real sidecar binary.
 
+use authrealm_contract::redis_keys::KeyLayout;
 use std::time::Duration;
 
 use authrealm_contract::keygen::generate;
@@ -133,11 +134,7 @@ async fn session_modes_against_a_real_cluster() {
     for i in 0..30 {
         let sub = format!("user-{i}");
         let minted = s.mint(&sub).await.unwrap();
-        let b64 = |x: &str| {
-            use base64::Engine as _;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x)
-        };
-        let key = format!("{prefix}{{single:{}}}:t:{}", b64(&sub), b64(minted["jti"].as_str().unwrap()));
+        let key = KeyLayout::new(&prefix, "single").token(&sub, minted["jti"].as_str().unwrap());
         let owner = cluster.master_for_slot(key_slot(key.as_bytes())).unwrap();
         let exists = cluster.cli(&owner.addr, &["EXISTS", &key]).unwrap();
         assert_eq!(exists.trim(), "1", "session record of {sub} not on {}", owner.addr);
