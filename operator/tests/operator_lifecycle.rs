@@ -181,9 +181,17 @@ async fn of_two_replicas_only_the_leader_writes_and_the_other_takes_over() -> an
     spec["keyRotation"] = json!({"interval": "4s", "propagationDelay": "1s"});
     spec["tokenTtl"] = json!("2s");
     create_realm(&client, &ns, &realm("ha", spec)).await?;
-    wait_condition(&client, &ns, "ha", "Ready", "True", None, Duration::from_secs(30)).await?;
-    // Let a couple of rotations happen with both running.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let first_kid = wait_condition(&client, &ns, "ha", "Ready", "True", None, Duration::from_secs(30))
+        .await?
+        .status
+        .and_then(|s| s.current_kid)
+        .unwrap();
+    // A rotation happens with both running (the leader promotes a new key).
+    wait_for("a promotion by the leader", Duration::from_secs(15), || {
+        let (client, ns, first_kid) = (client.clone(), ns.clone(), first_kid.clone());
+        async move { (secret_keyset(&client, &ns, "ha").await?.current()?.kid != first_kid).then_some(()) }
+    })
+    .await?;
     assert_eq!(a.metric("authrealm_operator_leader").await, Some(1.0));
     assert_eq!(b.metric("authrealm_operator_leader").await, Some(0.0));
     assert!(a.metric("authrealm_operator_reconciles_total").await.unwrap_or(0.0) >= 2.0);

@@ -106,7 +106,10 @@ async fn realm_gets_keys_jwks_and_sidecar_config_with_owner_references() -> anyh
     // An operator restart (fresh process state) does not regenerate anything.
     op.stop().await?;
     let op = InProcess::start(client.clone(), &ns);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for("the restarted operator's first reconcile", Duration::from_secs(30), || async {
+        (finished_reconciles(&op.metrics) > 0).then_some(())
+    })
+    .await?;
     assert_eq!(secret_keyset(&client, &ns, "shop").await.unwrap(), full, "keys changed on restart");
     // Idle: no reconcile loop feeding on its own writes.
     let count = |m: &authrealm_operator::metrics::Metrics| m.reconciles.get();
