@@ -9,6 +9,7 @@ use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, KeySet, KeyState, SessionMode, SidecarConfig};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions, key_slot};
 use authrealm_tests::sidecar::{Sidecar, Upstream, test_config};
+use authrealm_tests::support::wait_for_some;
 use base64::Engine as _;
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -189,8 +190,16 @@ async fn a_wait_never_counts_replicas_that_missed_the_write() {
                 (status, serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
             })
         };
-        // While the WAIT blocks on the frozen replica, drop every client connection of the master.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // While the WAIT blocks on the frozen replica (the master lists a client in WAIT), drop
+        // every client connection of the master.
+        wait_for_some("the revocation blocked in WAIT on the master", Duration::from_secs(10), || {
+            let clients = cluster.cli(&master.addr, &["CLIENT", "LIST"]).unwrap_or_default();
+            // A client blocked (flag b) in WAIT, not one whose last WAIT has returned.
+            let blocked = clients.lines().any(|c| c.contains(" flags=b ") && c.contains(" cmd=wait "));
+            async move { blocked.then_some(()) }
+        })
+        .await
+        .unwrap();
         let killed = cluster.cli(&master.addr, &["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
         let (status, body) = revoke.await.unwrap();
         cluster.resume(&replica.addr).unwrap();
