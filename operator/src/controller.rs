@@ -1,12 +1,14 @@
 //! The AuthRealm controller: watches AuthRealms and the objects they own, and reconciles each
 //! realm into its keys Secret, JWKS ConfigMap, sidecar ConfigMap and status.
 //!
-//! A reconcile is idempotent and derives everything from what it reads: the keys Secret is the
-//! source of truth for key material, the rotation schedule ([`crate::rotation`]) decides what is
-//! due, and every object is written with server-side apply under one field manager
-//! ([`MANAGER`]). The Secret is always written before anything that depends on it (JWKS, status),
-//! and conditionally on the resourceVersion it was read at, so a crash at any point, or a stale
-//! second writer, can neither lose nor fork the key set.
+//! This module wires the watches and holds the state the reconciles share ([`Context`]); the
+//! reconcile itself is [`crate::reconcile`]. A reconcile is idempotent and derives everything from
+//! what it reads: the keys Secret is the source of truth for key material, the rotation schedule
+//! ([`crate::rotation`]) decides what is due, [`crate::keysync`] plans the writes, and every object
+//! is written with server-side apply under one field manager ([`render::MANAGER`]). The Secret is
+//! always written before anything that depends on it (JWKS, status), and conditionally on the
+//! resourceVersion it was read at, so a crash at any point, or a stale second writer, can neither
+//! lose nor fork the key set.
 //!
 //! At rest a realm costs nothing: its Secret and ConfigMaps are read from the controller's
 //! watch ([`crate::owned`]), an object or status is written only when it differs from what is
@@ -252,18 +254,7 @@ pub async fn run_in_term(
     )
     .touched_objects();
     // The Secrets opted in for Redis connections: read by the Redis checks.
-    let (redis_store, redis_writer) = reflector::store();
-    let redis_secrets = tokio::spawn(
-        reflector::reflector(
-            redis_writer,
-            watcher(secrets, watcher::Config::default().labels(redis_monitor::REDIS_SECRET_SELECTOR))
-                .default_backoff()
-                .modify(|s: &mut Secret| {
-                    s.managed_fields_mut().clear();
-                }),
-        )
-        .for_each(|_| std::future::ready(())),
-    );
+    let (redis_store, redis_secrets) = redis_monitor::watch_secrets(secrets);
     let stores =
         Stores { realms: store.clone(), secrets: secret_store, config_maps: cm_store, redis_secrets: redis_store };
     let ctx = Arc::new(Context::new(client, settings, metrics, term, stores));

@@ -3,7 +3,7 @@
 //! In order: a realm being deleted is cleaned up ([`crate::cleanup`]); a spec that does not
 //! resolve, or a name taken by an object the realm does not control ([`crate::ownership`]),
 //! holds the realm as it is and only its status says why ([`status::held`]); otherwise the keys
-//! are synced ([`crate::keysync`] plans, [`sync_keys`] writes), the sidecar config is written if
+//! are synced ([`crate::keysync`] plans, `sync_keys` writes), the sidecar config is written if
 //! it changed, Events report key changes, recoveries and Redis flips, and the status is written
 //! if it changed ([`status::settled`]). The realm is requeued for its next rotation event.
 //!
@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use authrealm_contract::keygen::{generate, random_kid};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as RecorderEvent, EventType};
@@ -217,32 +216,10 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
             Write::Secret { secret, .. } => {
                 // Key material is written only while the Lease still names this term's holder.
                 ctx.term.verify_lease(&ctx.client).await?;
-                let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-                let written = api
-                    .patch(&secret_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&*secret))
-                    .await
-                    .map_err(|source| Error::Write {
-                        kind: "Secret",
-                        namespace: ns.clone(),
-                        name: secret_name.clone(),
-                        source,
-                    })?;
-                ctx.owned.wrote_secret(&written);
+                ctx.owned.wrote_secret(&apply(ctx, &ns, "Secret", &secret_name, &*secret).await?);
             }
             Write::Remember(cached) => ctx.remember_keys(realm, cached),
-            Write::Jwks(cm) => {
-                let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-                let written = api
-                    .patch(&jwks_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&*cm))
-                    .await
-                    .map_err(|source| Error::Write {
-                        kind: "ConfigMap",
-                        namespace: ns.clone(),
-                        name: jwks_name.clone(),
-                        source,
-                    })?;
-                ctx.owned.wrote_config_map(&written);
-            }
+            Write::Jwks(cm) => ctx.owned.wrote_config_map(&apply(ctx, &ns, "ConfigMap", &jwks_name, &*cm).await?),
         }
     }
     for c in &plan.keys.changes {
@@ -265,13 +242,27 @@ async fn write_sidecar_config(realm: &AuthRealm, resolved: &Resolved, ctx: &Cont
     if existing.is_some_and(|e| e.data == cm.data && metadata_matches(&e.metadata, &cm.metadata)) {
         return Ok(());
     }
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let written = api
-        .patch(&cm_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm))
-        .await
-        .map_err(|source| Error::Write { kind: "ConfigMap", namespace: ns.clone(), name: cm_name.clone(), source })?;
-    ctx.owned.wrote_config_map(&written);
+    ctx.owned.wrote_config_map(&apply(ctx, &ns, "ConfigMap", &cm_name, &cm).await?);
     Ok(())
+}
+
+/// Server-side apply of one of the realm's objects under [`MANAGER`] (conditional when `obj`
+/// carries a resourceVersion); returns what the API server stored.
+async fn apply<K>(ctx: &Context, ns: &str, kind: &'static str, name: &str, obj: &K) -> Result<K, Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj)).await.map_err(|source| Error::Write {
+        kind,
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

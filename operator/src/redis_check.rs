@@ -46,7 +46,7 @@ pub enum CheckError {
     Credentials(String),
     #[error("{0}")]
     Tls(String),
-    /// A referenced Secret lacks the opt-in label (see `controller::REDIS_SECRET_LABEL`).
+    /// A referenced Secret lacks the opt-in label (see `redis_monitor::REDIS_SECRET_LABEL`).
     #[error("{0}")]
     NotLabelled(String),
 }
