@@ -19,7 +19,7 @@
 //!   no privilege escalation, all capabilities dropped, RuntimeDefault seccomp);
 //! * the annotation `authrealm.dev/sidecar-status` recording what was injected, which (with the
 //!   sidecar init container) marks the Pod as injected: a reinvocation is skipped by
-//!   [`super::decide`] (row 5) before any patch is made.
+//!   [`super::decide::decide`] (row 5) before any patch is made.
 //!
 //! Ports, mount paths and environment names come from the [`SidecarPlan`], which
 //! [`super::realm`] derives from the sidecar config the operator rendered for the realm — the
@@ -218,7 +218,7 @@ fn escape(segment: &str) -> String {
 }
 
 /// The patch that adds the sidecar to `pod`, which carries no trace of an injection
-/// ([`injection`] is [`Injected::No`]: [`super::decide`] skips or refuses any other Pod).
+/// ([`injection`] is [`Injected::No`]: [`super::decide::decide`] skips or refuses any other Pod).
 pub fn mutate(pod: &Pod, plan: &SidecarPlan) -> Result<json_patch::Patch, MutateError> {
     let spec = pod.spec.clone().unwrap_or_default();
     for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {

@@ -1,5 +1,5 @@
-//! From an [`AuthRealm`] to what the injector needs: its [`RealmState`] for [`super::decide`],
-//! carrying, for a ready realm, the [`SidecarPlan`] for [`super::mutate`]. Pure.
+//! From an [`AuthRealm`] to what the injector needs: its [`RealmState`] for [`super::decide::decide`],
+//! carrying, for a ready realm, the [`SidecarPlan`] for [`super::mutate::mutate`]. Pure.
 //!
 //! Ports, mount paths and environment names are read from the sidecar config the operator renders
 //! for the realm ([`render::resolve`], the `sidecar.json` the sidecar itself reads), so the pod
