@@ -20,6 +20,8 @@ pub enum Error {
     KeyGen { namespace: String, name: String, source: KeyError },
     #[error("refusing to write an invalid key set for AuthRealm {namespace}/{name}: {message}")]
     InvalidKeySet { namespace: String, name: String, message: String },
+    #[error("refusing to write {kind} {namespace}/{name}: it is not controlled by the AuthRealm")]
+    NotOwned { kind: &'static str, namespace: String, name: String },
     #[error("failed to purge the sessions of AuthRealm {namespace}/{name}: {source}")]
     Purge { namespace: String, name: String, source: CheckError },
     #[error(
@@ -47,6 +49,7 @@ impl Error {
             Error::Finalizer { .. } => "finalizer",
             Error::KeyGen { .. } => "keygen",
             Error::InvalidKeySet { .. } => "invalid_keyset",
+            Error::NotOwned { .. } => "not_owned",
             Error::Purge { .. } => "purge",
             Error::CrdMissing => "crd_missing",
             Error::List(_) => "list",

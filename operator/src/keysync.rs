@@ -26,16 +26,19 @@
 //! * **Incident record.** A recovery writes a new incident (`KeysIntact` False); the next
 //!   promotion clears it; otherwise the Secret's incident is kept.
 //!
-//! Ownership (the realm controls the objects of its names) is checked before the plan is made
-//! ([`crate::ownership`]).
+//! * **Only the realm's own objects.** An existing Secret or JWKS ConfigMap without a controller
+//!   owner reference to the realm is never written ([`PlanError::NotOwned`]); the reconcile checks
+//!   this before planning too, and reports it as a name conflict ([`crate::ownership`]).
 
 use authrealm_contract::keygen::KeyError;
 use authrealm_contract::{Alg, KeyEntry, KeySet, KeyState};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::ResourceExt as _;
 
 use crate::conditions::reason;
 use crate::crd::{AuthRealm, AuthRealmStatus};
 use crate::keys_secret::Incident;
+use crate::owned::controlled_by;
 use crate::ownership::metadata_matches;
 use crate::recovery::{self, Cached, Recovery, RecoveryKind};
 use crate::render::{self, KEYSET_KEY};
@@ -106,6 +109,9 @@ pub enum PlanError {
     KeyGen(#[from] KeyError),
     #[error("{0}")]
     InvalidKeySet(String),
+    /// `kind`: `Secret` or `ConfigMap`; the object exists but the realm does not control it.
+    #[error("{kind} {name} is not controlled by the realm")]
+    NotOwned { kind: &'static str, name: String },
 }
 
 /// The public key set published in a JWKS ConfigMap, if it has a readable one.
@@ -122,6 +128,16 @@ pub fn plan(
     now: i64,
     new_key: &mut impl FnMut(Alg, KeyState, i64) -> Result<KeyEntry, KeyError>,
 ) -> Result<Plan, PlanError> {
+    let uid = realm.uid().unwrap_or_default();
+    for (kind, meta) in
+        [("Secret", observed.secret.map(|s| &s.metadata)), ("ConfigMap", observed.jwks.map(|c| &c.metadata))]
+    {
+        if let Some(meta) = meta
+            && !controlled_by(meta, &uid)
+        {
+            return Err(PlanError::NotOwned { kind, name: meta.name.clone().unwrap_or_default() });
+        }
+    }
     let published = published(observed.jwks);
     let status = observed.status.cloned().unwrap_or_default();
     let had_keys = status.current_kid.is_some()
@@ -441,7 +457,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_labels_or_owner_are_put_back_without_changing_the_keys() {
+    fn missing_labels_are_put_back_without_changing_the_keys() {
         let mut w = World::default();
         w.step(1000);
         let before = w.secret_kids();
@@ -451,9 +467,27 @@ mod tests {
         assert_eq!(writes, [format!("secret:rv={rv}"), "remember".into()]);
         assert!(p.keys.recovery.is_none() && p.keys.changes.is_empty());
         assert_eq!(w.secret_kids(), before);
-        w.jwks.as_mut().unwrap().metadata.owner_references = None;
+        w.jwks.as_mut().unwrap().metadata.labels.as_mut().unwrap().clear();
         let (writes, _) = w.step(1002);
         assert_eq!(writes, ["remember", "jwks"]);
+    }
+
+    #[test]
+    fn an_object_the_realm_does_not_control_is_never_written() {
+        let mut w = World::default();
+        w.step(1000);
+        let mut foreign = w.secret.clone().unwrap();
+        foreign.metadata.owner_references.as_mut().unwrap()[0].uid = "someone-else".into();
+        let observed = Observed { secret: Some(&foreign), jwks: w.jwks.as_ref(), ..Observed::default() };
+        let mut new_key = |alg, state, at| generate(alg, "x", at, state);
+        let err = plan(&realm(), &schedule(), observed, 1001, &mut new_key).unwrap_err();
+        assert!(matches!(err, PlanError::NotOwned { kind: "Secret", .. }), "{err:?}");
+        // A JWKS ConfigMap without any owner.
+        let mut orphan = w.jwks.clone().unwrap();
+        orphan.metadata.owner_references = None;
+        let observed = Observed { secret: w.secret.as_ref(), jwks: Some(&orphan), ..Observed::default() };
+        let err = plan(&realm(), &schedule(), observed, 1001, &mut new_key).unwrap_err();
+        assert!(matches!(err, PlanError::NotOwned { kind: "ConfigMap", .. }), "{err:?}");
     }
 
     #[test]

@@ -200,6 +200,7 @@ async fn sync_keys(realm: &AuthRealm, resolved: &Resolved, ctx: &Context, now: i
     };
     let mut new_key = |alg, state, now| generate(alg, &random_kid(), now, state);
     let plan = keysync::plan(realm, &resolved.schedule, observed, now, &mut new_key).map_err(|e| match e {
+        PlanError::NotOwned { kind, name } => Error::NotOwned { kind, namespace: ns.clone(), name },
         PlanError::KeyGen(source) => Error::KeyGen { namespace: ns.clone(), name: name.clone(), source },
         PlanError::InvalidKeySet(message) => {
             Error::InvalidKeySet { namespace: ns.clone(), name: name.clone(), message }
