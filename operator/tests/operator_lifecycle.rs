@@ -196,6 +196,14 @@ async fn of_two_replicas_only_the_leader_writes_and_the_other_takes_over() -> an
     assert_eq!(b.metric("authrealm_operator_leader").await, Some(0.0));
     assert!(a.metric("authrealm_operator_reconciles_total").await.unwrap_or(0.0) >= 2.0);
     assert_eq!(b.metric("authrealm_operator_reconciles_total").await, Some(0.0), "the follower reconciled");
+    // Each reconcile runs in a span naming the realm, its generation and the outcome.
+    let log = a.log_text();
+    let span = format!("reconcile{{namespace={ns} realm=ha generation=1 outcome=\"ok\"}}");
+    assert!(
+        log.lines().any(|l| l.contains(&span) && l.contains("reconciled")),
+        "no {span} in the leader's log:\n{}",
+        log.lines().filter(|l| l.contains("reconcil")).take(5).collect::<Vec<_>>().join("\n")
+    );
     let kids_before: Vec<String> =
         secret_keyset(&client, &ns, "ha").await.unwrap().keys.iter().map(|k| k.kid.clone()).collect();
 
