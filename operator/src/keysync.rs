@@ -17,7 +17,7 @@
 //!   [`crate::leader`]); the plan only says a Secret write is due.
 //! * **Only when needed.** The Secret is rewritten when it is not trusted (deleted, edited), when
 //!   the schedule changed the set or the lifetimes, when the incident record changes, or when
-//!   our labels, annotations or owner reference are missing; the JWKS when its data or metadata
+//!   our labels or annotations are missing; the JWKS when its data or metadata
 //!   differ from the rendering of the set. A realm at rest writes nothing.
 //! * **Remember what was written.** The set is kept as the operator's copy after the Secret write
 //!   (or when none was needed), before the JWKS is written.
@@ -25,7 +25,6 @@
 //!   signs; a retired key stays in both until its removal time ([`rotation::removal_time`]).
 //! * **Incident record.** A recovery writes a new incident (`KeysIntact` False); the next
 //!   promotion clears it; otherwise the Secret's incident is kept.
-//!
 //! * **Only the realm's own objects.** An existing Secret or JWKS ConfigMap without a controller
 //!   owner reference to the realm is never written ([`PlanError::NotOwned`]); the reconcile checks
 //!   this before planning too, and reports it as a name conflict ([`crate::ownership`]).
