@@ -8,7 +8,10 @@
 //!   `<realm>-signing-keys` Secret for issuer pods, or its public-only projection from the
 //!   `<realm>-jwks` ConfigMap for verify-only pods).
 //!
-//! Both are defined here once; the operator serialises these exact types and the sidecar
+//! The Redis key layout of session records ([`redis_keys`]) is shared the same way: the sidecar
+//! writes and reads those keys, the operator purges them.
+//!
+//! Both files are defined here once; the operator serialises these exact types and the sidecar
 //! deserialises them, rejecting unknown fields and unknown versions.
 #![forbid(unsafe_code)]
 
@@ -18,6 +21,7 @@ pub mod config;
 pub mod external;
 pub mod keygen;
 pub mod keyset;
+pub mod redis_keys;
 
 pub use alg::Alg;
 pub use config::{FailurePolicy, RedisMode, SessionMode, SidecarConfig};

@@ -11,7 +11,15 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::{Client, Resource, ResourceExt};
 
+use authrealm_contract::KeyState;
+
+use crate::conditions::{self, Cond, Status};
 use crate::crd::AuthRealm;
+use crate::keysync::KeySync;
+use crate::metrics::{EventLabel, Metrics};
+use crate::recovery::RecoveryKind;
+use crate::rotation::{self, Change, Removal, Schedule};
+use crate::status::rfc3339;
 
 /// `reportingController` of every event.
 pub const REPORTING_CONTROLLER: &str = "authrealm.dev/operator";
@@ -39,6 +47,8 @@ pub mod reason {
     pub const NAME_CONFLICT: &str = "NameConflict";
     pub const SESSIONS_PURGED: &str = "SessionsPurged";
     pub const PURGE_FAILED: &str = "SessionPurgeFailed";
+    /// A reconcile failed (one series per realm: repeated failures update one Event).
+    pub const RECONCILE_FAILED: &str = "ReconcileFailed";
 }
 
 /// An event's note within the API server's limit (1 kB): cut at a character boundary, with `…`.
@@ -107,6 +117,83 @@ impl Publisher {
         if let Err(e) = api.create(&PostParams::default(), &ev).await {
             tracing::warn!(realm = %realm.name_any(), namespace = %ns, reason, error = %e, "failed to publish event");
         }
+    }
+}
+
+/// `RedisReachable` turning False (or changing its reason) is a Warning, turning True again a
+/// Normal event.
+pub async fn redis_flip(realm: &AuthRealm, events: &Publisher, redis: &Cond) {
+    let old = realm.status.as_ref().and_then(|s| conditions::find(&s.conditions, conditions::REDIS_REACHABLE));
+    let (severity, reason) = match (redis.status, old) {
+        (Status::False, o) if o.is_none_or(|o| o.status != "False" || o.reason != redis.reason) => {
+            (Severity::Warning, reason::REDIS_UNREACHABLE)
+        }
+        (Status::True, Some(o)) if o.status == "False" => (Severity::Normal, reason::REDIS_RECOVERED),
+        _ => return,
+    };
+    events.publish(realm, severity, reason, "CheckRedis", redis.message.clone()).await;
+}
+
+/// One event (and one `key_events` count) per recovery and per key change.
+pub async fn key_changes(
+    realm: &AuthRealm,
+    events: &Publisher,
+    metrics: &Metrics,
+    keys: &KeySync,
+    schedule: &Schedule,
+) {
+    if let Some(r) = &keys.recovery {
+        let (reason, label) = match r.kind {
+            RecoveryKind::Restored => (reason::KEYS_SECRET_RESTORED, "restored"),
+            RecoveryKind::Adopted => (reason::KEYS_SECRET_ADOPTED, "adopted"),
+            RecoveryKind::Lost => (reason::SIGNING_KEYS_LOST, "lost"),
+        };
+        metrics.key_events.get_or_create(&EventLabel { event: label }).inc();
+        events.publish(realm, Severity::Warning, reason, "RecoverKeys", r.message.clone()).await;
+    }
+    for c in &keys.changes {
+        let (reason, label, action, note) = match c {
+            Change::Created { kid, alg, state, activate_at } => (
+                reason::KEY_CREATED,
+                "created",
+                "CreateKey",
+                match state {
+                    KeyState::Current => format!("created key {kid} ({alg}); it signs from now"),
+                    _ => format!(
+                        "created key {kid} ({alg}) as next; published now, it signs from {}",
+                        rfc3339(*activate_at)
+                    ),
+                },
+            ),
+            Change::Promoted { kid } => {
+                (reason::KEY_PROMOTED, "promoted", "PromoteKey", format!("key {kid} now signs new tokens"))
+            }
+            Change::Retired { kid } => {
+                let until = keys
+                    .set
+                    .get(kid)
+                    .and_then(|k| rotation::removal_time(k, &keys.lifetimes, schedule))
+                    .map(rfc3339)
+                    .unwrap_or_default();
+                (
+                    reason::KEY_RETIRED,
+                    "retired",
+                    "RetireKey",
+                    format!("key {kid} no longer signs; it stays published until {until}"),
+                )
+            }
+            Change::Removed { kid, reason } => (
+                reason::KEY_REMOVED,
+                "removed",
+                "RemoveKey",
+                match reason {
+                    Removal::Expired => format!("key {kid} removed: every token it can have signed has expired"),
+                    Removal::Superseded => format!("key {kid} removed before it signed anything (superseded)"),
+                },
+            ),
+        };
+        metrics.key_events.get_or_create(&EventLabel { event: label }).inc();
+        events.publish(realm, Severity::Normal, reason, action, note).await;
     }
 }
 

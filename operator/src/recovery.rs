@@ -30,7 +30,8 @@ use authrealm_contract::keygen::check_key;
 use authrealm_contract::{KeyEntry, KeySet, KeyState};
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::render::{ANN_KEYSET_SHA256, ANN_TOKEN_LIFETIMES, KEYSET_KEY, sha256_hex};
+pub use crate::keys_secret::Incident;
+use crate::keys_secret::{self, KEYSET_KEY};
 use crate::rotation::Lifetimes;
 
 /// The keys Secret as read from the API server.
@@ -70,23 +71,6 @@ impl Drop for Cached {
                 secret.zeroize();
             }
         }
-    }
-}
-
-/// The last recovery of a realm's key set, kept as an annotation on the keys Secret (read fresh
-/// on every reconcile) until the next key promotion.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Incident {
-    /// The `KeysIntact` reason.
-    pub reason: String,
-    pub message: String,
-}
-
-impl Incident {
-    /// The incident recorded on a Secret, if any.
-    pub fn from_secret(secret: Option<&Secret>) -> Option<Incident> {
-        let raw = secret?.metadata.annotations.as_ref()?.get(crate::render::ANN_KEYS_INCIDENT)?;
-        serde_json::from_str(raw).ok()
     }
 }
 
@@ -141,13 +125,10 @@ fn unsignable_note(kids: &[String]) -> String {
 /// Classifies the Secret's content.
 pub fn classify(secret: Option<&Secret>) -> SecretState {
     let Some(secret) = secret else { return SecretState::Missing };
-    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
-    let lifetimes: Lifetimes =
-        annotations.get(ANN_TOKEN_LIFETIMES).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default();
-    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(KEYSET_KEY)).map(|b| b.0.clone()) else {
+    let keys_secret::Decoded { keyset, digest_ok, lifetimes } = keys_secret::decode(secret);
+    let Some(bytes) = keyset else {
         return SecretState::Edited { parsed: None, lifetimes, problem: format!("it has no {KEYSET_KEY}") };
     };
-    let digest_ok = annotations.get(ANN_KEYSET_SHA256).is_some_and(|d| *d == sha256_hex(&bytes));
     let parsed = KeySet::from_json(&bytes);
     match (digest_ok, parsed) {
         (true, Ok(set)) => SecretState::Trusted { set, lifetimes },
@@ -308,7 +289,7 @@ fn lost(problem: &str, published: Option<&KeySet>, now: i64) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::{keyset_bytes, sha256_hex};
+    use crate::keys_secret::{ANN_KEYSET_SHA256, ANN_TOKEN_LIFETIMES, keyset_bytes, sha256_hex};
     use authrealm_contract::Alg;
     use authrealm_contract::keygen::generate;
     use k8s_openapi::ByteString;

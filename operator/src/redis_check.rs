@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use authrealm_contract::RedisMode;
+use authrealm_contract::redis_keys::KeyLayout;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, TlsCertificates};
 
@@ -49,7 +50,7 @@ pub enum CheckError {
     Credentials(String),
     #[error("{0}")]
     Tls(String),
-    /// A referenced Secret lacks the opt-in label (see `controller::REDIS_SECRET_LABEL`).
+    /// A referenced Secret lacks the opt-in label (see `redis_monitor::REDIS_SECRET_LABEL`).
     #[error("{0}")]
     NotLabelled(String),
     /// The endpoint is not the kind of Redis `redis.mode` names.
@@ -327,24 +328,6 @@ pub async fn check_kept(c: &Connect, kept: &mut Option<Kept>) -> Result<String, 
     Err(last)
 }
 
-/// Escapes a string for use as a literal in a Redis glob pattern.
-pub fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        if matches!(ch, '*' | '?' | '[' | ']' | '\\' | '^' | '-') {
-            out.push('\\');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-/// The SCAN pattern matching every key of a realm: all of them start with `P{R:` (see the key
-/// layout in the sidecar's `session` module).
-pub fn realm_pattern(prefix: &str, realm: &str) -> String {
-    format!("{}{{{}:*", glob_escape(prefix), glob_escape(realm))
-}
-
 /// Master addresses from `CLUSTER NODES` (`<id> <ip:port@bus[,host]> <flags> ...`).
 pub fn masters_from_cluster_nodes(text: &str) -> Vec<String> {
     text.lines()
@@ -384,7 +367,7 @@ pub async fn purge_realm(c: &Connect, prefix: &str, realm: &str) -> Result<u64, 
         }
     }
     let masters = masters.ok_or(seed_err)?;
-    let pattern = realm_pattern(prefix, realm);
+    let pattern = KeyLayout::new(prefix, realm).purge_pattern();
     let mut deleted = 0u64;
     for m in masters {
         let mut conn = connect_one(c, &m).await?;
@@ -447,12 +430,6 @@ mod tests {
         let e = judge_standalone("r:1", &parse_server_info(&cluster_node)).unwrap_err();
         assert!(e.to_string().contains("redis.mode: cluster"), "{e}");
         assert!(judge_standalone("r:1", &parse_server_info("")).is_err());
-    }
-
-    #[test]
-    fn realm_pattern_escapes_glob_characters() {
-        assert_eq!(realm_pattern("ar:", "shop"), "ar:{shop:*");
-        assert_eq!(realm_pattern("a*[x]?", "r"), r"a\*\[x\]\?{r:*");
     }
 
     #[test]

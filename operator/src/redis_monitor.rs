@@ -18,7 +18,8 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
 use sha2::{Digest as _, Sha256};
 
@@ -47,6 +48,23 @@ const ROUND_CONCURRENCY: usize = 8;
 /// True when the Secret opted in to be used for Redis connections.
 pub fn redis_secret_opted_in(s: &Secret) -> bool {
     s.metadata.labels.as_ref().and_then(|l| l.get(REDIS_SECRET_LABEL)).is_some_and(|v| v == "true")
+}
+
+/// Watches the Secrets of `secrets` labelled [`REDIS_SECRET_SELECTOR`] (without their
+/// managedFields) into a store, on a task the caller aborts when the controller stops.
+pub fn watch_secrets(secrets: Api<Secret>) -> (Store<Secret>, tokio::task::JoinHandle<()>) {
+    let (store, writer) = reflector::store();
+    let config = watcher::Config::default().labels(REDIS_SECRET_SELECTOR);
+    let task = tokio::spawn(
+        reflector::reflector(
+            writer,
+            watcher(secrets, config).default_backoff().modify(|s: &mut Secret| {
+                s.managed_fields_mut().clear();
+            }),
+        )
+        .for_each(|_| std::future::ready(())),
+    );
+    (store, task)
 }
 
 /// The Redis side of the controller: the opted-in Secrets and the shared checks.

@@ -9,21 +9,19 @@ use authrealm_contract::config::{
     default_identity_headers,
 };
 use authrealm_contract::{KeySet, RedisMode, SessionMode, SidecarConfig};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use sha2::{Digest, Sha256};
 
 use crate::crd::{AuthRealm, AuthRealmSpec, GoDuration, RedisCredentials, RedisTlsSpec};
-use crate::recovery::Incident;
+pub use crate::keys_secret::{
+    ANN_KEYS_INCIDENT, ANN_KEYSET_SHA256, ANN_TOKEN_LIFETIMES, Incident, KEYSET_KEY, keyset_bytes, sha256_hex,
+};
 use crate::rotation::{Lifetimes, Schedule};
 
 /// The one field manager of every server-side apply.
 pub const MANAGER: &str = "authrealm-operator";
 
-/// Data key of the key set in the keys Secret and in the JWKS ConfigMap.
-pub const KEYSET_KEY: &str = "keyset.json";
 /// Data key of the RFC 7517 JWK Set in the JWKS ConfigMap.
 pub const JWKS_KEY: &str = "jwks.json";
 /// Data key of the sidecar config in the sidecar ConfigMap.
@@ -46,16 +44,6 @@ pub const MANAGED_BY: &str = "authrealm-operator";
 pub const OWNED_SELECTOR: &str = "app.kubernetes.io/managed-by=authrealm-operator";
 pub const LABEL_REALM: &str = "authrealm.dev/realm";
 pub const LABEL_COMPONENT: &str = "authrealm.dev/component";
-
-/// SHA-256 (hex) of the Secret's `keyset.json`, written with it. A Secret whose data does not
-/// match is treated as edited by hand.
-pub const ANN_KEYSET_SHA256: &str = "authrealm.dev/keyset-sha256";
-/// JSON map kid → seconds: the longest token lifetime (max TTL + leeway) in effect while the key
-/// could sign. Decides when a retired key may be removed.
-pub const ANN_TOKEN_LIFETIMES: &str = "authrealm.dev/token-lifetimes";
-/// JSON `{"reason": …, "message": …}` of the last recovery of the key set (deleted or edited
-/// Secret); removed by the next key promotion. The `KeysIntact` condition is derived from it.
-pub const ANN_KEYS_INCIDENT: &str = "authrealm.dev/keys-incident";
 
 pub fn signing_keys_name(realm: &str) -> String {
     format!("{realm}-signing-keys")
@@ -272,11 +260,6 @@ pub fn resolve(name: &str, namespace: &str, spec: &AuthRealmSpec) -> Result<Reso
     Ok(Resolved { schedule, config, redis: redis_target })
 }
 
-/// Hex SHA-256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn labels(realm: &str, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
@@ -295,11 +278,6 @@ fn meta(realm: &AuthRealm, name: String, component: &str) -> ObjectMeta {
     }
 }
 
-/// The bytes stored under `keyset.json` in the keys Secret.
-pub fn keyset_bytes(set: &KeySet) -> Vec<u8> {
-    set.to_json_pretty().into_bytes()
-}
-
 /// The keys Secret. `resource_version` makes the apply conditional on the version read.
 pub fn signing_keys_secret(
     realm: &AuthRealm,
@@ -308,23 +286,11 @@ pub fn signing_keys_secret(
     incident: Option<&Incident>,
     resource_version: Option<String>,
 ) -> Secret {
-    let bytes = keyset_bytes(set);
+    let (annotations, data) = crate::keys_secret::encode(set, lifetimes, incident);
     let mut m = meta(realm, signing_keys_name(&realm.name_any()), "signing-keys");
     m.resource_version = resource_version;
-    let mut annotations = BTreeMap::from([
-        (ANN_KEYSET_SHA256.to_owned(), sha256_hex(&bytes)),
-        (ANN_TOKEN_LIFETIMES.to_owned(), serde_json::to_string(lifetimes).expect("map serialises")),
-    ]);
-    if let Some(i) = incident {
-        annotations.insert(ANN_KEYS_INCIDENT.to_owned(), serde_json::to_string(i).expect("incident serialises"));
-    }
     m.annotations = Some(annotations);
-    Secret {
-        metadata: m,
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(KEYSET_KEY.to_owned(), ByteString(bytes))])),
-        ..Secret::default()
-    }
+    Secret { metadata: m, type_: Some("Opaque".into()), data: Some(data), ..Secret::default() }
 }
 
 /// The public-only key set and JWKS ConfigMap. Empty key lists for HMAC realms.

@@ -215,7 +215,9 @@ async fn ready_realms_at_rest_cost_no_requests_no_writes_and_one_shared_redis_co
 
     // A reconcile that changes nothing writes nothing: an annotation on a realm wakes it (its
     // reconcile runs, as the counter shows), and the operator sends no write.
-    let reconciles = op.metric("authrealm_operator_reconciles_total").await.context("reconciles metric")?;
+    // Finished reconciles (the duration histogram counts a reconcile when it ends, after its writes).
+    const FINISHED: &str = "authrealm_operator_reconcile_duration_seconds_count";
+    let reconciles = op.metric(FINISHED).await.context("reconciles metric")?;
     let since = Timestamp::now();
     realms
         .patch(
@@ -225,10 +227,9 @@ async fn ready_realms_at_rest_cost_no_requests_no_writes_and_one_shared_redis_co
         )
         .await?;
     wait_for("the touched realm reconciled", Duration::from_secs(20), || async {
-        (op.metric("authrealm_operator_reconciles_total").await? > reconciles).then_some(())
+        (op.metric(FINISHED).await? > reconciles).then_some(())
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let writes: Vec<String> = requests_since(&log, identity, since)
         .into_iter()
         .filter(|r| !matches!(r.verb.as_str(), "get" | "list" | "watch"))

@@ -5,6 +5,7 @@
 
 mod common;
 
+use authrealm_contract::redis_keys::KeyLayout;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -64,10 +65,12 @@ async fn deleting_a_realm_runs_the_purge_finalizer_and_owned_objects_go() -> any
     // Keys are `<keyPrefix><namespace>:{<realm>:…}`; a realm of the same name in another
     // namespace sharing the cluster must be left alone.
     for i in 0..40 {
-        mine.push(format!("ar:{ns}:{{purge:user{i}}}:t:jti{i}"));
-        mine.push(format!("ar:{ns}:{{purge:j:jti{i}}}:loc"));
-        theirs.push(format!("ar:{ns}:{{purge-other:user{i}}}:t:jti{i}"));
-        theirs.push(format!("ar:elsewhere:{{purge:user{i}}}:t:jti{i}"));
+        let (user, jti) = (format!("user{i}"), format!("jti{i}"));
+        let mine_layout = KeyLayout::new(&format!("ar:{ns}:"), "purge");
+        mine.push(mine_layout.token(&user, &jti));
+        mine.push(mine_layout.locator(&jti));
+        theirs.push(KeyLayout::new(&format!("ar:{ns}:"), "purge-other").token(&user, &jti));
+        theirs.push(KeyLayout::new("ar:elsewhere:", "purge").token(&user, &jti));
     }
     let seed = cluster.seeds()[0].clone();
     for k in mine.iter().chain(&theirs) {
@@ -178,13 +181,29 @@ async fn of_two_replicas_only_the_leader_writes_and_the_other_takes_over() -> an
     spec["keyRotation"] = json!({"interval": "4s", "propagationDelay": "1s"});
     spec["tokenTtl"] = json!("2s");
     create_realm(&client, &ns, &realm("ha", spec)).await?;
-    wait_condition(&client, &ns, "ha", "Ready", "True", None, Duration::from_secs(30)).await?;
-    // Let a couple of rotations happen with both running.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let first_kid = wait_condition(&client, &ns, "ha", "Ready", "True", None, Duration::from_secs(30))
+        .await?
+        .status
+        .and_then(|s| s.current_kid)
+        .unwrap();
+    // A rotation happens with both running (the leader promotes a new key).
+    wait_for("a promotion by the leader", Duration::from_secs(15), || {
+        let (client, ns, first_kid) = (client.clone(), ns.clone(), first_kid.clone());
+        async move { (secret_keyset(&client, &ns, "ha").await?.current()?.kid != first_kid).then_some(()) }
+    })
+    .await?;
     assert_eq!(a.metric("authrealm_operator_leader").await, Some(1.0));
     assert_eq!(b.metric("authrealm_operator_leader").await, Some(0.0));
     assert!(a.metric("authrealm_operator_reconciles_total").await.unwrap_or(0.0) >= 2.0);
     assert_eq!(b.metric("authrealm_operator_reconciles_total").await, Some(0.0), "the follower reconciled");
+    // Each reconcile runs in a span naming the realm, its generation and the outcome.
+    let log = a.log_text();
+    let span = format!("reconcile{{namespace={ns} realm=ha generation=1 outcome=\"ok\"}}");
+    assert!(
+        log.lines().any(|l| l.contains(&span) && l.contains("reconciled")),
+        "no {span} in the leader's log:\n{}",
+        log.lines().filter(|l| l.contains("reconcil")).take(5).collect::<Vec<_>>().join("\n")
+    );
     let kids_before: Vec<String> =
         secret_keyset(&client, &ns, "ha").await.unwrap().keys.iter().map(|k| k.kid.clone()).collect();
 

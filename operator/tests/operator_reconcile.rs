@@ -17,7 +17,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +107,10 @@ async fn realm_gets_keys_jwks_and_sidecar_config_with_owner_references() -> anyh
     // An operator restart (fresh process state) does not regenerate anything.
     op.stop().await?;
     let op = InProcess::start(client.clone(), &ns);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for("the restarted operator's first reconcile", Duration::from_secs(30), || async {
+        (finished_reconciles(&op.metrics) > 0).then_some(())
+    })
+    .await?;
     assert_eq!(secret_keyset(&client, &ns, "shop").await.unwrap(), full, "keys changed on restart");
     // Idle: no reconcile loop feeding on its own writes.
     let count = |m: &authrealm_operator::metrics::Metrics| m.reconciles.get();
@@ -653,6 +656,68 @@ async fn objects_of_the_same_name_not_controlled_by_the_realm_are_left_alone() -
     wait_condition(&client, &ns, "billing", "Ready", "True", None, Duration::from_secs(40)).await?;
     let cm = cms.get("billing-sidecar").await?;
     assert!(cm.data.unwrap().contains_key("sidecar.json"));
+    op.stop().await?;
+    Ok(())
+}
+
+/// A reconcile that fails — here the session purge on deletion, whose Redis credentials Secret
+/// does not exist — shows without reading the operator's log: a Warning `ReconcileFailed` event
+/// on the realm (one Event whose series counts the retries, not one Event per retry) and the
+/// `authrealm_operator_reconcile_errors_total{kind="purge"}` counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reconcile_raises_one_warning_event_series_and_counts_the_error() -> anyhow::Result<()> {
+    use k8s_openapi::api::events::v1::Event;
+    let env = shared_env(false).await?;
+    let client = env.client().await?;
+    let ns = env.create_temp_namespace("failing").await?;
+    let op = InProcess::start(client.clone(), &ns);
+    let spec = json!({
+        "issuer": "https://auth.example.test",
+        "audiences": ["app"],
+        "redis": {"endpoints": ["127.0.0.1:1"], "credentials": {"secretName": "no-such-secret"}, "purgeOnDelete": true},
+    });
+    create_realm(&client, &ns, &realm("doomed", spec)).await?;
+    let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
+    wait_for("the purge finalizer", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move { (!api.get("doomed").await.ok()?.finalizers().is_empty()).then_some(()) }
+    })
+    .await?;
+    let errors = |m: &authrealm_operator::metrics::Metrics| {
+        m.encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("authrealm_operator_reconcile_errors_total{kind=\"purge\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(errors(&op.metrics), 0.0, "nothing failed before the deletion");
+    api.delete("doomed", &Default::default()).await?;
+
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let failed = |list: Vec<Event>| -> Vec<Event> {
+        list.into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("doomed"))
+            .filter(|e| e.reason.as_deref() == Some("ReconcileFailed"))
+            .collect()
+    };
+    // Retried after 0.5 s, 1 s, 2 s …: the second failure updates the first failure's Event.
+    let ev = wait_for("a ReconcileFailed series of at least 2", Duration::from_secs(30), || {
+        let events = events.clone();
+        async move {
+            let list = failed(events.list(&ListParams::default()).await.ok()?.items);
+            list.iter().any(|e| e.series.as_ref().is_some_and(|s| s.count >= 2)).then_some(list)
+        }
+    })
+    .await?;
+    assert_eq!(ev.len(), 1, "one Event per realm and reason, not one per retry: {ev:#?}");
+    let ev = &ev[0];
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    let note = ev.note.clone().unwrap_or_default();
+    assert!(note.contains("failed to purge the sessions of AuthRealm") && note.contains("no-such-secret"), "{note}");
+    assert!(errors(&op.metrics) >= 2.0, "{}", op.metrics.encode());
+
+    // Let the realm go (the purge would be given up after --purge-timeout).
+    api.patch("doomed", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await?;
     op.stop().await?;
     Ok(())
 }

@@ -218,8 +218,17 @@ async fn sigkill_during_rotation_never_loses_regenerates_or_duplicates_a_key() -
         proc = OperatorProcess::spawn(&env, "operator-sigkill", &args)?;
     }
     let chaos = t0.elapsed();
-    // Converge: let it run undisturbed for two intervals.
-    tokio::time::sleep(Duration::from_secs(2 * INTERVAL as u64)).await;
+    // Converge: the last process carries the rotation on — a promotion after the chaos (at most
+    // an interval away, plus its start and a lease takeover).
+    let after_chaos = secret_keyset(&client, &ns, "crash").await.and_then(|s| Some(s.current()?.kid.clone()));
+    wait_for("a promotion after the chaos", Duration::from_secs(4 * INTERVAL as u64), || {
+        let (client, ns, after_chaos) = (client.clone(), ns.clone(), after_chaos.clone());
+        async move {
+            let kid = secret_keyset(&client, &ns, "crash").await?.current()?.kid.clone();
+            (Some(kid) != after_chaos).then_some(())
+        }
+    })
+    .await?;
     let _ = stop_tx.send(());
     let seen = observer.await?;
     eprintln!("{kills} SIGKILLs over {chaos:.1?}; {} observations of the Secret", seen.len());

@@ -1,4 +1,5 @@
 pub mod bins;
+pub mod chart_operator;
 pub mod kube_env;
 pub mod node_env;
 pub mod oidc_idp;

@@ -162,29 +162,9 @@ fn parse_view(text: &str) -> Result<View> {
 }
 
 /// The hash slot of a key: CRC16-XMODEM of the key, or of the part inside the first `{…}` when
-/// that part is non-empty, modulo 16384 (as `CLUSTER KEYSLOT`).
-pub fn key_slot(key: &[u8]) -> u16 {
-    let mut hashed = key;
-    if let Some(open) = key.iter().position(|&b| b == b'{')
-        && let Some(len) = key[open + 1..].iter().position(|&b| b == b'}')
-        && len > 0
-    {
-        hashed = &key[open + 1..open + 1 + len];
-    }
-    crc16_xmodem(hashed) % (SLOTS as u16)
-}
-
-/// CRC16-CCITT (XMODEM): polynomial 0x1021, initial value 0, no reflection.
-pub fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
-        }
-    }
-    crc
-}
+/// that part is non-empty, modulo 16384 (as `CLUSTER KEYSLOT`); CRC16-CCITT (XMODEM): polynomial
+/// 0x1021, initial value 0, no reflection. The contract's, checked here against known values.
+pub use authrealm_contract::redis_keys::{crc16 as crc16_xmodem, slot_of as key_slot};
 
 struct Node {
     port: u16,

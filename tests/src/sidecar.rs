@@ -173,7 +173,8 @@ pub fn libfaketime() -> Result<PathBuf> {
 
 pub struct Sidecar {
     child: Option<Child>,
-    pub dir: PathBuf,
+    /// The sidecar's files (config, key set, log); removed when the Sidecar is dropped.
+    pub dir: crate::support::TempDir,
     pub public: SocketAddr,
     pub issuer: SocketAddr,
     pub admin: SocketAddr,
@@ -188,16 +189,15 @@ impl Drop for Sidecar {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if std::thread::panicking() {
-            if let Ok(log) = std::fs::read_to_string(self.dir.join("sidecar.log")) {
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- sidecar log tail ({}) ---", self.dir.display());
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
+        // A failing test shows the log's tail (the directory goes with the Sidecar).
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(self.dir.join("sidecar.log"))
+        {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- sidecar log tail ({}) ---", self.dir.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
             }
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -252,13 +252,7 @@ impl Sidecar {
         clock_offset: Option<i64>,
         env: &[(&str, &str)],
     ) -> Result<Sidecar> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "authrealm-sidecar-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let dir = crate::support::TempDir::new("authrealm-sidecar")?;
         let key_set_path = dir.join("keyset.json");
         std::fs::write(&key_set_path, keys.to_json_pretty())?;
         let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;

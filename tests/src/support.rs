@@ -49,6 +49,44 @@ where
     .await
 }
 
+/// A fresh directory under the system temp dir (`<prefix>-<pid>-<n>`), removed with its content
+/// when dropped — also when the test fails.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> std::io::Result<TempDir> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A free loopback port (bound, then released for the caller to bind).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
@@ -99,4 +137,22 @@ pub fn yaml_file(path: impl AsRef<Path>) -> anyhow::Result<serde_json::Value> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TempDir;
+
+    #[test]
+    fn a_temp_dir_is_unique_and_gone_with_its_content_when_dropped() {
+        let a = TempDir::new("authrealm-support-test").unwrap();
+        let b = TempDir::new("authrealm-support-test").unwrap();
+        assert_ne!(a.path(), b.path());
+        std::fs::create_dir_all(a.join("sub")).unwrap();
+        std::fs::write(a.join("sub/file"), b"x").unwrap();
+        let path = a.path().to_owned();
+        drop(a);
+        assert!(!path.exists(), "{} left behind", path.display());
+        assert!(b.path().exists());
+    }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use authrealm_operator::webhook::{WebhookConfig, WebhookMetrics, start_webhook};
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
+use authrealm_tests::support::TempDir;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -63,10 +64,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn temp_home(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("authrealm-helm-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A throwaway helm home, removed when dropped (unique per call: tests render concurrently).
+fn temp_home(name: &str) -> TempDir {
+    TempDir::new(&format!("authrealm-helm-{name}")).unwrap()
 }
 
 /// `helm template` of the chart with `sets`.

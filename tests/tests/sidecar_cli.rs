@@ -6,10 +6,8 @@ use std::process::Command;
 use authrealm_contract::{KeySet, KeyState, SidecarConfig};
 use authrealm_tests::sidecar::sidecar_bin;
 
-fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("authrealm-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> authrealm_tests::support::TempDir {
+    authrealm_tests::support::TempDir::new(&format!("authrealm-cli-{name}")).unwrap()
 }
 
 #[test]
@@ -52,7 +50,7 @@ fn keygen_writes_a_key_set_the_sidecar_accepts() {
     let out = Command::new(&bin).args(["check-config", "--config"]).arg(&cfg_path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("can mint: true"));
-    std::fs::remove_dir_all(d).unwrap();
+    drop(d); // removes the directory
 }
 
 #[test]
@@ -83,5 +81,5 @@ fn config_errors_exit_non_zero_with_one_line_naming_the_field() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(field), "{field} not named in: {stderr}");
     }
-    std::fs::remove_dir_all(d).unwrap();
+    drop(d); // removes the directory
 }

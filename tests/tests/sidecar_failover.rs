@@ -2,6 +2,7 @@
 //! when the sidecar starts. Uses `--cluster-node-timeout 2000` so failover takes ~4 s
 //! (the default 15 s would take ~17 s).
 
+use authrealm_contract::redis_keys::KeyLayout;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,6 @@ use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, FailurePolicy, KeySet, KeyState};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions, key_slot};
 use authrealm_tests::sidecar::{Sidecar, Upstream, sign_raw, test_config, unix_now};
-use base64::Engine as _;
 use http::StatusCode;
 use serde_json::json;
 
@@ -21,8 +21,7 @@ fn key_set() -> KeySet {
 }
 
 fn subject_slot(prefix: &str, realm: &str, sub: &str) -> u16 {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sub);
-    key_slot(format!("{prefix}{{{realm}:{b64}}}:idx").as_bytes())
+    key_slot(KeyLayout::new(prefix, realm).index(sub).as_bytes())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,10 +326,7 @@ async fn a_mint_is_acknowledged_only_when_its_jti_locator_is_replicated_too() {
     for r in &frozen {
         cluster.pause(&r.addr).unwrap();
     }
-    let locator_slot = |jti: &str| {
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(jti);
-        key_slot(format!("{prefix}{{locator:j:{b64}}}:loc").as_bytes())
-    };
+    let locator_slot = |jti: &str| key_slot(KeyLayout::new(&prefix, "locator").locator(jti).as_bytes());
     let (mut acknowledged, mut refused) = (Vec::new(), 0);
     for _ in 0..40 {
         let r = s.issuer_call("POST", "/v1/tokens", Some(json!({"subject": "alice"}))).await.unwrap();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, KeySet, KeyState};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
-use authrealm_tests::sidecar::{Sidecar, Upstream, free_port, test_config};
+use authrealm_tests::sidecar::{Sidecar, Upstream, free_port, metric_value, test_config};
+use authrealm_tests::support::wait_for_some;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -187,7 +188,12 @@ async fn sigterm_drains_in_flight_requests() {
             .unwrap();
         client.request(req).await.map(|r| r.status())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The request is in flight once the app has it.
+    wait_for_some("the slow request at the app", Duration::from_secs(10), || async {
+        upstream.seen().iter().any(|r| r.path == "/slow").then_some(())
+    })
+    .await
+    .unwrap();
     let status = tokio::task::spawn_blocking(move || {
         let st = s.terminate().unwrap();
         (st, s)
@@ -230,12 +236,22 @@ async fn key_rotation_while_requests_flow() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Publish k2 as next, then promote it: the operator's two steps.
+    let flowing = |sent: Arc<AtomicU64>, more: u64| {
+        let from = sent.load(Ordering::Relaxed);
+        wait_for_some("requests flowing", Duration::from_secs(10), move || {
+            let sent = sent.clone();
+            async move { (sent.load(Ordering::Relaxed) >= from + more).then_some(()) }
+        })
+    };
+    flowing(sent.clone(), 20).await.unwrap();
+    // Publish k2 as next, then promote it: the operator's two steps. Each check waits for the
+    // reload to have happened (its counter), not for a time after which it probably has.
+    let reloads = |outcome: &str| format!("authrealm_sidecar_key_reloads_total{{outcome=\"{outcome}\"}}");
     let mut k2 = generate(Alg::ES256, "k2", 1, KeyState::Next).unwrap();
     set.keys.push(k2.clone());
+    let before = metric_value(&s.metrics().await.unwrap(), &reloads("ok"));
     s.write_key_set(&set).unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.wait_metric(&reloads("ok"), |v| v > before).await;
     assert_eq!(
         kid_of(s.mint("during-next").await.unwrap()["access_token"].as_str().unwrap()),
         "k1",
@@ -254,12 +270,13 @@ async fn key_rotation_while_requests_flow() {
         assert!(Instant::now() < deadline, "new key never took effect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // A broken file never replaces a working key set.
+    // A broken file never replaces a working key set (checked once the reload tried it).
+    let errors = metric_value(&s.metrics().await.unwrap(), &reloads("error"));
     std::fs::write(&s.key_set_path, b"{ not json").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.wait_metric(&reloads("error"), |v| v > errors).await;
     assert_eq!(s.get("/x", Some(&new)).await.unwrap().status, StatusCode::OK);
     s.write_key_set(&set).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    flowing(sent.clone(), 20).await.unwrap();
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     let (sent, failures) = (sent.load(Ordering::Relaxed), failures.load(Ordering::Relaxed));
@@ -273,8 +290,9 @@ async fn key_rotation_while_requests_flow() {
     assert_eq!(kids, ["k1", "k2"]);
     // Removing the retired key ends its tokens.
     set.keys.remove(0);
+    let before = metric_value(&s.metrics().await.unwrap(), &reloads("ok"));
     s.write_key_set(&set).unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.wait_metric(&reloads("ok"), |v| v > before).await;
     assert_eq!(s.get("/x", Some(&old)).await.unwrap().status, StatusCode::UNAUTHORIZED);
     assert!(s.metrics().await.unwrap().contains("authrealm_sidecar_key_reloads_total{outcome=\"error\"}"));
 }

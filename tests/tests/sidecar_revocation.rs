@@ -2,12 +2,14 @@
 //! differ by the realm's leeway (libfaketime), a real Redis Cluster (and the same against a
 //! standalone Redis), and a `WAIT` that cannot count replicas that never saw the write.
 
+use authrealm_contract::redis_keys::KeyLayout;
 use std::time::{Duration, Instant};
 
 use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, KeySet, KeyState, SessionMode, SidecarConfig};
 use authrealm_tests::redis_backend::TestRedis;
 use authrealm_tests::sidecar::{Sidecar, Upstream};
+use authrealm_tests::support::wait_for_some;
 use base64::Engine as _;
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -188,8 +190,7 @@ async fn wait_never_counts_a_replica_that_missed_the_write(redis: &TestRedis) {
         let m = s.mint(&sub).await.unwrap();
         let t = token(&m);
 
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&sub);
-        let idx = format!("{prefix}{{waits:{b64}}}:idx");
+        let idx = KeyLayout::new(&prefix, "waits").index(&sub);
         let master = redis.node_for_key(&idx).unwrap();
         let replica = redis.replica_for_key(&idx).unwrap();
         redis.pause(&replica).unwrap();
@@ -210,8 +211,16 @@ async fn wait_never_counts_a_replica_that_missed_the_write(redis: &TestRedis) {
                 (status, serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
             })
         };
-        // While the WAIT blocks on the frozen replica, drop every client connection of the master.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // While the WAIT blocks on the frozen replica (the master lists a client in WAIT), drop
+        // every client connection of the master.
+        wait_for_some("the revocation blocked in WAIT on the master", Duration::from_secs(10), || {
+            let clients = redis.cli_at(&master, &["CLIENT", "LIST"]).unwrap_or_default();
+            // A client blocked (flag b) in WAIT, not one whose last WAIT has returned.
+            let blocked = clients.lines().any(|c| c.contains(" flags=b ") && c.contains(" cmd=wait "));
+            async move { blocked.then_some(()) }
+        })
+        .await
+        .unwrap();
         let killed = redis.cli_at(&master, &["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
         let (status, body) = revoke.await.unwrap();
         redis.resume(&replica).unwrap();

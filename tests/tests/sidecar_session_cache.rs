@@ -4,13 +4,13 @@
 //! killed invalidation connection never let a revoked session through for longer than
 //! `maxStalenessMs`, and with the cache off every request reads Redis as before.
 
+use authrealm_contract::redis_keys::KeyLayout;
 use std::time::{Duration, Instant};
 
 use authrealm_contract::keygen::generate;
 use authrealm_contract::{Alg, KeySet, KeyState, SidecarConfig};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions, key_slot};
 use authrealm_tests::sidecar::{Sidecar, Upstream, metric_value, test_config};
-use base64::Engine as _;
 use http::StatusCode;
 use serde_json::Value;
 
@@ -32,13 +32,8 @@ fn config(cluster: &RedisCluster, realm: &str) -> SidecarConfig {
     cfg
 }
 
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
-}
-
 fn session_key(cfg: &SidecarConfig, sub: &str, jti: &str) -> String {
-    let prefix = &cfg.redis.as_ref().unwrap().key_prefix;
-    format!("{prefix}{{{}:{}}}:t:{}", cfg.realm, b64(sub), b64(jti))
+    KeyLayout::new(&cfg.redis.as_ref().unwrap().key_prefix, &cfg.realm).token(sub, jti)
 }
 
 fn token(v: &Value) -> (String, String) {

@@ -2,6 +2,7 @@
 //! real standalone Redis (`redis.mode: standalone`, one replica for `WAIT`): the same test body
 //! for both.
 
+use authrealm_contract::redis_keys::KeyLayout;
 use std::time::Duration;
 
 use authrealm_contract::keygen::generate;
@@ -145,11 +146,7 @@ async fn session_modes(redis: &TestRedis) {
     for i in 0..30 {
         let sub = format!("user-{i}");
         let minted = s.mint(&sub).await.unwrap();
-        let b64 = |x: &str| {
-            use base64::Engine as _;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(x)
-        };
-        let key = format!("{prefix}{{single:{}}}:t:{}", b64(&sub), b64(minted["jti"].as_str().unwrap()));
+        let key = KeyLayout::new(&prefix, "single").token(&sub, minted["jti"].as_str().unwrap());
         let owner = redis.node_for_key(&key).unwrap();
         let exists = redis.cli_for_key(&key, &["EXISTS", &key]).unwrap();
         assert_eq!(exists.trim(), "1", "session record of {sub} not on {owner}");

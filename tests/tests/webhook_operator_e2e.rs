@@ -7,20 +7,17 @@
 mod webhook_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, ensure};
+use anyhow::ensure;
 use authrealm_contract::SidecarConfig;
 use authrealm_operator::crd::AuthRealm;
+use authrealm_tests::chart_operator::{ChartOperator, ChartOperatorOptions, NAMESPACE};
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
-use authrealm_tests::sidecar::free_port;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PostParams};
 use webhook_support::{app_pod, eventually, keys_volume, sidecar_count};
-
-const NAMESPACE: &str = "authrealm-system";
-const MWC: &str = "authrealm-authrealm-system-sidecar-injector";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
@@ -29,26 +26,6 @@ fn repo() -> &'static Path {
 /// The operator binary of this build (see `authrealm_tests::bins`).
 fn operator_bin() -> anyhow::Result<PathBuf> {
     authrealm_tests::bins::operator()
-}
-
-struct Operator {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Operator {
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,52 +46,18 @@ async fn reconcile_and_inject(one_namespace: bool) -> anyhow::Result<()> {
     let client = env.client().await?;
     env.create_namespace(NAMESPACE).await?;
     let ns = env.create_temp_namespace("e2e").await?;
-    let (webhook_port, http_port) = (free_port(), free_port());
-
-    let mut helm = env.helm();
-    helm.args(["install", "authrealm"])
-        .arg(repo().join("charts/authrealm"))
-        .args(["--namespace", NAMESPACE])
-        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods")]);
-    if one_namespace {
-        helm.args(["--set", &format!("operator.watchNamespace={ns}")]);
-    }
-    let out = helm.output()?;
-    ensure!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
-
-    // The operator runs with exactly the chart's RBAC: its kubeconfig impersonates the chart's
-    // ServiceAccount (the API server adds the ServiceAccount groups), so a verb missing from the
-    // chart's roles fails here as it would in a cluster.
-    let mut kubeconfig: serde_json::Value = serde_yaml_ng::from_str(&std::fs::read_to_string(env.kubeconfig_path())?)?;
-    for user in kubeconfig["users"].as_array_mut().context("kubeconfig users")? {
-        user["user"]["as"] = format!("system:serviceaccount:{NAMESPACE}:authrealm").into();
-    }
-    let operator_kubeconfig = env.dir().join("operator-as-chart-sa.kubeconfig");
-    std::fs::write(&operator_kubeconfig, serde_yaml_ng::to_string(&kubeconfig)?)?;
-
-    // The operator with the settings the chart's Deployment passes, plus a loopback listener.
-    let log = env.dir().join("operator.log");
-    let child = Command::new(&bin)
-        .env("KUBECONFIG", &operator_kubeconfig)
-        .env("RUST_LOG", "info")
-        .env("POD_NAME", "operator-0")
-        .env("POD_NAMESPACE", NAMESPACE)
-        .env("AUTHREALM_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-        .env("AUTHREALM_LEASE_NAME", "authrealm-operator")
-        .env("AUTHREALM_WEBHOOK_LISTEN", format!("127.0.0.1:{webhook_port}"))
-        .env("AUTHREALM_WEBHOOK_CONFIGURATION", MWC)
-        .env("AUTHREALM_WEBHOOK_SERVICE", "authrealm-webhook")
-        .env("AUTHREALM_WEBHOOK_TLS_SECRET", "authrealm-webhook-tls")
-        .env("AUTHREALM_WEBHOOK_EXTRA_SANS", "127.0.0.1")
-        .env("AUTHREALM_WEBHOOK_CERT_CHECK_INTERVAL", "1s")
-        .env("AUTHREALM_SIDECAR_IMAGE", "authrealm-sidecar:e2e")
-        .env("AUTHREALM_NAMESPACE", if one_namespace { ns.as_str() } else { "" })
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(std::fs::File::create(&log)?.try_clone()?)
-        .spawn()
-        .context("starting authrealm-operator")?;
-    let mut op = Operator { child, log };
+    let mut op = ChartOperator::start(
+        &env,
+        repo(),
+        &bin,
+        &ChartOperatorOptions {
+            watch_namespace: one_namespace.then_some(ns.as_str()),
+            rust_log: "info",
+            sidecar_image: "authrealm-sidecar:e2e",
+            env: &[("AUTHREALM_WEBHOOK_CERT_CHECK_INTERVAL", "1s")],
+        },
+    )?;
+    let http_port = op.http_port;
 
     let realms: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
     realms

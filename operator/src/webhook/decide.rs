@@ -68,16 +68,17 @@ impl Role {
     }
 }
 
-/// What the webhook knows about the realm a Pod names.
+/// What the webhook knows about the realm a Pod names. `R`: what the injection needs of a ready
+/// realm (the HTTP layer passes the realm and its rendered sidecar; the table tests `()`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RealmState {
+pub enum RealmState<R = ()> {
     /// No AuthRealm of that name in the Pod's namespace.
     NotFound,
     /// The AuthRealm exists but its keys and config are not in place (`KeysReady` is not
     /// `True`); the text says why.
     NotReady(String),
     /// Ready for pods (`KeysReady=True`). `hmac`: its keys are symmetric (no public key set).
-    Ready { hmac: bool },
+    Ready { hmac: bool, realm: R },
 }
 
 /// Traces of an earlier injection on a Pod.
@@ -94,9 +95,9 @@ pub enum Injected {
 /// The facts [`decide`] looks at, gathered by the HTTP layer from the AdmissionRequest, the Pod's
 /// Namespace and the AuthRealm.
 #[derive(Clone, Debug)]
-pub struct DecisionInput<'a> {
-    /// `true` for a CREATE of a core/v1 Pod.
-    pub pod_create: bool,
+pub struct DecisionInput<'a, P = (), R = ()> {
+    /// The Pod of a CREATE of a core/v1 Pod; `None` for anything else.
+    pub pod: Option<P>,
     pub namespace: &'a str,
     pub namespace_labels: &'a BTreeMap<String, String>,
     pub pod_labels: &'a BTreeMap<String, String>,
@@ -105,7 +106,7 @@ pub struct DecisionInput<'a> {
     /// What the Pod already carries of an injection.
     pub injected: &'a Injected,
     /// The realm named by the label; only consulted by rows 9–11.
-    pub realm: &'a RealmState,
+    pub realm: &'a RealmState<R>,
     pub policy: UnreadyRealmPolicy,
 }
 
@@ -168,9 +169,10 @@ impl DenyReason {
 
 /// The outcome of [`decide`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Add the sidecar of realm `realm` with `role`.
-    Inject { realm: String, role: Role },
+pub enum Decision<P = (), R = ()> {
+    /// Add the sidecar of the ready `realm` with `role` to `pod` (which carries no trace of an
+    /// injection: a reinvocation is skipped by row 5).
+    Inject { pod: P, realm: R, role: Role },
     /// Admit unchanged. `warning` is returned to the client (and recorded as an event) when the
     /// Pod asked for protection it does not get.
     Skip { reason: SkipReason, warning: Option<String> },
@@ -179,14 +181,14 @@ pub enum Decision {
 }
 
 /// The injection decision; see the module documentation for the truth table.
-pub fn decide(input: &DecisionInput<'_>) -> Decision {
+pub fn decide<P: Clone, R: Clone>(input: &DecisionInput<'_, P, R>) -> Decision<P, R> {
     let skip = |reason, warning: Option<String>| Decision::Skip { reason, warning };
     let deny = |reason, message: String| Decision::Deny { reason, message };
 
     // 1
-    if !input.pod_create {
+    let Some(pod) = input.pod.clone() else {
         return skip(SkipReason::NotPodCreate, None);
-    }
+    };
     // 2
     let Some(realm) = input.pod_labels.get(REALM_LABEL) else {
         return skip(SkipReason::NotOptedIn, None);
@@ -259,10 +261,10 @@ pub fn decide(input: &DecisionInput<'_>) -> Decision {
     let ns = input.namespace;
     // 9, 10
     let (reason, skip_reason, problem) = match input.realm {
-        RealmState::Ready { hmac } => {
+        RealmState::Ready { hmac, realm: ready } => {
             // 11
             let role = if *hmac { Role::Issuer } else { role };
-            return Decision::Inject { realm: realm.clone(), role };
+            return Decision::Inject { pod, realm: ready.clone(), role };
         }
         RealmState::NotFound => {
             (DenyReason::RealmNotFound, SkipReason::RealmNotFound, format!("AuthRealm {ns}/{realm} does not exist"))
@@ -317,7 +319,7 @@ mod tests {
     }
 
     const OPTED_IN: &[(&str, &str)] = &[("authrealm.dev/realm", "demo"), ("app", "web")];
-    const READY: RealmState = RealmState::Ready { hmac: false };
+    const READY: RealmState = RealmState::Ready { hmac: false, realm: () };
 
     fn base(name: &'static str) -> Case {
         Case {
@@ -344,7 +346,7 @@ mod tests {
                 ..base("issuer annotation: issuer")
             },
             Case {
-                realm: RealmState::Ready { hmac: true },
+                realm: RealmState::Ready { hmac: true, realm: () },
                 expect: Inject(Role::Issuer),
                 ..base("HMAC realm: every pod is an issuer")
             },
@@ -467,7 +469,7 @@ mod tests {
         for case in cases() {
             let (ns_labels, labels, annotations) = (map(case.ns_labels), map(case.labels), map(case.annotations));
             let input = DecisionInput {
-                pod_create: case.pod_create,
+                pod: case.pod_create.then_some(()),
                 namespace: "team-a",
                 namespace_labels: &ns_labels,
                 pod_labels: &labels,
@@ -478,10 +480,7 @@ mod tests {
                 policy: case.policy,
             };
             let got = match decide(&input) {
-                Decision::Inject { realm, role } => {
-                    assert_eq!(realm, "demo", "{}", case.name);
-                    Expect::Inject(role)
-                }
+                Decision::Inject { role, .. } => Expect::Inject(role),
                 Decision::Skip { reason, warning } => {
                     if let Some(w) = &warning {
                         assert!(w.contains("authrealm:") && w.contains("demo"), "{}: {w}", case.name);
@@ -501,9 +500,9 @@ mod tests {
     fn deny_messages_name_the_realm_and_the_fix() {
         let labels = map(OPTED_IN);
         let empty = BTreeMap::new();
-        let realm = RealmState::NotReady("KeysReady=False: waiting for keys".into());
+        let realm: RealmState = RealmState::NotReady("KeysReady=False: waiting for keys".into());
         let input = DecisionInput {
-            pod_create: true,
+            pod: Some(()),
             namespace: "team-a",
             namespace_labels: &empty,
             pod_labels: &labels,

@@ -17,8 +17,13 @@
 //! * liveness (`/healthz`) and readiness (`/readyz`) probes, resources, and a securityContext that
 //!   meets the `restricted` Pod Security Standard on its own (non-root, read-only root file system,
 //!   no privilege escalation, all capabilities dropped, RuntimeDefault seccomp);
-//! * the annotation `authrealm.dev/sidecar-status` recording what was injected, which also makes
-//!   reinvocation a no-op.
+//! * the annotation `authrealm.dev/sidecar-status` recording what was injected, which (with the
+//!   sidecar init container) marks the Pod as injected: a reinvocation is skipped by
+//!   [`super::decide::decide`] (row 5) before any patch is made.
+//!
+//! Ports, mount paths and environment names come from the [`SidecarPlan`], which
+//! [`super::realm`] derives from the sidecar config the operator rendered for the realm — the
+//! same file the sidecar reads — never from a second reading of the spec.
 
 use std::collections::BTreeMap;
 
@@ -27,10 +32,7 @@ use serde_json::{Value, json};
 
 use super::decide::{Injected, Role};
 use super::{SIDECAR_CONTAINER, STATUS_ANNOTATION};
-use crate::render::{
-    CONFIG_FILE, CONFIG_MOUNT_DIR, KEYS_MOUNT_DIR, REDIS_CA_MOUNT_DIR, jwks_name, sidecar_config_name,
-    signing_keys_name,
-};
+use crate::render::{CONFIG_FILE, CONFIG_MOUNT_DIR, jwks_name, sidecar_config_name, signing_keys_name};
 
 /// Name of the volume holding the sidecar config.
 pub const CONFIG_VOLUME: &str = "authrealm-config";
@@ -57,6 +59,16 @@ pub struct RedisCredentialRefs {
     pub username_env: String,
 }
 
+/// The Redis CA certificate: key `key` of Secret `secret`, mounted as `file` in `mount_dir` (the
+/// path the sidecar config's `redis.tls.caFile` names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisCaRef {
+    pub secret: String,
+    pub key: String,
+    pub mount_dir: String,
+    pub file: String,
+}
+
 /// Everything about the sidecar that does not come from the Pod.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SidecarPlan {
@@ -67,11 +79,11 @@ pub struct SidecarPlan {
     pub public_port: u16,
     pub issuer_port: u16,
     pub admin_port: u16,
+    /// Where the key set is mounted (the directory of the config's `keySetFile`).
+    pub keys_mount_dir: String,
     pub resources: ResourceRequirements,
     pub redis: Option<RedisCredentialRefs>,
-    /// Secret and key of the Redis CA certificate, mounted as `ca.crt` in
-    /// [`REDIS_CA_MOUNT_DIR`] (the path the rendered sidecar config names).
-    pub redis_ca: Option<(String, String)>,
+    pub redis_ca: Option<RedisCaRef>,
     /// External issuers' CA bundles: (issuer index, ConfigMap, key), projected into one volume
     /// as `<index>.crt` under [`crate::issuers::ISSUER_CA_MOUNT_DIR`].
     pub issuer_cas: Vec<(usize, String, String)>,
@@ -84,8 +96,6 @@ pub enum MutateError {
     PortConflict { container: String, port: u16 },
     #[error("the pod already has a {what} named {name:?}, which the authrealm sidecar needs")]
     NameConflict { what: &'static str, name: String },
-    #[error("the pod already carries {what}, without a complete authrealm sidecar")]
-    PartlyInjected { what: String },
 }
 
 /// The annotation value recording an injection (JSON).
@@ -120,11 +130,6 @@ pub fn injection(pod: &Pod) -> Injected {
             "an init container named {SIDECAR_CONTAINER:?} but not the annotation {STATUS_ANNOTATION}"
         )),
     }
-}
-
-/// `true` when the Pod carries a complete injection (see [`injection`]).
-pub fn already_injected(pod: &Pod) -> bool {
-    injection(pod) == Injected::Yes
 }
 
 /// The sidecar container (JSON, as it appears in the Pod).
@@ -163,7 +168,7 @@ pub fn sidecar_container(plan: &SidecarPlan) -> Value {
         "env": env,
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_DIR, "readOnly": true},
-            {"name": KEYS_VOLUME, "mountPath": KEYS_MOUNT_DIR, "readOnly": true},
+            {"name": KEYS_VOLUME, "mountPath": plan.keys_mount_dir, "readOnly": true},
         ],
         "startupProbe": probe("/healthz", 1, 60),
         "livenessProbe": probe("/healthz", 10, 3),
@@ -181,11 +186,11 @@ pub fn sidecar_container(plan: &SidecarPlan) -> Value {
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     });
-    if plan.redis_ca.is_some() {
+    if let Some(ca) = &plan.redis_ca {
         container["volumeMounts"]
             .as_array_mut()
             .expect("array")
-            .push(json!({"name": REDIS_CA_VOLUME, "mountPath": REDIS_CA_MOUNT_DIR, "readOnly": true}));
+            .push(json!({"name": REDIS_CA_VOLUME, "mountPath": ca.mount_dir, "readOnly": true}));
     }
     if !plan.issuer_cas.is_empty() {
         container["volumeMounts"].as_array_mut().expect("array").push(json!({
@@ -208,10 +213,10 @@ pub fn sidecar_volumes(plan: &SidecarPlan) -> Vec<Value> {
     };
     let mut volumes =
         vec![json!({"name": CONFIG_VOLUME, "configMap": {"name": sidecar_config_name(&plan.realm)}}), keys];
-    if let Some((secret, key)) = &plan.redis_ca {
+    if let Some(ca) = &plan.redis_ca {
         volumes.push(json!({
             "name": REDIS_CA_VOLUME,
-            "secret": {"secretName": secret, "items": [{"key": key, "path": "ca.crt"}]},
+            "secret": {"secretName": ca.secret, "items": [{"key": ca.key, "path": ca.file}]},
         }));
     }
     if !plan.issuer_cas.is_empty() {
@@ -234,14 +239,9 @@ fn escape(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
 }
 
-/// The patch that adds the sidecar to `pod`. Empty when the Pod already carries it, so applying
-/// the result of a reinvocation changes nothing; refused when it carries only part of it.
+/// The patch that adds the sidecar to `pod`, which carries no trace of an injection
+/// ([`injection`] is [`Injected::No`]: [`super::decide::decide`] skips or refuses any other Pod).
 pub fn mutate(pod: &Pod, plan: &SidecarPlan) -> Result<json_patch::Patch, MutateError> {
-    match injection(pod) {
-        Injected::No => {}
-        Injected::Yes => return Ok(json_patch::Patch(Vec::new())),
-        Injected::Partly(what) => return Err(MutateError::PartlyInjected { what }),
-    }
     let spec = pod.spec.clone().unwrap_or_default();
     for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
         for p in c.ports.iter().flatten() {
@@ -307,6 +307,7 @@ mod tests {
             public_port: 8443,
             issuer_port: 8444,
             admin_port: 9901,
+            keys_mount_dir: "/etc/authrealm/keys".into(),
             resources: ResourceRequirements {
                 requests: Some(BTreeMap::from([
                     ("cpu".into(), Quantity("50m".into())),
@@ -366,7 +367,12 @@ mod tests {
         acl.public_port = 10443;
         acl.admin_port = 10901;
         acl.image_pull_policy = None;
-        acl.redis_ca = Some(("redis-tls".into(), "ca.pem".into()));
+        acl.redis_ca = Some(RedisCaRef {
+            secret: "redis-tls".into(),
+            key: "ca.pem".into(),
+            mount_dir: "/etc/authrealm/redis-ca".into(),
+            file: "ca.crt".into(),
+        });
         vec![
             ("verifier-minimal-pod", minimal_pod(), plan(Role::Verifier)),
             ("issuer-pod-with-init-containers-volumes-annotations", busy_pod(), plan(Role::Issuer)),
@@ -408,13 +414,13 @@ mod tests {
     }
 
     #[test]
-    fn patched_pod_is_injected_exactly_once_and_reinvocation_is_a_no_op() {
+    fn a_patched_pod_counts_as_injected_with_one_sidecar_after_its_own_init_containers() {
         for (stem, pod, plan) in golden_cases() {
             let patch = mutate(&pod, &plan).unwrap();
             let mut doc = serde_json::to_value(&pod).unwrap();
             json_patch::patch(&mut doc, &patch).unwrap();
             let injected: Pod = serde_json::from_value(doc).unwrap();
-            assert!(already_injected(&injected), "{stem}");
+            assert_eq!(injection(&injected), Injected::Yes, "{stem}: a reinvocation is skipped (decide, row 5)");
             let spec = injected.spec.as_ref().unwrap();
             let sidecars: Vec<_> =
                 spec.init_containers.iter().flatten().filter(|c| c.name == SIDECAR_CONTAINER).collect();
@@ -425,8 +431,6 @@ mod tests {
             assert_eq!(spec.init_containers.as_ref().unwrap().last().unwrap().name, SIDECAR_CONTAINER, "{stem}");
             // App containers untouched.
             assert_eq!(spec.containers, pod.spec.as_ref().unwrap().containers, "{stem}");
-            // Second pass: nothing to do.
-            assert!(mutate(&injected, &plan).unwrap().0.is_empty(), "{stem}");
         }
     }
 
@@ -503,7 +507,6 @@ mod tests {
         assert!(
             matches!(injection(&copied), Injected::Partly(w) if w.contains("no \"authrealm-sidecar\" init container"))
         );
-        assert!(matches!(mutate(&copied, &plan(Role::Verifier)), Err(MutateError::PartlyInjected { .. })));
         // The init container without the annotation.
         let mut bare = injected.clone();
         bare.metadata.annotations = None;

@@ -15,8 +15,8 @@ use kube::{Client, Resource};
 use super::REALM_LABEL;
 use super::decide::{Decision, DecisionInput, Injected, UnreadyRealmPolicy, decide};
 use super::metrics::{Outcome, WebhookMetrics};
-use super::mutate::{injection, mutate};
-use super::realm::{SidecarDefaults, realm_state, sidecar_plan};
+use super::mutate::{SidecarPlan, injection, mutate};
+use super::realm::{SidecarDefaults, realm_state};
 use crate::crd::AuthRealm;
 use kube::runtime::events::EventType;
 
@@ -196,10 +196,10 @@ impl Reviewer {
                 Err(_) => return failed(format!("AuthRealm {ns}/{name}"), "timed out".into()),
             }
         }
-        let state = realm_state(realm.as_ref());
+        let state = realm_state(realm.as_ref(), &self.defaults);
         let injected = pod.as_ref().map_or(Injected::No, injection);
         let decision = decide(&DecisionInput {
-            pod_create: pod.is_some(),
+            pod: pod.as_ref(),
             namespace: &ns,
             namespace_labels: &ns_labels,
             pod_labels: labels,
@@ -211,15 +211,9 @@ impl Reviewer {
         });
         let pod_name = format!("{ns}/{}", pod_display_name(req));
         let verdict = match decision {
-            Decision::Inject { realm: _, role } => {
-                let (Some(pod), Some(realm)) = (pod.as_ref(), realm.as_ref()) else {
-                    unreachable!("decide injects only a pod of a Ready realm");
-                };
-                let plan = sidecar_plan(realm, role, &self.defaults);
+            Decision::Inject { pod, realm: plan, role } => {
+                let plan = SidecarPlan { role, ..plan };
                 match mutate(pod, &plan) {
-                    Ok(patch) if patch.0.is_empty() => {
-                        Verdict { response: base, outcome: Outcome::Skipped, reason: "AlreadyInjected", event: None }
-                    }
                     Ok(patch) => {
                         let mut response = base.with_patch(patch).expect("patch serialises");
                         response

@@ -164,6 +164,17 @@ impl Drop for OperatorProcess {
     }
 }
 
+/// Reconciles that have finished (the duration histogram's count: observed when a reconcile
+/// ends, after its writes) — evidence that a reconcile ran, unlike `reconciles_total`, which
+/// counts them as they start.
+pub fn finished_reconciles(m: &Metrics) -> u64 {
+    m.encode()
+        .lines()
+        .find_map(|l| l.strip_prefix("authrealm_operator_reconcile_duration_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// An AuthRealm object from a spec given as JSON.
 pub fn realm(name: &str, spec: serde_json::Value) -> AuthRealm {
     serde_json::from_value(json!({

@@ -19,10 +19,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use authrealm_tests::chart_operator::{ChartOperator, ChartOperatorOptions, NAMESPACE};
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
 use futures_util::StreamExt as _;
@@ -33,8 +33,6 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::{Value, json};
 
-const NAMESPACE: &str = "authrealm-system";
-const MWC: &str = "authrealm-authrealm-system-sidecar-injector";
 const REDIS_PASSWORD: &str = "bench-redis-pw";
 const OPERATOR_UA: &str = "authrealm-operator/";
 
@@ -98,29 +96,6 @@ fn parse_args() -> Args {
     a
 }
 
-struct Operator {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Operator {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `VmHWM` and `VmRSS` of a process, in KiB.
 fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -142,10 +117,6 @@ fn cpu_secs(pid: u32) -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Fields after the command: state is index 0; utime is field 14 of the line, index 11 here.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 /// Sum of `total_connections_received` over every node, and how many nodes were asked.
@@ -308,16 +279,6 @@ async fn run(
     env.create_namespace(NAMESPACE).await?;
     let ns = "bench";
     env.create_namespace(ns).await?;
-    let (webhook_port, http_port) = (free_port(), free_port());
-    let out = env
-        .helm()
-        .args(["install", "authrealm"])
-        .arg(repo.join("charts/authrealm"))
-        .args(["--namespace", NAMESPACE])
-        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods")])
-        .output()?;
-    ensure!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
-
     // The Redis credentials every realm names.
     Api::<Secret>::namespaced(client.clone(), ns)
         .create(
@@ -331,33 +292,18 @@ async fn run(
         .await?;
 
     // The operator as the chart's ServiceAccount, with the chart's settings.
-    let kubeconfig = std::fs::read_to_string(env.kubeconfig_path())?.replace(
-        "  user:\n    client-certificate-data:",
-        &format!("  user:\n    as: system:serviceaccount:{NAMESPACE}:authrealm\n    client-certificate-data:"),
-    );
-    ensure!(kubeconfig.contains("    as: system:serviceaccount:"), "cannot set impersonation in the kubeconfig");
-    let operator_kubeconfig = env.dir().join("operator-as-chart-sa.kubeconfig");
-    std::fs::write(&operator_kubeconfig, kubeconfig)?;
-    let log = env.dir().join("operator.log");
-    let child = Command::new(&args.operator_bin)
-        .env("KUBECONFIG", &operator_kubeconfig)
-        .env("RUST_LOG", "warn")
-        .env("POD_NAME", "operator-0")
-        .env("POD_NAMESPACE", NAMESPACE)
-        .env("AUTHREALM_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-        .env("AUTHREALM_LEASE_NAME", "authrealm-operator")
-        .env("AUTHREALM_WEBHOOK_LISTEN", format!("127.0.0.1:{webhook_port}"))
-        .env("AUTHREALM_WEBHOOK_CONFIGURATION", MWC)
-        .env("AUTHREALM_WEBHOOK_SERVICE", "authrealm-webhook")
-        .env("AUTHREALM_WEBHOOK_TLS_SECRET", "authrealm-webhook-tls")
-        .env("AUTHREALM_WEBHOOK_EXTRA_SANS", "127.0.0.1")
-        .env("AUTHREALM_SIDECAR_IMAGE", "authrealm-sidecar:bench")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log)?)
-        .stderr(std::fs::File::create(&log)?.try_clone()?)
-        .spawn()
-        .context("starting authrealm-operator")?;
-    let op = Operator { child, log };
+    let op = ChartOperator::start(
+        env,
+        repo,
+        &args.operator_bin,
+        &ChartOperatorOptions {
+            watch_namespace: None,
+            rust_log: "warn",
+            sidecar_image: "authrealm-sidecar:bench",
+            env: &[],
+        },
+    )?;
+    let http_port = op.http_port;
     // Ready to serve: the webhook's TLS is in place and the controller is the leader.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
