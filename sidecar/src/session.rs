@@ -362,7 +362,7 @@ pub fn build_client(cfg: &RedisConfig, for_writes: bool) -> Result<StoreClient, 
             [one] => one,
             _ => return Err("redis.endpoints: mode standalone takes exactly one host:port".into()),
         };
-        let client = standalone_client(cfg, addr, false)?;
+        let client = server_client(cfg, addr, false)?;
         // Reconnects are tried at once and then once more shortly after; a request never waits
         // for them longer than its own deadline, and the readiness probe (every 250 ms while
         // Redis is down) starts a new attempt each time.
@@ -407,7 +407,7 @@ pub fn build_client(cfg: &RedisConfig, for_writes: bool) -> Result<StoreClient, 
 
 /// A client for one server (`addr`) with the realm's TLS settings and credentials; RESP3 when
 /// asked (the session cache's tracking connections).
-pub(crate) fn standalone_client(cfg: &RedisConfig, addr: &str, resp3: bool) -> Result<redis::Client, String> {
+pub(crate) fn server_client(cfg: &RedisConfig, addr: &str, resp3: bool) -> Result<redis::Client, String> {
     use redis::IntoConnectionInfo as _;
     if cfg.tls.as_ref().is_some_and(|t| t.server_name.is_some()) {
         return Err("redis.tls.serverName: not supported by the Redis client; use an endpoint host name that matches the server's certificate".into());

@@ -546,37 +546,13 @@ async fn maintain(
     }
 }
 
-/// A RESP3 client for one node with the realm's TLS and credentials.
-fn node_client(cfg: &RedisConfig, addr: &str) -> Result<redis::Client, String> {
-    use redis::IntoConnectionInfo as _;
-    let scheme = if cfg.tls.is_some() { "rediss" } else { "redis" };
-    let info = format!("{scheme}://{addr}").into_connection_info().map_err(|e| e.to_string())?;
-    let mut settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
-    let (user, pass) = crate::session::credentials(cfg);
-    if let Some(user) = user {
-        settings = settings.set_username(user);
-    }
-    if let Some(pass) = pass {
-        settings = settings.set_password(pass);
-    }
-    let info = info.set_redis_settings(settings);
-    match cfg.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
-        Some(ca) => {
-            let pem = std::fs::read(ca).map_err(|e| format!("redis.tls.caFile {ca}: {e}"))?;
-            redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
-                .map_err(|e| e.to_string())
-        }
-        None => redis::Client::open(info).map_err(|e| e.to_string()),
-    }
-}
-
 /// Keep `node`'s tracking connection up and its heartbeat going, until the node is retired.
 async fn track_node(shared: Arc<Shared>, node: Arc<NodeState>, cfg: RedisConfig) {
     let bound = Duration::from_micros(shared.bound_us);
     let timeout = Duration::from_millis(cfg.command_timeout_ms).max(bound);
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
-    let client = match node_client(&cfg, &node.addr) {
+    let client = match crate::session::server_client(&cfg, &node.addr, true) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, node = %node.addr, "session cache: cannot build a client; cache not used");

@@ -399,21 +399,7 @@ impl RedisCluster {
             full.push("-c");
         }
         full.extend_from_slice(args);
-        let out = self.run_cli(&full, CLI_TIMEOUT)?;
-        if !out.status.success() {
-            bail!(
-                "redis-cli -p {port} {} failed ({}): {} {}",
-                args.join(" "),
-                out.status,
-                out.stdout.trim(),
-                out.stderr.trim()
-            );
-        }
-        let mut s = out.stdout;
-        if s.ends_with('\n') {
-            s.pop();
-        }
-        Ok(s)
+        self.run_cli(&full, CLI_TIMEOUT)?.stdout_of_success(port, args)
     }
 
     /// Runs redis-cli with the password options (if any) prepended, killing it after `timeout`.
@@ -828,6 +814,27 @@ pub(crate) struct CliOutput {
     pub(crate) status: ExitStatus,
     pub(crate) stdout: String,
     pub(crate) stderr: String,
+}
+
+impl CliOutput {
+    /// Stdout without its trailing newline, or an error naming the command (`redis-cli -e`
+    /// exits non-zero on an error reply or a connection failure).
+    pub(crate) fn stdout_of_success(self, port: &str, args: &[&str]) -> Result<String> {
+        if !self.status.success() {
+            bail!(
+                "redis-cli -p {port} {} failed ({}): {} {}",
+                args.join(" "),
+                self.status,
+                self.stdout.trim(),
+                self.stderr.trim()
+            );
+        }
+        let mut s = self.stdout;
+        if s.ends_with('\n') {
+            s.pop();
+        }
+        Ok(s)
+    }
 }
 
 pub(crate) fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<CliOutput> {

@@ -233,21 +233,9 @@ impl RedisStandalone {
             cmd.arg("-a").arg(pw).arg("--no-auth-warning");
         }
         cmd.args(["-e", "-h", host, "-p", port]).args(args);
-        let out = run_with_timeout(cmd, CLI_TIMEOUT).with_context(|| format!("redis-cli {}", args.join(" ")))?;
-        if !out.status.success() {
-            bail!(
-                "redis-cli -p {port} {} failed ({}): {} {}",
-                args.join(" "),
-                out.status,
-                out.stdout.trim(),
-                out.stderr.trim()
-            );
-        }
-        let mut s = out.stdout;
-        if s.ends_with('\n') {
-            s.pop();
-        }
-        Ok(s)
+        run_with_timeout(cmd, CLI_TIMEOUT)
+            .with_context(|| format!("redis-cli {}", args.join(" ")))?
+            .stdout_of_success(port, args)
     }
 
     /// SIGKILLs the server (and reaps it). Replicas keep running (and keep retrying the link).
