@@ -82,32 +82,39 @@ pub enum BodyFraming {
 
 /// Classify a complete request head (up to and including the blank line).
 pub fn inspect_head(head: &[u8]) -> HeadVerdict {
-    let mut headers = [httparse::EMPTY_HEADER; 256];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    // Uninitialised slots: no 8 KiB of empty headers to write for every head.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; 256];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return HeadVerdict::Unknown,
     }
-    let mut cl: Vec<&[u8]> = vec![];
-    let mut te: Vec<&[u8]> = vec![];
+    // How many of each framing header, and the first one's value (no allocation).
+    type Seen<'a> = (usize, Option<&'a [u8]>);
+    let (mut cl, mut te): (Seen<'_>, Seen<'_>) = ((0, None), (0, None));
     for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            cl.push(h.value);
+        let seen = if h.name.eq_ignore_ascii_case("content-length") {
+            &mut cl
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            te.push(h.value);
-        }
+            &mut te
+        } else {
+            continue;
+        };
+        seen.0 += 1;
+        seen.1.get_or_insert(h.value);
     }
-    if cl.len() > 1 || te.len() > 1 || (!cl.is_empty() && !te.is_empty()) {
+    if cl.0 > 1 || te.0 > 1 || (cl.0 > 0 && te.0 > 0) {
         return HeadVerdict::Ambiguous;
     }
-    if let Some(v) = te.first() {
+    let (cl, te) = (cl.1, te.1);
+    if let Some(v) = te {
         let last = v.rsplit(|&b| b == b',').next().unwrap_or(b"");
         if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             return HeadVerdict::Ok { body: BodyFraming::Chunked };
         }
         return HeadVerdict::Unknown;
     }
-    if let Some(v) = cl.first() {
+    if let Some(v) = cl {
         return match std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
             Some(n) if v.iter().all(|b| b.is_ascii_digit() || *b == b' ' || *b == b'\t') => {
                 HeadVerdict::Ok { body: BodyFraming::Length(n) }

@@ -31,7 +31,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::app::{App, Body};
+use crate::app::App;
 
 /// hyper's HTTP/1 read-buffer limit: a head that does not fit is answered 431 by hyper.
 fn hyper_buf_size(app: &App) -> usize {
@@ -118,14 +118,14 @@ impl Drop for InProgress {
 
 /// A response body that keeps its request counted as in progress until hyper has sent it to the
 /// end (or dropped it). No extra allocation: hyper takes any body type.
-pub struct Tracked {
-    body: Body,
+pub struct Tracked<B> {
+    body: B,
     _busy: InProgress,
 }
 
-impl http_body::Body for Tracked {
-    type Data = bytes::Bytes;
-    type Error = crate::app::BoxError;
+impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -141,7 +141,7 @@ impl http_body::Body for Tracked {
     }
 }
 
-fn tracked(resp: http::Response<Body>, busy: InProgress) -> http::Response<Tracked> {
+fn tracked<B>(resp: http::Response<B>, busy: InProgress) -> http::Response<Tracked<B>> {
     resp.map(|body| Tracked { body, _busy: busy })
 }
 
@@ -174,7 +174,7 @@ macro_rules! drive {
 
 /// Accept connections on `listener` until `shutdown` flips, then drain in-flight requests
 /// for at most `drain`. `public`: the proxied listener (framing guard on, connections counted).
-pub async fn serve<F, Fut>(
+pub async fn serve<F, Fut, B>(
     app: Arc<App>,
     listener: TcpListener,
     public: bool,
@@ -183,7 +183,8 @@ pub async fn serve<F, Fut>(
     handler: F,
 ) where
     F: Fn(SocketAddr, http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
+    Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes, Error = crate::app::BoxError> + Unpin + Send + 'static,
 {
     let builder = Arc::new(builder(&app, public));
     let header_timeout = Duration::from_millis(app.cfg.limits.header_read_timeout_ms);
