@@ -153,7 +153,13 @@ macro_rules! drive {
         let mut shutdown = $shutdown;
         let mut closing = false;
         loop {
-            let idle_at = tokio::time::Instant::from_std($activity.idle_at($idle));
+            // While a request is in progress (a response may stream for long) look again one
+            // idle period later: its last activity may be long past, and a deadline in the past
+            // would wake this loop at once, again and again.
+            let idle_at = match $activity.waiting_since() {
+                Some(_) => tokio::time::Instant::from_std($activity.idle_at($idle)),
+                None => tokio::time::Instant::now() + $idle,
+            };
             tokio::select! {
                 _ = conn.as_mut() => break,
                 _ = shutdown.changed(), if !closing => {

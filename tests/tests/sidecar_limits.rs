@@ -258,6 +258,61 @@ async fn header_deadline_counts_from_the_end_of_the_previous_request() {
     assert!(got.len() + rest.len() > total, "{} bytes", got.len() + rest.len());
 }
 
+/// CPU time (user + system, clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of stat(5), here counted after the command name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A response that streams for longer than the idle timeout keeps its connection in progress: it
+/// is neither cut nor does the connection's idle watchdog spin while the client pauses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_streaming_past_the_idle_timeout_is_served_without_spinning() {
+    let upstream = Upstream::start().await.unwrap();
+    let (s, token) = sidecar(&upstream, |c| {
+        c.limits.header_read_timeout_ms = 500;
+        c.limits.idle_timeout_ms = 500;
+        c.upstream.response_timeout_ms = 10_000;
+    })
+    .await;
+    let total = 32 * 1024 * 1024;
+    let mut c = TcpStream::connect(s.public).await.unwrap();
+    c.write_all(
+        format!("GET /download?n={total} HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {token}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    c.read_exact(&mut got).await.unwrap();
+    // The client pauses for six idle periods while the sidecar waits to write the rest.
+    let before = cpu_ticks(s.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = cpu_ticks(s.pid()) - before;
+    let hz = 100; // USER_HZ on Linux
+    assert!(spent * 1000 / hz < 500, "the sidecar used {spent} clock ticks while the client paused");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    rest.extend_from_slice(&buf[..n]);
+                    if rest.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "download stalled");
+    assert!(rest.ends_with(b"\r\n0\r\n\r\n"), "download cut short after {} bytes", got.len() + rest.len());
+    assert!(got.len() + rest.len() > total);
+}
+
 // ---- HTTP/2 floods --------------------------------------------------------------------------
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
