@@ -65,21 +65,29 @@ fn builder(app: &App, guarded: bool) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// When a connection last started or finished a request, and how many are in progress.
+/// When a connection last finished a request, and how many are in progress.
 pub struct Activity {
     epoch: Instant,
     in_progress: AtomicUsize,
     last_ms: AtomicU64,
+    /// Set when the connection answers 101: the framing guard then steps aside for the new protocol.
+    switched: Arc<AtomicBool>,
 }
 
 impl Activity {
     fn new() -> Arc<Activity> {
-        Arc::new(Activity { epoch: Instant::now(), in_progress: AtomicUsize::new(0), last_ms: AtomicU64::new(0) })
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            switched: Arc::new(AtomicBool::new(false)),
+        })
     }
     fn touch(&self) {
         self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    /// The instant the connection becomes idle if nothing happens before.
+    /// The instant the connection becomes idle if nothing happens before (read while no request
+    /// is in progress).
     fn idle_at(&self, idle: Duration) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
     }
@@ -102,9 +110,9 @@ impl Activity {
 struct InProgress(Arc<Activity>);
 
 impl InProgress {
+    /// No clock read here: the last activity only counts while no request is in progress.
     fn new(a: &Arc<Activity>) -> InProgress {
         a.in_progress.fetch_add(1, Ordering::Relaxed);
-        a.touch();
         InProgress(a.clone())
     }
 }
@@ -227,22 +235,20 @@ pub async fn serve<F, Fut, B>(
         }
         tokio::spawn(async move {
             if public {
-                // Set when this connection answers 101: the guard then steps aside for the new protocol.
-                let switched = Arc::new(AtomicBool::new(false));
-                let (flag, act) = (switched.clone(), activity.clone());
+                let act = activity.clone();
                 let svc = service_fn(move |req| {
-                    let (h, flag) = (h.clone(), flag.clone());
                     let busy = InProgress::new(&act);
+                    let fut = h(peer, req);
                     async move {
-                        let resp = h(peer, req).await?;
+                        let resp = fut.await?;
                         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                            flag.store(true, Ordering::Release);
+                            busy.0.switched.store(true, Ordering::Release);
                         }
                         Ok::<_, std::convert::Infallible>(tracked(resp, busy))
                     }
                 });
                 let io = TokioIo::new(
-                    crate::framing::Guarded::new(stream, max_head, switched)
+                    crate::framing::Guarded::new(stream, max_head, activity.switched.clone())
                         .with_head_deadline(header_timeout, activity.clone()),
                 );
                 drive!(builder.serve_connection_with_upgrades(io, svc), activity, idle, close_rx, app);
