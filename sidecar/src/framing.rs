@@ -15,6 +15,13 @@
 //! (the server flips the flag given to [`Guarded::new`]); an `Upgrade` header alone changes
 //! nothing, so a refused upgrade cannot switch the guard off for the rest of the connection.
 //!
+//! The guard also enforces the header deadline (`limits.headerReadTimeoutMs`) in place of hyper's
+//! per-request timer: while the connection reads a request head and no request is in progress,
+//! the head must be complete within the timeout of the moment the previous request ended (or the
+//! connection was accepted), else the read fails with `TimedOut` and hyper closes the connection.
+//! One timer per connection: it is armed once and, when it fires early (requests were served
+//! meanwhile), re-armed for the current deadline, so a request costs no timer registration.
+//!
 //! A head ends where httparse (hyper's parser) says it does: a line end (`\n` or `\r\n`)
 //! followed by an empty line (`\n` or `\r\n`). The guard's head limit is set above hyper's
 //! buffer limit, so hyper has answered `431` before the guard would stop inspecting a head.
@@ -25,8 +32,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use std::future::Future;
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::server::Activity;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A head hyper will reject with 400 (invalid Content-Length), replacing a smuggling attempt.
@@ -69,32 +82,39 @@ pub enum BodyFraming {
 
 /// Classify a complete request head (up to and including the blank line).
 pub fn inspect_head(head: &[u8]) -> HeadVerdict {
-    let mut headers = [httparse::EMPTY_HEADER; 256];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    // Uninitialised slots: no 8 KiB of empty headers to write for every head.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; 256];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return HeadVerdict::Unknown,
     }
-    let mut cl: Vec<&[u8]> = vec![];
-    let mut te: Vec<&[u8]> = vec![];
+    // How many of each framing header, and the first one's value (no allocation).
+    type Seen<'a> = (usize, Option<&'a [u8]>);
+    let (mut cl, mut te): (Seen<'_>, Seen<'_>) = ((0, None), (0, None));
     for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            cl.push(h.value);
+        let seen = if h.name.eq_ignore_ascii_case("content-length") {
+            &mut cl
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            te.push(h.value);
-        }
+            &mut te
+        } else {
+            continue;
+        };
+        seen.0 += 1;
+        seen.1.get_or_insert(h.value);
     }
-    if cl.len() > 1 || te.len() > 1 || (!cl.is_empty() && !te.is_empty()) {
+    if cl.0 > 1 || te.0 > 1 || (cl.0 > 0 && te.0 > 0) {
         return HeadVerdict::Ambiguous;
     }
-    if let Some(v) = te.first() {
+    let (cl, te) = (cl.1, te.1);
+    if let Some(v) = te {
         let last = v.rsplit(|&b| b == b',').next().unwrap_or(b"");
         if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             return HeadVerdict::Ok { body: BodyFraming::Chunked };
         }
         return HeadVerdict::Unknown;
     }
-    if let Some(v) = cl.first() {
+    if let Some(v) = cl {
         return match std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
             Some(n) if v.iter().all(|b| b.is_ascii_digit() || *b == b' ' || *b == b'\t') => {
                 HeadVerdict::Ok { body: BodyFraming::Length(n) }
@@ -139,6 +159,8 @@ enum HeadStep {
     Hold,
     /// Hand everything from here on to hyper unchanged.
     Through,
+    /// The HTTP/2 connection preface: hand everything from here on to hyper unchanged.
+    Preface,
     /// A complete head of this length, and its verdict.
     Head(usize, HeadVerdict),
 }
@@ -166,11 +188,13 @@ pub struct Scanner {
     max_head: usize,
     first: bool,
     poisoned: bool,
+    /// Still HTTP/1: no HTTP/2 preface seen, no protocol switch.
+    http1: bool,
 }
 
 impl Scanner {
     pub fn new(max_head: usize) -> Self {
-        Scanner { state: State::Head, buf: BytesMut::new(), max_head, first: true, poisoned: false }
+        Scanner { state: State::Head, buf: BytesMut::new(), max_head, first: true, poisoned: false, http1: true }
     }
 
     /// True once an ambiguous request was replaced by [`POISON_HEAD`].
@@ -181,6 +205,13 @@ impl Scanner {
     /// Everything from here on passes unchanged (HTTP/2, upgraded, poisoned, or not understood).
     pub fn passing_through(&self) -> bool {
         self.state == State::PassThrough
+    }
+
+    /// HTTP/1 and, as far as the scanner knows, between requests or inside a request head: in
+    /// the head state, or passing through a connection it stopped understanding (not HTTP/2,
+    /// not a switched protocol).
+    pub fn may_await_head(&self) -> bool {
+        self.http1 && matches!(self.state, State::Head | State::PassThrough)
     }
 
     /// Consume `input`, appending what hyper may read to `out`.
@@ -200,6 +231,7 @@ impl Scanner {
     /// The server answered `101 Switching Protocols`: everything from here on (including bytes
     /// already held back) belongs to the new protocol.
     pub fn switch_protocols(&mut self, out: &mut BytesMut) {
+        self.http1 = false;
         if self.state != State::PassThrough {
             out.extend_from_slice(&self.buf);
             self.buf.clear();
@@ -245,6 +277,10 @@ impl Scanner {
                             i = input.len();
                         }
                         HeadStep::Through => self.state = State::PassThrough,
+                        HeadStep::Preface => {
+                            self.http1 = false;
+                            self.state = State::PassThrough;
+                        }
                         HeadStep::Head(len, verdict) => {
                             match self.after_head(verdict) {
                                 Some(true) => emit.pass(input, i, i + len),
@@ -270,6 +306,10 @@ impl Scanner {
                         }
                         HeadStep::EmptyLine(n) | HeadStep::Head(n, _) => *n,
                         HeadStep::Through => 0,
+                        HeadStep::Preface => {
+                            self.http1 = false;
+                            0
+                        }
                     };
                     let passed = used >= old
                         && used > 0
@@ -318,7 +358,7 @@ impl Scanner {
         if self.first {
             let same = data.iter().zip(H2_PREFACE).take_while(|(a, b)| a == b).count();
             if same == H2_PREFACE.len() {
-                return HeadStep::Through;
+                return HeadStep::Preface;
             }
             if same == data.len() {
                 return HeadStep::Hold;
@@ -430,6 +470,38 @@ pub struct Guarded<T> {
     scanner: Scanner,
     ready: BytesMut,
     switched: Arc<AtomicBool>,
+    head: Option<HeadDeadline>,
+}
+
+/// The header deadline of one connection (see the module documentation).
+struct HeadDeadline {
+    timeout: Duration,
+    activity: Arc<Activity>,
+    /// Armed at a deadline no later than the current one; allocated at the first wait.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl HeadDeadline {
+    /// Called when a read of a request head found nothing to read: `Ready(Err)` once the head is
+    /// late, else `Pending` with the timer armed to wake the task no later than the deadline.
+    fn poll_late(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A request in progress (its body may still be read, its response still sent): no deadline.
+        let Some(since) = self.activity.waiting_since() else { return Poll::Pending };
+        let deadline = tokio::time::Instant::from_std(since + self.timeout);
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Deadlines only move later, so a timer that fired at or after this one means
+                // the head is late; one set for an earlier request is moved to this deadline.
+                Poll::Ready(()) if timer.deadline() >= deadline => {
+                    tracing::debug!("request head not received within limits.headerReadTimeoutMs; closing");
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head timed out")));
+                }
+                Poll::Ready(()) => timer.as_mut().reset(deadline),
+            }
+        }
+    }
 }
 
 impl<T> Guarded<T> {
@@ -437,7 +509,14 @@ impl<T> Guarded<T> {
     /// (431) before the guard gives up inspecting it. `switched` is set by the server when it
     /// answers `101 Switching Protocols` on this connection.
     pub fn new(inner: T, max_head: usize, switched: Arc<AtomicBool>) -> Self {
-        Guarded { inner, scanner: Scanner::new(max_head), ready: BytesMut::new(), switched }
+        Guarded { inner, scanner: Scanner::new(max_head), ready: BytesMut::new(), switched, head: None }
+    }
+
+    /// Enforce the header deadline: a request head must be complete within `timeout` of the
+    /// moment `activity` last had no request in progress (see the module documentation).
+    pub fn with_head_deadline(mut self, timeout: Duration, activity: Arc<Activity>) -> Self {
+        self.head = Some(HeadDeadline { timeout, activity, timer: None });
+        self
     }
 
     pub fn get_ref(&self) -> &T {
@@ -459,7 +538,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
                 return Poll::Ready(Ok(()));
             }
             let start = buf.filled().len();
-            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            if Pin::new(&mut this.inner).poll_read(cx, buf)?.is_pending() {
+                return match this.head.as_mut() {
+                    Some(head) if this.scanner.may_await_head() => head.poll_late(cx),
+                    _ => Poll::Pending,
+                };
+            }
             let end = buf.filled().len();
             if end == start || this.scanner.passing_through() {
                 return Poll::Ready(Ok(())); // EOF, or nothing to inspect

@@ -145,15 +145,38 @@ fn folds_to(name: &str, folded: &str) -> bool {
 
 /// `X-Forwarded-For` with the peer's address appended.
 fn forwarded_for(prev: Option<&HeaderValue>, peer: std::net::IpAddr) -> Option<HeaderValue> {
-    use std::io::Write as _;
     let mut buf = [0u8; 64];
-    let mut w = &mut buf[..];
-    write!(w, "{peer}").ok()?;
-    let left = w.len();
-    let ip = &buf[..buf.len() - left];
+    let format = |buf: &mut [u8; 64]| -> Option<usize> {
+        use std::io::Write as _;
+        let mut w = &mut buf[..];
+        write!(w, "{peer}").ok()?;
+        let left = w.len();
+        Some(64 - left)
+    };
     match prev {
-        None => HeaderValue::from_bytes(ip).ok(),
+        None => {
+            // Most requests carry none: the peer's address alone, formatted once per thread and
+            // address (a new value costs formatting and an allocation; a clone is a reference count).
+            thread_local! {
+                static LAST: std::cell::RefCell<Option<(std::net::IpAddr, HeaderValue)>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            LAST.with(|last| {
+                let mut last = last.borrow_mut();
+                match &*last {
+                    Some((addr, v)) if *addr == peer => Some(v.clone()),
+                    _ => {
+                        let n = format(&mut buf)?;
+                        let v = HeaderValue::from_bytes(&buf[..n]).ok()?;
+                        *last = Some((peer, v.clone()));
+                        Some(v)
+                    }
+                }
+            })
+        }
         Some(prev) => {
+            let n = format(&mut buf)?;
+            let ip = &buf[..n];
             let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
@@ -370,13 +393,51 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
     }
 }
 
+/// The public listener's response body: the app's (streamed from its pooled connection, not
+/// boxed: one allocation less per request) or any other.
+pub enum ProxyBody {
+    Upstream(crate::upstream::PooledBody),
+    Other(Body),
+}
+
+fn other(r: Response<Body>) -> Response<ProxyBody> {
+    r.map(ProxyBody::Other)
+}
+
+impl http_body::Body for ProxyBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            ProxyBody::Other(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Other(b) => b.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Other(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The public listener's service.
 pub async fn handle(
     app: Arc<App>,
     client: UpstreamClient,
     peer: SocketAddr,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<ProxyBody>, Infallible> {
     // A guard, not inc/dec around the await: hyper drops this future when the client goes away
     // (connection closed, HTTP/2 stream reset) and the gauge must still come down.
     struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
@@ -395,30 +456,30 @@ async fn handle_inner(
     client: &UpstreamClient,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-) -> Response<Body> {
+) -> Response<ProxyBody> {
     // HTTP-level checks first: they need no key and no Redis.
     if head_size(&req) > app.cfg.limits.max_header_bytes {
         app.metrics.request("rejected", "headers_too_large");
-        return plain(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large\n");
+        return other(plain(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header fields too large\n"));
     }
     let h = req.headers();
     let te = h.get_all(header::TRANSFER_ENCODING).iter().count();
     let cl = h.get_all(header::CONTENT_LENGTH).iter().count();
     if te > 1 || cl > 1 || (te > 0 && cl > 0) {
         app.metrics.request("rejected", "ambiguous_framing");
-        return plain(StatusCode::BAD_REQUEST, "ambiguous message framing\n");
+        return other(plain(StatusCode::BAD_REQUEST, "ambiguous message framing\n"));
     }
     if req.uri().path() == "/.well-known/jwks.json" && (req.method() == Method::GET || req.method() == Method::HEAD) {
         app.metrics.request("public", "jwks");
         let mut r = Response::new(full(app.keys.ring().jwks_json.clone()));
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
-        return r;
+        return other(r);
     }
 
     let auth = match authenticate(app, &req).await {
         Ok(a) => a,
-        Err(resp) => return *resp,
+        Err(resp) => return other(*resp),
     };
 
     // Build the upstream request.
@@ -472,7 +533,7 @@ async fn handle_inner(
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         parts.uri = match Uri::builder().path_and_query(pq).build() {
             Ok(u) => u,
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request target\n"),
+            Err(_) => return other(plain(StatusCode::BAD_REQUEST, "bad request target\n")),
         };
     }
     if parts.version == Version::HTTP_2 {
@@ -482,18 +543,19 @@ async fn handle_inner(
     let body_limit = Duration::from_millis(app.cfg.limits.body_read_timeout_ms);
     let upstream_req = Request::from_parts(parts, crate::longlived::BodyDeadline::new(body, body_limit));
 
-    let started = Instant::now();
-    let timeout = Duration::from_millis(app.cfg.upstream.response_timeout_ms);
-    let mut resp = match tokio::time::timeout(timeout, client.request(upstream_req)).await {
+    // One clock read for both the deadline and the latency metric.
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(app.cfg.upstream.response_timeout_ms);
+    let mut resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             app.metrics.upstream_response("error");
             tracing::warn!(error = %e, "upstream request failed");
-            return plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
+            return other(plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n"));
         }
         Err(_) => {
             app.metrics.upstream_response("timeout");
-            return plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
+            return other(plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"));
         }
     };
     app.metrics.upstream_seconds.observe(started.elapsed().as_secs_f64());
@@ -501,11 +563,11 @@ async fn handle_inner(
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            return plain(StatusCode::BAD_GATEWAY, "unexpected protocol switch\n");
+            return other(plain(StatusCode::BAD_GATEWAY, "unexpected protocol switch\n"));
         };
         let Ok(slot) = app.tunnels.clone().try_acquire_owned() else {
             app.metrics.connections_refused.inc();
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "too many upgraded connections\n");
+            return other(plain(StatusCode::SERVICE_UNAVAILABLE, "too many upgraded connections\n"));
         };
         let websocket = resp
             .headers()
@@ -532,11 +594,10 @@ async fn handle_inner(
         if let Some(u) = upgrade {
             parts.headers.insert(header::UPGRADE, u);
         }
-        return Response::from_parts(parts, full(bytes::Bytes::new()));
+        return other(Response::from_parts(parts, full(bytes::Bytes::new())));
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body = body.map_err(BoxError::from);
     // A response that may stream for long re-checks its token while it does (see longlived).
     let short = parts
         .headers
@@ -551,9 +612,11 @@ async fn handle_inner(
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
-            Response::from_parts(parts, crate::longlived::Revalidated::new(body, app.clone(), grant, sse).boxed())
+            let body = body.map_err(BoxError::from);
+            let body = crate::longlived::Revalidated::new(body, app.clone(), grant, sse).boxed();
+            Response::from_parts(parts, ProxyBody::Other(body))
         }
-        _ => Response::from_parts(parts, body.boxed()),
+        _ => Response::from_parts(parts, ProxyBody::Upstream(body)),
     }
 }
 
@@ -632,5 +695,12 @@ mod tests {
         assert_eq!(forwarded_for(Some(&prev), ip).unwrap(), "1.1.1.1, 10.1.2.3");
         let v6: std::net::IpAddr = "::1".parse().unwrap();
         assert_eq!(forwarded_for(None, v6).unwrap(), "::1");
+        // The per-thread cache answers for its address only.
+        for _ in 0..3 {
+            assert_eq!(forwarded_for(None, ip).unwrap(), "10.1.2.3");
+            assert_eq!(forwarded_for(None, ip).unwrap(), "10.1.2.3");
+            assert_eq!(forwarded_for(None, v6).unwrap(), "::1");
+            assert_eq!(forwarded_for(Some(&prev), v6).unwrap(), "1.1.1.1, ::1");
+        }
     }
 }

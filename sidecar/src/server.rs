@@ -5,7 +5,14 @@
 //! for `limits.idleTimeoutMs` is shut down gracefully (HTTP/1 closes, HTTP/2 sends GOAWAY and lets
 //! open streams finish), request heads must arrive within `limits.headerReadTimeoutMs` (on
 //! HTTP/1 this also bounds the wait for the next request of a kept-alive connection), and HTTP/2
-//! connections carry at most `limits.maxConcurrentStreams` streams. HTTP/2 flood protections are
+//! connections carry at most `limits.maxConcurrentStreams` streams.
+//!
+//! The header deadline: on the public listener the framing guard enforces it (one timer per
+//! connection, re-armed lazily, see `framing::Guarded`) and hyper's own header-read timer is off;
+//! hyper's timer allocates and registers a new timer for every request. The issuer API and the
+//! admin listener keep hyper's timer. A request counts as in progress from its head until its
+//! response body has been sent (or dropped), so neither the idle timeout nor the header deadline
+//! runs while a response streams. HTTP/2 flood protections are
 //! the h2 crate's (checked by the hostile-client tests): a client that resets streams faster than
 //! it opens them (rapid reset, CVE-2023-44487) or provokes too many stream errors gets GOAWAY,
 //! header blocks (CONTINUATION frames included) are bounded by `limits.maxHeaderBytes`, and only
@@ -24,21 +31,26 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::app::{App, Body};
+use crate::app::App;
 
 /// hyper's HTTP/1 read-buffer limit: a head that does not fit is answered 431 by hyper.
 fn hyper_buf_size(app: &App) -> usize {
     app.cfg.limits.max_header_bytes.max(8192) + 1024
 }
 
-fn builder(app: &App) -> auto::Builder<TokioExecutor> {
+/// `guarded`: the framing guard enforces the header deadline (see [`crate::framing::Guarded`]),
+/// hyper's per-request timer is off.
+fn builder(app: &App, guarded: bool) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let limits = &app.cfg.limits;
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
-        .max_buf_size(hyper_buf_size(app))
-        .keep_alive(true);
+    let mut h1 = b.http1();
+    if guarded {
+        // No timer (with one, hyper would default to a 30 s header timeout).
+        h1.header_read_timeout(None);
+    } else {
+        h1.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+    }
+    h1.max_buf_size(hyper_buf_size(app)).keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
@@ -53,36 +65,54 @@ fn builder(app: &App) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// When a connection last started or finished a request, and how many are in progress.
-struct Activity {
+/// When a connection last finished a request, and how many are in progress.
+pub struct Activity {
     epoch: Instant,
     in_progress: AtomicUsize,
     last_ms: AtomicU64,
+    /// Set when the connection answers 101: the framing guard then steps aside for the new protocol.
+    switched: Arc<AtomicBool>,
 }
 
 impl Activity {
     fn new() -> Arc<Activity> {
-        Arc::new(Activity { epoch: Instant::now(), in_progress: AtomicUsize::new(0), last_ms: AtomicU64::new(0) })
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            switched: Arc::new(AtomicBool::new(false)),
+        })
     }
     fn touch(&self) {
         self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    /// The instant the connection becomes idle if nothing happens before.
+    /// The instant the connection becomes idle if nothing happens before (read while no request
+    /// is in progress).
     fn idle_at(&self, idle: Duration) -> Instant {
         self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
     }
     fn idle(&self, idle: Duration) -> bool {
         self.in_progress.load(Ordering::Relaxed) == 0 && Instant::now() >= self.idle_at(idle)
     }
+    /// Since when the connection has had no request in progress (`None`: one is in progress).
+    /// On HTTP/1 that is when it began waiting for its next request head.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        if self.in_progress.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        Some(self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
 }
 
-/// Counts a request in progress until dropped (also when hyper drops the request's future).
+/// Counts a request in progress until dropped (also when hyper drops the request's future). It
+/// travels with the response body (see [`Tracked`]), so a request ends when its response has
+/// been sent.
 struct InProgress(Arc<Activity>);
 
 impl InProgress {
+    /// No clock read here: the last activity only counts while no request is in progress.
     fn new(a: &Arc<Activity>) -> InProgress {
         a.in_progress.fetch_add(1, Ordering::Relaxed);
-        a.touch();
         InProgress(a.clone())
     }
 }
@@ -94,6 +124,35 @@ impl Drop for InProgress {
     }
 }
 
+/// A response body that keeps its request counted as in progress until hyper has sent it to the
+/// end (or dropped it). No extra allocation: hyper takes any body type.
+pub struct Tracked<B> {
+    body: B,
+    _busy: InProgress,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+fn tracked<B>(resp: http::Response<B>, busy: InProgress) -> http::Response<Tracked<B>> {
+    resp.map(|body| Tracked { body, _busy: busy })
+}
+
 /// Serve one connection until it ends: shut it down gracefully when it has been idle for
 /// `idle`, or when the listener drains.
 macro_rules! drive {
@@ -102,7 +161,13 @@ macro_rules! drive {
         let mut shutdown = $shutdown;
         let mut closing = false;
         loop {
-            let idle_at = tokio::time::Instant::from_std($activity.idle_at($idle));
+            // While a request is in progress (a response may stream for long) look again one
+            // idle period later: its last activity may be long past, and a deadline in the past
+            // would wake this loop at once, again and again.
+            let idle_at = match $activity.waiting_since() {
+                Some(_) => tokio::time::Instant::from_std($activity.idle_at($idle)),
+                None => tokio::time::Instant::now() + $idle,
+            };
             tokio::select! {
                 _ = conn.as_mut() => break,
                 _ = shutdown.changed(), if !closing => {
@@ -123,7 +188,7 @@ macro_rules! drive {
 
 /// Accept connections on `listener` until `shutdown` flips, then drain in-flight requests
 /// for at most `drain`. `public`: the proxied listener (framing guard on, connections counted).
-pub async fn serve<F, Fut>(
+pub async fn serve<F, Fut, B>(
     app: Arc<App>,
     listener: TcpListener,
     public: bool,
@@ -132,9 +197,11 @@ pub async fn serve<F, Fut>(
     handler: F,
 ) where
     F: Fn(SocketAddr, http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<http::Response<Body>, std::convert::Infallible>> + Send + 'static,
+    Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes, Error = crate::app::BoxError> + Unpin + Send + 'static,
 {
-    let builder = Arc::new(builder(&app));
+    let builder = Arc::new(builder(&app, public));
+    let header_timeout = Duration::from_millis(app.cfg.limits.header_read_timeout_ms);
     let max_conns = app.cfg.limits.max_connections as usize;
     let slots = Arc::new(Semaphore::new(max_conns));
     let idle = Duration::from_millis(app.cfg.limits.idle_timeout_ms);
@@ -168,22 +235,22 @@ pub async fn serve<F, Fut>(
         }
         tokio::spawn(async move {
             if public {
-                // Set when this connection answers 101: the guard then steps aside for the new protocol.
-                let switched = Arc::new(AtomicBool::new(false));
-                let (flag, act) = (switched.clone(), activity.clone());
+                let act = activity.clone();
                 let svc = service_fn(move |req| {
-                    let (h, flag) = (h.clone(), flag.clone());
                     let busy = InProgress::new(&act);
+                    let fut = h(peer, req);
                     async move {
-                        let resp = h(peer, req).await?;
+                        let resp = fut.await?;
                         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                            flag.store(true, Ordering::Release);
+                            busy.0.switched.store(true, Ordering::Release);
                         }
-                        drop(busy);
-                        Ok::<_, std::convert::Infallible>(resp)
+                        Ok::<_, std::convert::Infallible>(tracked(resp, busy))
                     }
                 });
-                let io = TokioIo::new(crate::framing::Guarded::new(stream, max_head, switched));
+                let io = TokioIo::new(
+                    crate::framing::Guarded::new(stream, max_head, activity.switched.clone())
+                        .with_head_deadline(header_timeout, activity.clone()),
+                );
                 drive!(builder.serve_connection_with_upgrades(io, svc), activity, idle, close_rx, app);
                 app.metrics.connections.dec();
             } else {
@@ -191,11 +258,7 @@ pub async fn serve<F, Fut>(
                 let svc = service_fn(move |req| {
                     let busy = InProgress::new(&act);
                     let fut = h(peer, req);
-                    async move {
-                        let r = fut.await;
-                        drop(busy);
-                        r
-                    }
+                    async move { Ok::<_, std::convert::Infallible>(tracked(fut.await?, busy)) }
                 });
                 let io = TokioIo::new(stream);
                 drive!(builder.serve_connection_with_upgrades(io, svc), activity, idle, close_rx, app);

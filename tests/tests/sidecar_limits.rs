@@ -141,6 +141,178 @@ async fn slow_idle_and_surplus_connections_are_cut_off() {
     assert_eq!(s.get("/x", Some(&token)).await.unwrap().status, StatusCode::OK);
 }
 
+/// Send one request on `c` and read its response (`Content-Length` framed): status line and body.
+async fn exchange(c: &mut TcpStream, auth: &str, path: &str) -> (String, Vec<u8>) {
+    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).await.unwrap(), 1, "connection closed before the response head");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).await.unwrap();
+    (head.lines().next().unwrap().to_string(), body)
+}
+
+/// The header deadline, enforced by the framing guard on the public listener (hyper's per-request
+/// timer is off there): it bounds a request head from the end of the previous request, also for
+/// kept-alive connections and drip-fed second heads, and never runs while a request is in
+/// progress — a slow app or a response the client reads slowly is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_deadline_counts_from_the_end_of_the_previous_request() {
+    let upstream = Upstream::start().await.unwrap();
+    let (s, token) = sidecar(&upstream, |c| {
+        c.limits.header_read_timeout_ms = 1000;
+        // Far beyond the test: any close seen here is the header deadline's.
+        c.limits.idle_timeout_ms = 60_000;
+        c.limits.body_read_timeout_ms = 60_000;
+        c.upstream.response_timeout_ms = 10_000;
+    })
+    .await;
+    let auth = format!("Bearer {token}");
+
+    // ---- a connection that sends nothing is closed at the deadline.
+    let mut c = TcpStream::connect(s.public).await.unwrap();
+    let took = closed_within(&mut c, Duration::from_secs(5)).await.expect("silent connection closed");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "{took:?}");
+
+    // ---- a kept-alive connection waits for its next request at most the header timeout.
+    let mut c = TcpStream::connect(s.public).await.unwrap();
+    assert_eq!(exchange(&mut c, &auth, "/x").await.0, "HTTP/1.1 200 OK");
+    let took = closed_within(&mut c, Duration::from_secs(5)).await.expect("idle keep-alive closed");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "{took:?}");
+
+    // ---- requests in a row for longer than the timeout: the deadline moves with each request.
+    let mut c = TcpStream::connect(s.public).await.unwrap();
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_millis(2600) {
+        assert_eq!(exchange(&mut c, &auth, "/x").await.0, "HTTP/1.1 200 OK", "request {n}");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // ---- ... and a second head drip-fed on that connection is cut one timeout after the last
+    // response, not later.
+    let last = Instant::now();
+    let (mut r, mut w) = c.into_split();
+    let trickle = tokio::spawn(async move {
+        let _ = w.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n").await;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if w.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = [0u8; 256];
+    let eof = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    trickle.abort();
+    assert!(eof.is_ok(), "drip-fed second head not cut off");
+    assert!(last.elapsed() < Duration::from_millis(2000), "{:?} after {n} requests", last.elapsed());
+
+    // ---- a request in progress is not subject to it: a slow app ...
+    let mut c = TcpStream::connect(s.public).await.unwrap();
+    let (status, body) = exchange(&mut c, &auth, "/slow?ms=2500").await;
+    assert_eq!((status.as_str(), body.as_slice()), ("HTTP/1.1 200 OK", &b"slow"[..]));
+    // ... nor a long response the client reads slowly (its body is still being sent).
+    let total = 16 * 1024 * 1024;
+    c.write_all(format!("GET /download?n={total} HTTP/1.1\r\nhost: a\r\nauthorization: {auth}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    c.read_exact(&mut got).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    rest.extend_from_slice(&buf[..n]);
+                    // The chunked body's last chunk.
+                    if rest.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "download stalled");
+    assert!(rest.ends_with(b"\r\n0\r\n\r\n"), "download cut short after {} bytes", got.len() + rest.len());
+    assert!(got.len() + rest.len() > total, "{} bytes", got.len() + rest.len());
+}
+
+/// CPU time (user + system, clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // utime and stime: fields 14 and 15 of stat(5), here counted after the command name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A response that streams for longer than the idle timeout keeps its connection in progress: it
+/// is neither cut nor does the connection's idle watchdog spin while the client pauses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_streaming_past_the_idle_timeout_is_served_without_spinning() {
+    let upstream = Upstream::start().await.unwrap();
+    let (s, token) = sidecar(&upstream, |c| {
+        c.limits.header_read_timeout_ms = 500;
+        c.limits.idle_timeout_ms = 500;
+        c.upstream.response_timeout_ms = 10_000;
+    })
+    .await;
+    let total = 32 * 1024 * 1024;
+    let mut c = TcpStream::connect(s.public).await.unwrap();
+    c.write_all(
+        format!("GET /download?n={total} HTTP/1.1\r\nhost: a\r\nauthorization: Bearer {token}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    c.read_exact(&mut got).await.unwrap();
+    // The client pauses for six idle periods while the sidecar waits to write the rest.
+    let before = cpu_ticks(s.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = cpu_ticks(s.pid()) - before;
+    let hz = 100; // USER_HZ on Linux
+    assert!(spent * 1000 / hz < 500, "the sidecar used {spent} clock ticks while the client paused");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    rest.extend_from_slice(&buf[..n]);
+                    if rest.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "download stalled");
+    assert!(rest.ends_with(b"\r\n0\r\n\r\n"), "download cut short after {} bytes", got.len() + rest.len());
+    assert!(got.len() + rest.len() > total);
+}
+
 // ---- HTTP/2 floods --------------------------------------------------------------------------
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
