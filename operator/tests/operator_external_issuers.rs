@@ -22,30 +22,40 @@ fn condition(r: &AuthRealm, type_: &str) -> (String, String, String) {
     (c.status.clone(), c.reason.clone(), c.message.clone())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
+/// A namespace with the test provider's CA in ConfigMap `idp-ca` (key `ca.crt`) and an operator
+/// watching it whose Redis check and issuer probe run every `interval`.
+async fn setup(
+    prefix: &str,
+    alg: Alg,
+    interval: Duration,
+) -> anyhow::Result<(std::sync::Arc<authrealm_tests::kube_env::KubeEnv>, kube::Client, String, TestIdp, InProcess)> {
     let env = shared_env(false).await?;
     let client = env.client().await?;
-    let ns = env.create_temp_namespace("extiss").await?;
-    let idp = TestIdp::start(Alg::RS256).await?;
+    let ns = env.create_temp_namespace(prefix).await?;
+    let idp = TestIdp::start(alg).await?;
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta { name: Some("idp-ca".into()), ..Default::default() },
+                data: Some(BTreeMap::from([("ca.crt".to_string(), idp.ca_pem.clone())])),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let settings = authrealm_operator::controller::Settings {
+        namespace: Some(ns.clone()),
+        redis_check_interval: interval,
+        ..Default::default()
+    };
+    let op = InProcess::start_with(client.clone(), settings);
+    Ok((env, client, ns, idp, op))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
+    let (_env, client, ns, idp, op) = setup("extiss", Alg::RS256, Duration::from_secs(2)).await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    cms.create(
-        &PostParams::default(),
-        &ConfigMap {
-            metadata: ObjectMeta { name: Some("idp-ca".into()), ..Default::default() },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), idp.ca_pem.clone())])),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let op = InProcess::start_with(
-        client.clone(),
-        authrealm_operator::controller::Settings {
-            namespace: Some(ns.clone()),
-            redis_check_interval: Duration::from_secs(2),
-            ..Default::default()
-        },
-    );
     let spec = json!({
         "issuer": "https://auth.example.test",
         "audiences": ["app"],
@@ -217,29 +227,8 @@ async fn issuer_keys_ready_follows_the_provider() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn realms_naming_the_same_issuer_share_one_probe() -> anyhow::Result<()> {
-    let env = shared_env(false).await?;
-    let client = env.client().await?;
-    let ns = env.create_temp_namespace("extshare").await?;
-    let idp = TestIdp::start(Alg::ES256).await?;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    cms.create(
-        &PostParams::default(),
-        &ConfigMap {
-            metadata: ObjectMeta { name: Some("idp-ca".into()), ..Default::default() },
-            data: Some(BTreeMap::from([("ca.crt".to_string(), idp.ca_pem.clone())])),
-            ..Default::default()
-        },
-    )
-    .await?;
     // A long check interval: every reconcile within it uses the one probe result.
-    let op = InProcess::start_with(
-        client.clone(),
-        authrealm_operator::controller::Settings {
-            namespace: Some(ns.clone()),
-            redis_check_interval: Duration::from_secs(120),
-            ..Default::default()
-        },
-    );
+    let (_env, client, ns, idp, op) = setup("extshare", Alg::ES256, Duration::from_secs(120)).await?;
     for name in ["one", "two", "three"] {
         let spec = json!({
             "issuer": format!("https://{name}.example.test"),
