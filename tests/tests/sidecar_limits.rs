@@ -236,24 +236,7 @@ async fn header_deadline_counts_from_the_end_of_the_previous_request() {
     let mut got = vec![0u8; 64 * 1024];
     c.read_exact(&mut got).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match c.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    rest.extend_from_slice(&buf[..n]);
-                    // The chunked body's last chunk.
-                    if rest.ends_with(b"\r\n0\r\n\r\n") {
-                        break;
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "download stalled");
+    let rest = read_to_last_chunk(&mut c, Duration::from_secs(20)).await;
     assert!(rest.ends_with(b"\r\n0\r\n\r\n"), "download cut short after {} bytes", got.len() + rest.len());
     assert!(got.len() + rest.len() > total, "{} bytes", got.len() + rest.len());
 }
@@ -292,23 +275,7 @@ async fn a_response_streaming_past_the_idle_timeout_is_served_without_spinning()
     let spent = cpu_ticks(s.pid()) - before;
     let hz = 100; // USER_HZ on Linux
     assert!(spent * 1000 / hz < 500, "the sidecar used {spent} clock ticks while the client paused");
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match c.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    rest.extend_from_slice(&buf[..n]);
-                    if rest.ends_with(b"\r\n0\r\n\r\n") {
-                        break;
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "download stalled");
+    let rest = read_to_last_chunk(&mut c, Duration::from_secs(30)).await;
     assert!(rest.ends_with(b"\r\n0\r\n\r\n"), "download cut short after {} bytes", got.len() + rest.len());
     assert!(got.len() + rest.len() > total);
 }
@@ -454,4 +421,27 @@ async fn http2_floods_are_bounded_and_other_clients_are_served() {
     assert!(served.load(Ordering::SeqCst) > 20, "bystander served {} requests", served.load(Ordering::SeqCst));
     eprintln!("bystander: {} requests served, slowest {slowest:?}", served.load(Ordering::SeqCst));
     assert!(slowest < Duration::from_secs(2), "bystander waited {slowest:?}");
+}
+
+/// Reads a chunked response's rest up to its last chunk (`0\r\n\r\n`) or the connection's end;
+/// fails the test if that takes longer than `limit` (the download stalled).
+async fn read_to_last_chunk(c: &mut tokio::net::TcpStream, limit: Duration) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    rest.extend_from_slice(&buf[..n]);
+                    if rest.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "download stalled");
+    rest
 }
