@@ -87,24 +87,6 @@ fn requests_since(log: &PathBuf, identity: &str, since: Timestamp) -> Vec<Reques
         .collect()
 }
 
-/// `total_connections_received` summed over the cluster's nodes, and the number of nodes (each
-/// query is itself one new connection per node).
-fn connections_received(cluster: &RedisCluster) -> anyhow::Result<(u64, u64)> {
-    let (mut total, mut nodes) = (0, 0);
-    for addr in cluster.live_addrs() {
-        let text = cluster.cli(&addr, &["INFO", "stats"])?;
-        let n: u64 = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("total_connections_received:"))
-            .context("INFO stats without total_connections_received")?
-            .trim()
-            .parse()?;
-        total += n;
-        nodes += 1;
-    }
-    Ok((total, nodes))
-}
-
 /// Ordinary client connections open on the cluster's nodes (not replication links, not the
 /// query's own).
 fn client_connections(cluster: &RedisCluster) -> anyhow::Result<usize> {
@@ -190,11 +172,11 @@ async fn ready_realms_at_rest_cost_no_requests_no_writes_and_one_shared_redis_co
     // realm per check: 6 reads, 2 writes and a new Redis connection each.)
     tokio::time::sleep(Duration::from_secs(3)).await;
     let since = Timestamp::now();
-    let (conns_before, _) = connections_received(&cluster)?;
+    let (conns_before, _) = cluster.connections_received()?;
     let checks_before = Instant::now();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let requests = requests_since(&log, identity, since);
-    let (conns_after, nodes) = connections_received(&cluster)?;
+    let (conns_after, nodes) = cluster.connections_received()?;
     let new_connections = conns_after - conns_before - nodes;
     let listed: Vec<String> = requests.iter().map(ToString::to_string).collect();
     assert!(

@@ -381,6 +381,24 @@ impl RedisCluster {
         Ok(self.nodes[self.index(addr)?].id.clone())
     }
 
+    /// `total_connections_received` summed over the live nodes, and how many nodes were asked
+    /// (each query is itself one new connection per node).
+    pub fn connections_received(&self) -> Result<(u64, u64)> {
+        let (mut total, mut nodes) = (0, 0);
+        for addr in self.live_addrs() {
+            let text = self.cli(&addr, &["INFO", "stats"])?;
+            let n: u64 = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("total_connections_received:"))
+                .context("INFO stats without total_connections_received")?
+                .trim()
+                .parse()?;
+            total += n;
+            nodes += 1;
+        }
+        Ok((total, nodes))
+    }
+
     /// Runs `redis-cli -e -h 127.0.0.1 -p PORT [-a PASSWORD --no-auth-warning] ARGS…` and returns
     /// its stdout (trailing newline removed). Error replies and connection failures are errors.
     pub fn cli(&self, addr: &str, args: &[&str]) -> Result<String> {

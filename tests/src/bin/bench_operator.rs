@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{bail, ensure};
 use authrealm_tests::chart_operator::{ChartOperator, ChartOperatorOptions, NAMESPACE};
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
@@ -117,24 +117,6 @@ fn cpu_secs(pid: u32) -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Fields after the command: state is index 0; utime is field 14 of the line, index 11 here.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Sum of `total_connections_received` over every node, and how many nodes were asked.
-fn redis_connections(cluster: &RedisCluster) -> anyhow::Result<(u64, u64)> {
-    let mut total = 0;
-    let mut nodes = 0;
-    for addr in cluster.live_addrs() {
-        let text = cluster.cli(&addr, &["INFO", "stats"])?;
-        let n: u64 = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("total_connections_received:"))
-            .context("no total_connections_received in INFO stats")?
-            .trim()
-            .parse()?;
-        total += n;
-        nodes += 1;
-    }
-    Ok((total, nodes))
 }
 
 /// One audit event.
@@ -386,7 +368,7 @@ async fn run(
     // 2. Idle.
     tokio::time::sleep(args.settle).await;
     eprintln!("bench-operator: idle for {:?}", args.idle);
-    let (conns_before, nodes) = redis_connections(cluster)?;
+    let (conns_before, nodes) = cluster.connections_received()?;
     let cpu_before = cpu_secs(op.pid());
     let idle_from = Timestamp::now();
     let idle_started = Instant::now();
@@ -394,7 +376,7 @@ async fn run(
     let idle_to = Timestamp::now();
     let idle_secs = idle_started.elapsed().as_secs_f64();
     let cpu_idle = cpu_secs(op.pid()) - cpu_before;
-    let (conns_after, _) = redis_connections(cluster)?;
+    let (conns_after, _) = cluster.connections_received()?;
     // Each INFO of the second round is itself one new connection per node.
     let new_conns = conns_after.saturating_sub(conns_before).saturating_sub(nodes);
     let (idle_requests, idle_by_kind) = operator_requests(audit_log, idle_from, idle_to);
