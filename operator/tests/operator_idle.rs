@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -18,10 +17,8 @@ use authrealm_operator::crd::AuthRealm;
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
 use common::*;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 /// Every request, at Metadata level (no bodies: no key material in the log).
@@ -109,20 +106,7 @@ async fn ready_realms_at_rest_cost_no_requests_no_writes_and_one_shared_redis_co
     let client = env.client().await?;
     install_crd(&client).await?;
     let ns = env.create_temp_namespace("idle").await?;
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(
-            &PostParams::default(),
-            &Secret {
-                metadata: ObjectMeta {
-                    name: Some("redis-auth".into()),
-                    labels: Some(BTreeMap::from([("authrealm.dev/redis-credentials".into(), "true".into())])),
-                    ..ObjectMeta::default()
-                },
-                string_data: Some(BTreeMap::from([("password".into(), "idle-pw".into())])),
-                ..Secret::default()
-            },
-        )
-        .await?;
+    create_redis_secret(&client, &ns, "redis-auth", "idle-pw").await?;
     let identity = "idle-0";
     let check_interval = format!("--redis-check-interval={CHECK_INTERVAL}");
     let op = OperatorProcess::spawn(

@@ -6,7 +6,6 @@
 mod common;
 
 use authrealm_contract::redis_keys::KeyLayout;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use authrealm_operator::controller::FINALIZER;
@@ -14,12 +13,10 @@ use authrealm_operator::crd::AuthRealm;
 use authrealm_tests::kube_env::{KubeEnv, KubeEnvOptions};
 use authrealm_tests::redis_cluster::{RedisCluster, RedisClusterOptions};
 use common::*;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,20 +27,7 @@ async fn deleting_a_realm_runs_the_purge_finalizer_and_owned_objects_go() -> any
     let client = env.client().await?;
     let ns = env.create_temp_namespace("purge").await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &Secret {
-                metadata: ObjectMeta {
-                    name: Some("redis-auth".into()),
-                    labels: Some(BTreeMap::from([("authrealm.dev/redis-credentials".to_owned(), "true".to_owned())])),
-                    ..ObjectMeta::default()
-                },
-                data: Some(BTreeMap::from([("password".to_owned(), ByteString(b"purge-pw".to_vec()))])),
-                ..Secret::default()
-            },
-        )
-        .await?;
+    create_redis_secret(&client, &ns, "redis-auth", "purge-pw").await?;
     let op = InProcess::start(client.clone(), &ns);
     let spec = |purge: bool| {
         json!({

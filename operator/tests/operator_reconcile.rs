@@ -396,21 +396,7 @@ async fn a_standalone_realm_is_checked_and_purged_on_its_one_server() -> anyhow:
     let env = shared_env(false).await?;
     let client = env.client().await?;
     let ns = env.create_temp_namespace("solo").await?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &Secret {
-                metadata: ObjectMeta {
-                    name: Some("redis-auth".into()),
-                    labels: Some(BTreeMap::from([("authrealm.dev/redis-credentials".to_owned(), "true".to_owned())])),
-                    ..ObjectMeta::default()
-                },
-                data: Some(BTreeMap::from([("password".to_owned(), ByteString(b"solo-pw".to_vec()))])),
-                ..Secret::default()
-            },
-        )
-        .await?;
+    create_redis_secret(&client, &ns, "redis-auth", "solo-pw").await?;
     let api: Api<AuthRealm> = Api::namespaced(client.clone(), &ns);
     // The API server refuses two endpoints in standalone mode, with the CRD's message.
     let two = json!({

@@ -195,6 +195,21 @@ pub fn stateless_spec() -> serde_json::Value {
     })
 }
 
+/// A Redis password Secret `name` (key `password`) carrying the label the operator requires
+/// before it uses a Secret for a Redis connection.
+pub async fn create_redis_secret(client: &Client, ns: &str, name: &str, password: &str) -> anyhow::Result<Secret> {
+    let secret = Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([("authrealm.dev/redis-credentials".to_owned(), "true".to_owned())].into()),
+            ..Default::default()
+        },
+        string_data: Some([("password".to_owned(), password.to_owned())].into()),
+        ..Secret::default()
+    };
+    Ok(Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await?)
+}
+
 pub async fn create_realm(client: &Client, ns: &str, realm: &AuthRealm) -> anyhow::Result<AuthRealm> {
     let api: Api<AuthRealm> = Api::namespaced(client.clone(), ns);
     Ok(api.create(&PostParams::default(), realm).await?)
