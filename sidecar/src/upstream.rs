@@ -62,6 +62,11 @@ impl Lease {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
             self.done = true;
+            // Drop the finished connection now: its dispatcher still holds the request channel,
+            // and a request queued on it but never written (the app closed the idle connection
+            // just before) is handed back — and retried on a new connection — only when that
+            // channel goes. Kept, the request would wait for the response timeout (504).
+            self.conn = sync_wrapper::SyncWrapper::new(Box::pin(std::future::ready(Ok(()))));
         }
         self.done
     }
