@@ -279,7 +279,8 @@ pub struct ExtKey {
     /// Algorithms this key verifies: the JWK's `alg` (when present) or every algorithm of its
     /// type, intersected with the issuer's allow-list.
     pub algs: Vec<Alg>,
-    pub verify: DecodingKey,
+    /// Verifies signatures of `algs` only; parsed once per fetch.
+    pub verify: crate::verifier::VerifyKey,
 }
 
 /// An issuer's usable keys, as of one fetch.
@@ -307,7 +308,7 @@ impl crate::token::TokenKeys for ExtKeySet {
     fn has_alg(&self, alg: Alg) -> bool {
         self.keys.iter().any(|k| k.algs.contains(&alg))
     }
-    fn key_for(&self, kid: &str, alg: Alg) -> Result<&DecodingKey, crate::token::Reject> {
+    fn key_for(&self, kid: &str, alg: Alg) -> Result<&crate::verifier::VerifyKey, crate::token::Reject> {
         let key = self.get(kid).ok_or(crate::token::Reject::UnknownKid)?;
         if !key.algs.contains(&alg) {
             return Err(crate::token::Reject::KidAlgMismatch);
@@ -386,6 +387,7 @@ fn parse_key(k: &Map<String, Value>, allowed: &[Alg]) -> Option<ExtKey> {
     if algs.is_empty() {
         return None;
     }
+    let verify = crate::verifier::VerifyKey::new(&verify, &algs);
     Some(ExtKey { kid, algs, verify })
 }
 

@@ -13,15 +13,18 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use authrealm_contract::keygen::{check_key, signing_key, verifying_key};
 use authrealm_contract::{Alg, KeySet, KeyState};
-use jsonwebtoken::{DecodingKey, EncodingKey};
+use jsonwebtoken::EncodingKey;
 use sha2::{Digest, Sha256};
+
+use crate::verifier::VerifyKey;
 
 /// One usable key.
 pub struct LoadedKey {
     pub kid: String,
     pub alg: Alg,
     pub state: KeyState,
-    pub verify: DecodingKey,
+    /// Verifies signatures of `alg` only; parsed once when the set is loaded.
+    pub verify: VerifyKey,
     pub sign: Option<EncodingKey>,
 }
 
@@ -58,7 +61,8 @@ impl KeyRing {
             if k.state == KeyState::Current && sign.is_some() {
                 signer = Some(keys.len());
             }
-            keys.push(LoadedKey { kid: k.kid.clone(), alg: k.alg, state: k.state, verify: verifying_key(k)?, sign });
+            let verify = VerifyKey::new(&verifying_key(k)?, &[k.alg]);
+            keys.push(LoadedKey { kid: k.kid.clone(), alg: k.alg, state: k.state, verify, sign });
         }
         let jwks_json = bytes::Bytes::from(serde_json::to_vec(&set.jwks()).expect("jwks serialises"));
         Ok(KeyRing { keys, signer, jwks_json, digest })

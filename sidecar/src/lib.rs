@@ -22,3 +22,4 @@ pub mod token;
 pub mod tokencache;
 pub mod topology;
 pub mod upstream;
+pub mod verifier;

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use authrealm_contract::{Alg, SessionMode};
 
 use crate::keys::KeyRing;
+use crate::verifier::VerifyKey;
 
 /// Why a request was not authenticated. `label()` goes to metrics and debug logs; clients
 /// only ever see the HTTP status and the RFC 6750 error code.
@@ -210,9 +211,111 @@ fn numeric_date(v: &Value) -> Option<i64> {
     }
 }
 
-/// Header members that make a token unacceptable: they ask the verifier to trust
-/// material or processing rules carried by the token itself.
-const FORBIDDEN_HEADER_MEMBERS: [&str; 7] = ["crit", "b64", "jwk", "jku", "x5u", "x5c", "zip"];
+/// base64url-decode one token segment, into `buf` when it fits (the usual header), otherwise
+/// into a new buffer. `None` when it is not valid base64url.
+fn decode_part<'b>(part: &str, buf: &'b mut [u8]) -> Option<std::borrow::Cow<'b, [u8]>> {
+    if part.len() / 4 * 3 + 3 <= buf.len() {
+        let n = URL_SAFE_NO_PAD.decode_slice(part, buf).ok()?;
+        Some(std::borrow::Cow::Borrowed(&buf[..n]))
+    } else {
+        URL_SAFE_NO_PAD.decode(part).ok().map(std::borrow::Cow::Owned)
+    }
+}
+
+/// One member of the JOSE header as the checks need it: absent, a string (borrowed from the
+/// decoded header when it has no escapes), or any other JSON value.
+#[derive(Default)]
+enum Member<'a> {
+    #[default]
+    Absent,
+    Str(std::borrow::Cow<'a, str>),
+    Other,
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Member<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Member<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Member<'a>, E> {
+                Ok(Member::Str(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Member<'a>, E> {
+                Ok(Member::Str(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Member<'a>, E> {
+                Ok(Member::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Member<'a>, E> {
+                Ok(Member::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Member<'a>, E> {
+                Ok(Member::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Member<'a>, E> {
+                Ok(Member::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Member<'a>, E> {
+                Ok(Member::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Member<'a>, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Member::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Member<'a>, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Member::Other)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// The JOSE header, as far as the checks read it; other members are parsed (the header must be
+/// valid JSON) and ignored. Members that make a token unacceptable — they ask the verifier to
+/// trust material or processing rules carried by the token itself — are recorded whatever their
+/// value (`null` included). A member given twice is refused (RFC 7515 §4 allows refusing
+/// duplicate names; the alternative, "the last one wins", would let two parsers disagree).
+#[derive(serde::Deserialize)]
+struct JoseHeader<'a> {
+    #[serde(default, borrow)]
+    alg: Member<'a>,
+    #[serde(default, borrow)]
+    kid: Member<'a>,
+    #[serde(default, borrow)]
+    crit: Member<'a>,
+    #[serde(default, borrow)]
+    b64: Member<'a>,
+    #[serde(default, borrow)]
+    jwk: Member<'a>,
+    #[serde(default, borrow)]
+    jku: Member<'a>,
+    #[serde(default, borrow)]
+    x5u: Member<'a>,
+    #[serde(default, borrow)]
+    x5c: Member<'a>,
+    #[serde(default, borrow)]
+    zip: Member<'a>,
+}
+
+impl<'a> JoseHeader<'a> {
+    /// `None` unless `bytes` is one JSON object (serde would also read a struct from an array).
+    fn parse(bytes: &'a [u8]) -> Option<JoseHeader<'a>> {
+        if bytes.trim_ascii_start().first() != Some(&b'{') {
+            return None;
+        }
+        serde_json::from_slice(bytes).ok()
+    }
+
+    fn has_forbidden_member(&self) -> bool {
+        [&self.crit, &self.b64, &self.jwk, &self.jku, &self.x5u, &self.x5c, &self.zip]
+            .iter()
+            .any(|m| !matches!(m, Member::Absent))
+    }
+}
 
 /// Where a token's verification key comes from: the realm's own key ring, or one external
 /// issuer's JWKS ([`crate::jwks::ExtKeySet`]). A `kid` is only ever looked up in the set of the
@@ -221,14 +324,14 @@ pub trait TokenKeys {
     /// True when some key verifies `alg` (the allow-list when the policy names none).
     fn has_alg(&self, alg: Alg) -> bool;
     /// The key `kid`, usable with `alg`: otherwise `UnknownKid` or `KidAlgMismatch`.
-    fn key_for(&self, kid: &str, alg: Alg) -> Result<&jsonwebtoken::DecodingKey, Reject>;
+    fn key_for(&self, kid: &str, alg: Alg) -> Result<&VerifyKey, Reject>;
 }
 
 impl TokenKeys for KeyRing {
     fn has_alg(&self, alg: Alg) -> bool {
         self.keys.iter().any(|k| k.alg == alg)
     }
-    fn key_for(&self, kid: &str, alg: Alg) -> Result<&jsonwebtoken::DecodingKey, Reject> {
+    fn key_for(&self, kid: &str, alg: Alg) -> Result<&VerifyKey, Reject> {
         let key = self.get(kid).ok_or(Reject::UnknownKid)?;
         if key.alg != alg {
             return Err(Reject::KidAlgMismatch);
@@ -262,28 +365,32 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
     }
 
     // Header.
-    let header_bytes = URL_SAFE_NO_PAD.decode(h64).map_err(|_| Reject::BadHeader)?;
-    let header: Map<String, Value> = serde_json::from_slice(&header_bytes).map_err(|_| Reject::BadHeader)?;
-    if FORBIDDEN_HEADER_MEMBERS.iter().any(|m| header.contains_key(*m)) {
+    let mut header_buf = [0u8; 512];
+    let header_bytes = decode_part(h64, &mut header_buf).ok_or(Reject::BadHeader)?;
+    let header = JoseHeader::parse(&header_bytes).ok_or(Reject::BadHeader)?;
+    if header.has_forbidden_member() {
         return Err(Reject::ForbiddenHeader);
     }
-    let alg = header.get("alg").and_then(Value::as_str).and_then(Alg::from_jose).ok_or(Reject::AlgNotAllowed)?;
+    let alg = match &header.alg {
+        Member::Str(a) => Alg::from_jose(a),
+        _ => None,
+    }
+    .ok_or(Reject::AlgNotAllowed)?;
     let allowed = if policy.algorithms.is_empty() { ring.has_alg(alg) } else { policy.algorithms.contains(&alg) };
     if !allowed {
         return Err(Reject::AlgNotAllowed);
     }
-    let kid = match header.get("kid") {
-        Some(Value::String(k)) => k,
-        Some(_) => return Err(Reject::BadHeader),
-        None => return Err(Reject::MissingKid),
+    let kid: &str = match &header.kid {
+        Member::Str(k) => k,
+        Member::Other => return Err(Reject::BadHeader),
+        Member::Absent => return Err(Reject::MissingKid),
     };
     let key = ring.key_for(kid, alg)?;
 
     // Signature, with the key's own algorithm (`key_for` checked that the key carries `alg`).
     let signing_input = &token[..h64.len() + 1 + p64.len()];
-    match jsonwebtoken::crypto::verify(s64, signing_input.as_bytes(), key, alg.to_jsonwebtoken()) {
-        Ok(true) => {}
-        _ => return Err(Reject::BadSignature),
+    if !key.verify_b64(alg, signing_input.as_bytes(), s64) {
+        return Err(Reject::BadSignature);
     }
 
     // Claims.
@@ -360,7 +467,7 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
     if policy.required_claims.iter().any(|c| !claims.contains_key(c)) {
         return Err(Reject::MissingClaim);
     }
-    Ok(Verified { kid: kid.clone(), sub, jti, iat, nbf, exp, claims })
+    Ok(Verified { kid: kid.to_owned(), sub, jti, iat, nbf, exp, claims })
 }
 
 /// Claims a caller may not set when minting.
@@ -559,6 +666,62 @@ mod tests {
         assert_eq!(validate(&lived(931), &r, &dl, NOW).unwrap_err(), Reject::LifetimeTooLong);
         assert_eq!(validate(&lived(86_400), &r, &dl, NOW).unwrap_err(), Reject::LifetimeTooLong);
         assert!(validate(&lived(86_400), &r, &policy(SessionMode::Single), NOW).is_ok());
+    }
+
+    /// The header as raw JSON text (members `serde_json::json!` could not write: duplicates,
+    /// escapes, a non-object).
+    fn sign_raw_header(ring: &KeyRing, kid: &str, header: &str) -> String {
+        let key = ring.get(kid).unwrap();
+        let input =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims(json!({})).to_string()));
+        let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key.sign.as_ref().unwrap(), key.alg.to_jsonwebtoken())
+            .unwrap();
+        format!("{input}.{sig}")
+    }
+
+    #[test]
+    fn header_members_are_read_strictly() {
+        let r = ring();
+        let p = policy(SessionMode::Single);
+        let long_typ = format!(r#"{{"alg":"ES256","kid":"es","typ":"{}"}}"#, "J".repeat(2000));
+        let cases: Vec<(&str, String, Result<(), Reject>)> = vec![
+            ("escaped strings", r#"{"alg":"ES256","kid":"es","typ":"JWT"}"#.into(), Ok(())),
+            (
+                "white space, unknown members",
+                r#" { "x": [1, {"y": null}], "alg": "ES256", "kid": "es" } "#.into(),
+                Ok(()),
+            ),
+            ("a header longer than the stack buffer", long_typ, Ok(())),
+            ("duplicate alg", r#"{"alg":"HS256","alg":"ES256","kid":"es"}"#.into(), Err(Reject::BadHeader)),
+            ("duplicate kid", r#"{"alg":"ES256","kid":"hs","kid":"es"}"#.into(), Err(Reject::BadHeader)),
+            ("array, not object", r#"["ES256","es"]"#.into(), Err(Reject::BadHeader)),
+            ("not JSON", r#"{"alg":"ES256","kid":"es""#.into(), Err(Reject::BadHeader)),
+            ("trailing data", r#"{"alg":"ES256","kid":"es"} x"#.into(), Err(Reject::BadHeader)),
+            ("crit null", r#"{"alg":"ES256","kid":"es","crit":null}"#.into(), Err(Reject::ForbiddenHeader)),
+            ("jwk object", r#"{"alg":"ES256","kid":"es","jwk":{"kty":"EC"}}"#.into(), Err(Reject::ForbiddenHeader)),
+            ("zip", r#"{"alg":"ES256","kid":"es","zip":"DEF"}"#.into(), Err(Reject::ForbiddenHeader)),
+            ("alg number", r#"{"alg":256,"kid":"es"}"#.into(), Err(Reject::AlgNotAllowed)),
+            ("alg null", r#"{"alg":null,"kid":"es"}"#.into(), Err(Reject::AlgNotAllowed)),
+            ("alg none", r#"{"alg":"none","kid":"es"}"#.into(), Err(Reject::AlgNotAllowed)),
+            ("no alg", r#"{"kid":"es"}"#.into(), Err(Reject::AlgNotAllowed)),
+            ("kid null", r#"{"alg":"ES256","kid":null}"#.into(), Err(Reject::BadHeader)),
+            ("kid list", r#"{"alg":"ES256","kid":["es"]}"#.into(), Err(Reject::BadHeader)),
+            ("no kid", r#"{"alg":"ES256"}"#.into(), Err(Reject::MissingKid)),
+        ];
+        for (name, header, want) in cases {
+            let token = sign_raw_header(&r, "es", &header);
+            assert_eq!(validate(&token, &r, &p, NOW).map(|_| ()), want, "{name}");
+        }
+        // base64url characters, but a length no encoding has.
+        let good = sign_raw_header(&r, "es", r#"{"alg":"ES256","kid":"es"}"#);
+        let (h64, rest) = good.split_once('.').unwrap();
+        let h64 = if h64.len() % 4 == 0 {
+            format!("{h64}A")
+        } else {
+            format!("{h64}AAAA")[..h64.len() / 4 * 4 + 5].to_string()
+        };
+        assert_eq!(h64.len() % 4, 1);
+        assert_eq!(validate(&format!("{h64}.{rest}"), &r, &p, NOW).unwrap_err(), Reject::BadHeader);
     }
 
     #[test]
