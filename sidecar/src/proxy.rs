@@ -23,7 +23,7 @@ use crate::tokencache::VerifiedToken;
 /// Responses announcing at most this many bytes are not re-checked while they stream.
 const SHORT_BODY_BYTES: u64 = 256 * 1024;
 use crate::session::SessionState;
-use crate::token::{Reject, extract_bearer, identity_value};
+use crate::token::{Reject, extract_bearer, identity_str, identity_value};
 
 pub type UpstreamClient = crate::upstream::Upstream;
 
@@ -286,7 +286,7 @@ async fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
     for ih in &app.identity {
         // `sub` is the token's subject: for an external issuer, its `subjectClaim`.
         let value = if ih.claim == "sub" {
-            identity_value(v.sub.as_ref().map(|s| serde_json::Value::String(s.clone())).as_ref())?
+            v.sub.as_deref().map(identity_str).transpose()?
         } else {
             identity_value(v.claims.get(&ih.claim))?
         };

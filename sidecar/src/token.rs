@@ -137,17 +137,21 @@ pub fn header_safe(s: &str) -> bool {
 /// null (no header). `Err`: present but not representable exactly — the request is refused
 /// rather than reaching the app with a missing or altered identity.
 pub fn identity_value(v: Option<&Value>) -> Result<Option<http::HeaderValue>, Reject> {
-    let s = match v {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(Value::Bool(b)) => b.to_string(),
-        Some(other) => other.to_string(),
-    };
-    if !header_safe(&s) {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => identity_str(s).map(Some),
+        Some(Value::Number(n)) => identity_str(&n.to_string()).map(Some),
+        Some(Value::Bool(b)) => identity_str(if *b { "true" } else { "false" }).map(Some),
+        Some(other) => identity_str(&other.to_string()).map(Some),
+    }
+}
+
+/// [`identity_value`] of a string claim.
+pub fn identity_str(s: &str) -> Result<http::HeaderValue, Reject> {
+    if !header_safe(s) {
         return Err(Reject::UnrepresentableClaim);
     }
-    http::HeaderValue::from_str(&s).map(Some).map_err(|_| Reject::UnrepresentableClaim)
+    http::HeaderValue::from_str(s).map_err(|_| Reject::UnrepresentableClaim)
 }
 
 /// Find the bearer token of a request. Exactly one `Authorization` header; the scheme is

@@ -11,9 +11,11 @@
 //!   used only when the presented token is byte for byte the one that was verified — a hash
 //!   collision can never admit a different token. Only tokens that passed verification are
 //!   stored, so a client cannot fill the cache with forged ones.
-//! * Bounded in entries and in bytes. A token enters on its second sighting (a small
-//!   "doorkeeper" bit set), so a flood of one-off tokens never displaces tokens in use; eviction
-//!   is CLOCK (an entry used since the last sweep gets a second chance).
+//! * Bounded in entries and in bytes. A token enters on its second sighting (a "doorkeeper":
+//!   a 128 KiB Bloom filter of recent sightings, two bits per token), so a flood of one-off
+//!   tokens never displaces tokens in use and seldom costs an entry (a false "seen before" lets
+//!   about 2% of one-off tokens in); eviction is CLOCK (an entry used since the last sweep gets
+//!   a second chance).
 //! * Tied to the key set it was verified with: after any key-set reload (rotation, retirement,
 //!   a key removed) every entry is dropped — tokens are verified again against the new keys.
 //!   Entries are also dropped once their token has expired.
@@ -91,7 +93,15 @@ struct Shard {
 }
 
 const SHARDS: usize = 8;
-const DOORKEEPER_BITS: usize = 1 << 16;
+/// Doorkeeper size: 2^20 bits (128 KiB), two bits per token, cleared after [`DOORKEEPER_ADMISSIONS`]
+/// admissions or [`DOORKEEPER_SIGHTINGS`] sightings, whichever comes first. Under a flood of
+/// one-off tokens the filter is then never more than about a fifth full, so about 2% of them are
+/// taken for a second sighting (with 2^16 bits, one bit each and a reset every 8,192 admissions
+/// it was about 23%), while a token in use still gets in if it is presented again within
+/// 131,072 misses.
+const DOORKEEPER_BITS: usize = 1 << 20;
+const DOORKEEPER_ADMISSIONS: u64 = 8192;
+const DOORKEEPER_SIGHTINGS: u64 = DOORKEEPER_BITS as u64 / 8;
 
 /// The cache's metrics (shared handles into the sidecar's registry).
 #[derive(Clone, Default)]
@@ -109,6 +119,7 @@ pub struct TokenCache {
     hasher: RandomState,
     doorkeeper: Vec<AtomicU64>,
     admitted: AtomicU64,
+    sightings: AtomicU64,
     pub stats: CacheStats,
 }
 
@@ -122,6 +133,7 @@ impl TokenCache {
             hasher: RandomState::new(),
             doorkeeper: (0..DOORKEEPER_BITS / 64).map(|_| AtomicU64::new(0)).collect(),
             admitted: AtomicU64::new(0),
+            sightings: AtomicU64::new(0),
             stats,
         }
     }
@@ -164,13 +176,25 @@ impl TokenCache {
         hit
     }
 
-    /// Seen before (recently)? Marks it seen. Cleared after every `DOORKEEPER_BITS / 8`
-    /// admissions so old sightings fade.
+    /// Seen before (recently)? Marks it seen: two bits, from two independent parts of the hash
+    /// (the shard is chosen by its top bits). Old sightings fade: the filter is cleared after
+    /// [`DOORKEEPER_ADMISSIONS`] admissions or [`DOORKEEPER_SIGHTINGS`] sightings.
     fn seen_before(&self, hash: u64) -> bool {
-        let bit = (hash as usize) % DOORKEEPER_BITS;
-        let mask = 1u64 << (bit % 64);
-        let prev = self.doorkeeper[bit / 64].fetch_or(mask, Ordering::Relaxed);
-        prev & mask != 0
+        if (self.sightings.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(DOORKEEPER_SIGHTINGS) {
+            self.clear_doorkeeper();
+        }
+        let mut seen = true;
+        for bit in [hash as usize % DOORKEEPER_BITS, (hash >> 20) as usize % DOORKEEPER_BITS] {
+            let mask = 1u64 << (bit % 64);
+            seen &= self.doorkeeper[bit / 64].fetch_or(mask, Ordering::Relaxed) & mask != 0;
+        }
+        seen
+    }
+
+    fn clear_doorkeeper(&self) {
+        for w in &self.doorkeeper {
+            w.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Remember a token that passed every time-independent check, verified with key set `digest`.
@@ -183,10 +207,8 @@ impl TokenCache {
         if !self.seen_before(hash) {
             return;
         }
-        if (self.admitted.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(DOORKEEPER_BITS as u64 / 8) {
-            for w in &self.doorkeeper {
-                w.store(0, Ordering::Relaxed);
-            }
+        if (self.admitted.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(DOORKEEPER_ADMISSIONS) {
+            self.clear_doorkeeper();
         }
         let entry = Entry { token: token.into(), verified, referenced: AtomicBool::new(false) };
         let size = entry.bytes();
@@ -332,6 +354,30 @@ mod tests {
         assert_eq!(v.check_time(1031, 30), Err(Reject::Expired));
         assert_eq!(v.check_time(900, 0), Err(Reject::NotYetValid));
         assert_eq!(v.check_time(935, 5), Ok(()));
+    }
+
+    #[test]
+    fn one_off_tokens_seldom_get_an_entry_and_reused_ones_always_do() {
+        let stats = CacheStats::default();
+        let c = TokenCache::new(100_000, 1 << 30, stats.clone());
+        // 200,000 distinct tokens, each presented once (cold tokens, or a flood): every one is
+        // a miss, and a false "seen before" would cost an entry (and an eviction once full).
+        let n = 200_000;
+        for i in 0..n {
+            c.insert(&token("cA", &format!("one-off-{i}")), &D, verified("x", EXP));
+        }
+        let admitted = stats.entries.get() as u64 + stats.evictions.get();
+        assert!(admitted * 100 < n * 4, "{admitted} of {n} one-off tokens admitted");
+        // Meanwhile a token presented a second time gets in, after any number of one-off ones.
+        for i in 0..50 {
+            let t = token("cB", &format!("reused-{i}"));
+            c.insert(&t, &D, verified("r", EXP));
+            for j in 0..1000 {
+                c.insert(&token("cC", &format!("between-{i}-{j}")), &D, verified("x", EXP));
+            }
+            c.insert(&t, &D, verified("r", EXP));
+            assert!(c.get(&t, &D).is_some(), "reused token {i} not admitted");
+        }
     }
 
     #[test]
