@@ -5,8 +5,18 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+/// Upper bounds (seconds) of the admission-duration buckets: 0.1 ms steps up to 1 ms, 0.5 ms up to
+/// 5 ms, 1 ms up to 15 ms (around the 10 ms target of the webhook's p99, so a quantile read from
+/// the buckets is within a millisecond of the truth there), then coarser up to the API server's
+/// 10 s webhook timeout.
+pub const ADMISSION_BUCKETS: &[f64] = &[
+    0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.0006, 0.0007, 0.0008, 0.0009, 0.001, 0.0015, 0.002, 0.0025, 0.003,
+    0.0035, 0.004, 0.0045, 0.005, 0.006, 0.007, 0.008, 0.009, 0.010, 0.011, 0.012, 0.013, 0.014, 0.015, 0.020, 0.025,
+    0.030, 0.040, 0.050, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Outcome of one admission review.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,8 +80,7 @@ impl WebhookMetrics {
     pub fn new() -> Self {
         WebhookMetrics {
             admissions: Family::default(),
-            // 0.5 ms … ~8 s
-            duration: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            duration: Histogram::new(ADMISSION_BUCKETS.iter().copied()),
             cert_rotations: Family::default(),
             cert_reloads: Counter::default(),
             cert_expiry: Gauge::default(),
