@@ -52,6 +52,12 @@ pub struct AdmissionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// `cache`, `unsynced` or `confirm` ([`super::lookup::Source`]).
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
     /// `ca` (a CA promotion or a new CA chain) or `serving` (a new serving certificate).
     pub kind: &'static str,
@@ -62,6 +68,10 @@ pub struct CertLabels {
 pub struct WebhookMetrics {
     pub admissions: Family<AdmissionLabels, Counter>,
     pub duration: Histogram,
+    /// Admissions that needed the Pod's Namespace and AuthRealm, by where the facts came from.
+    pub lookups: Family<LookupLabels, Counter>,
+    /// 1 once the webhook's AuthRealm and Namespace watch caches have listed.
+    pub cache_synced: Gauge,
     /// Certificates this replica generated (self-managed mode).
     pub cert_rotations: Family<CertLabels, Counter>,
     /// Serving certificates this replica loaded into its TLS listener.
@@ -81,6 +91,8 @@ impl WebhookMetrics {
         WebhookMetrics {
             admissions: Family::default(),
             duration: Histogram::new(ADMISSION_BUCKETS.iter().copied()),
+            lookups: Family::default(),
+            cache_synced: Gauge::default(),
             cert_rotations: Family::default(),
             cert_reloads: Counter::default(),
             cert_expiry: Gauge::default(),
@@ -95,6 +107,18 @@ impl WebhookMetrics {
             "admission_duration_seconds",
             "Time to answer an admission review, lookups included",
             self.duration.clone(),
+        );
+        r.register(
+            "lookups",
+            "Admissions that looked up their Namespace and AuthRealm, by source: cache (the webhook's watch \
+             caches), unsynced (the API server, caches not listed yet), confirm (the API server, after the \
+             cached facts gave a refusal or a skip)",
+            self.lookups.clone(),
+        );
+        r.register(
+            "cache_synced",
+            "Whether the webhook's AuthRealm and Namespace watch caches have listed (1) or not yet (0)",
+            self.cache_synced.clone(),
         );
         r.register("cert_rotations", "Webhook certificates generated, by kind", self.cert_rotations.clone());
         r.register("cert_reloads", "Serving certificates loaded into the TLS listener", self.cert_reloads.clone());
@@ -117,6 +141,15 @@ impl WebhookMetrics {
     /// The count of one (outcome, reason) pair.
     pub fn admission(&self, outcome: Outcome, reason: &'static str) -> u64 {
         self.admissions.get_or_create(&AdmissionLabels { outcome: outcome.as_str(), reason }).get()
+    }
+
+    /// The count of admissions whose facts came from `source`.
+    pub fn lookups(&self, source: super::lookup::Source) -> u64 {
+        self.lookups.get_or_create(&LookupLabels { source: source.as_str() }).get()
+    }
+
+    pub fn lookups_inc(&self, source: super::lookup::Source) {
+        self.lookups.get_or_create(&LookupLabels { source: source.as_str() }).inc();
     }
 
     /// Counts one admission.

@@ -130,6 +130,8 @@ fn cpu_secs(pid: u32) -> f64 {
 struct Audit {
     id: String,
     at: Timestamp,
+    /// When the API server finished answering (`stageTimestamp` of the last stage logged).
+    done: Option<Timestamp>,
     user_agent: String,
     verb: String,
     resource: String,
@@ -144,6 +146,7 @@ fn read_audit(path: &Path) -> Vec<Audit> {
             Some(Audit {
                 id: s("/auditID"),
                 at: s("/requestReceivedTimestamp").parse().ok()?,
+                done: s("/stageTimestamp").parse().ok(),
                 user_agent: s("/userAgent"),
                 verb: s("/verb"),
                 resource: {
@@ -189,6 +192,24 @@ fn logged_admission_times(log: &Path, from: usize) -> Vec<f64> {
             Some(v["elapsed_us"].as_u64()? as f64 / 1000.0)
         })
         .collect()
+}
+
+/// How long the API server took (received → answered, ms) for each operator request received in
+/// `[from, to)` (the last logged stage of each).
+fn operator_request_times(path: &Path, from: Timestamp, to: Timestamp) -> Vec<f64> {
+    let mut last = BTreeMap::new();
+    for a in read_audit(path) {
+        if a.user_agent.starts_with(OPERATOR_UA)
+            && a.at >= from
+            && a.at < to
+            && let Some(done) = a.done
+        {
+            last.insert(a.id, done.duration_since(a.at).as_secs_f64() * 1000.0);
+        }
+    }
+    let mut out: Vec<f64> = last.into_values().collect();
+    out.sort_by(f64::total_cmp);
+    out
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -461,6 +482,9 @@ async fn run(
     let hist_after = histogram(&http_get(http_port, "/metrics").await?, hist_name);
     let (admission_requests, admission_by_kind) = operator_requests(audit_log, admissions_from, admissions_to);
     let requests_per_admission = admission_requests as f64 / args.admissions.max(1) as f64;
+    // The API server's side of the operator's requests meanwhile (the webhook's lookups, if any).
+    let request_times = operator_request_times(audit_log, admissions_from, admissions_to);
+    let (request_p50, request_p99) = (percentile(&request_times, 0.5), percentile(&request_times, 0.99));
     let mut exact = logged_admission_times(&op.log, log_from);
     ensure!(
         exact.len() == args.admissions,
@@ -527,7 +551,15 @@ async fn run(
         },
         Row {
             what: "API requests by the operator per admission",
-            value: format!("{requests_per_admission:.2} ({admission_requests} during {} admissions)", args.admissions),
+            value: if request_times.is_empty() {
+                format!("{requests_per_admission:.2} ({admission_requests} during {} admissions)", args.admissions)
+            } else {
+                format!(
+                    "{requests_per_admission:.2} ({admission_requests} during {} admissions; API server time each \
+                     p50 {request_p50:.2} ms, p99 {request_p99:.2} ms)",
+                    args.admissions
+                )
+            },
             target: "(context: lookups on the API server)",
             met: true,
         },
@@ -612,6 +644,7 @@ async fn run(
             "operator_requests": admission_requests,
             "operator_requests_per_admission": requests_per_admission,
             "operator_requests_by_kind": admission_by_kind,
+            "operator_request_apiserver_ms": {"p50": request_p50, "p99": request_p99, "count": request_times.len()},
         },
         "loadavg_1m": {"start": load_start, "before_admissions": load_admissions, "end": load_end},
         "targets": rows.iter().filter(|r| !r.target.starts_with('(')).map(|r| json!({"what": r.what, "value": r.value, "target": r.target, "met": r.met})).collect::<Vec<_>>(),
