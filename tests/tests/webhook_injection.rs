@@ -6,8 +6,11 @@ mod webhook_support;
 
 use std::time::{Duration, Instant};
 
+use authrealm_operator::webhook::lookup::{Lookups, Source};
 use authrealm_operator::webhook::metrics::Outcome;
-use authrealm_operator::webhook::{STATUS_ANNOTATION, UnreadyRealmPolicy};
+use authrealm_operator::webhook::realm::{SidecarDefaults, default_resources};
+use authrealm_operator::webhook::review::Reviewer;
+use authrealm_operator::webhook::{STATUS_ANNOTATION, UnreadyRealmPolicy, WebhookMetrics};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
@@ -303,4 +306,162 @@ async fn injected_pod_is_admitted_where_the_restricted_pod_security_standard_is_
         assert_eq!(sidecar_count(&pod), 1, "{name}");
     }
     Ok(())
+}
+
+/// What a user does: create a realm and, as soon as the operator reports its keys ready, create
+/// pods. The webhook answers from its watch caches, which may not have seen the realm (or its
+/// new status) yet; such a pod is still injected at once, never refused. A deleted realm's pods
+/// are refused once the webhook's watch has seen the deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_created_right_after_their_realm_turns_ready_are_injected() -> anyhow::Result<()> {
+    let fx = Fixture::start(|_| {}).await?;
+    let ns = fx.namespace("fresh").await?;
+    let pods = fx.pods(&ns);
+    let dry = PostParams { dry_run: true, field_manager: None };
+    // Created (with its status) a moment before the pod.
+    for i in 0..10 {
+        fx.create_realm(&ns, &format!("r{i}"), None, true).await?;
+        let p = pods.create(&dry, &app_pod(&format!("p{i}"), &format!("r{i}"), &[])).await?;
+        assert_eq!(sidecar_count(&p), 1, "pod of realm r{i}, created right after it");
+    }
+    // Not ready, then ready: the webhook's copy of the realm is the not-ready one (given time to
+    // arrive) when the next pod comes.
+    fx.create_realm(&ns, "late", None, false).await?;
+    let r = fx.create_pod_dry_run(&ns, &app_pod("early", "late", &[])).await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let realms: Api<authrealm_operator::crd::AuthRealm> = Api::namespaced(fx.client.clone(), &ns);
+    let ready = serde_json::json!({"status": {"conditions": [
+        {"type": "KeysReady", "status": "True", "reason": "KeysCurrent", "message": "key k1 signs",
+         "lastTransitionTime": "2026-01-01T00:00:01Z"},
+    ]}});
+    realms.patch_status("late", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(ready)).await?;
+    let p = pods.create(&dry, &app_pod("on-time", "late", &[])).await?;
+    assert_eq!(sidecar_count(&p), 1, "injected right after KeysReady turned True");
+
+    // Deleted: refused once the webhook's watch has delivered the deletion.
+    realms.delete("r0", &Default::default()).await?;
+    eventually("a pod of the deleted realm to be refused", Duration::from_secs(10), || {
+        let fx = &fx;
+        let ns = ns.clone();
+        async move {
+            let r = fx.create_pod_dry_run(&ns, &app_pod("after-delete", "r0", &[])).await?;
+            Ok((r.status == 403 && status_message(&r.body).contains("does not exist")).then_some(()))
+        }
+    })
+    .await?;
+    assert!(fx.metrics.lookups(Source::Cache) >= 1, "admissions are answered from the watch caches");
+    Ok(())
+}
+
+/// The rule that makes the caches safe, made deterministic: a webhook whose caches have listed
+/// but lag behind the API server (fed by hand here) injects every pod the API server's state says
+/// to inject — a realm it has not seen, a realm it still has without usable keys, a namespace
+/// whose opt-out label it still has — reading the API server only for those answers; an injection
+/// from an up-to-date cache reads nothing; a refusal is confirmed on the API server first; and
+/// before the caches have listed, the API server is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_behind_the_api_server_never_refuses_or_skips_a_pod_it_should_inject() -> anyhow::Result<()> {
+    use authrealm_operator::crd::AuthRealm;
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::PartialObjectMeta;
+    use kube::runtime::{reflector, watcher};
+
+    let fx = Fixture::start(|_| {}).await?;
+    let ns = fx.namespace("lag").await?;
+    let opted_in_again = fx.namespace("lag-ns").await?;
+    // The API server: every realm below ready, neither namespace opted out.
+    let mut live = std::collections::BTreeMap::new();
+    for (namespace, name) in [(&ns, "fresh"), (&ns, "turned-ready"), (&ns, "cached"), (&opted_in_again, "demo")] {
+        live.insert((namespace.clone(), name), fx.create_realm(namespace, name, None, true).await?);
+    }
+    // The cache: listed; has not seen "fresh"; has "turned-ready" from before its keys were
+    // ready; has "cached" and "demo" as they are; still sees `opted_in_again` labelled
+    // authrealm.dev/injection=disabled.
+    let (realms, mut realm_writer) = reflector::store::<AuthRealm>();
+    let (namespaces, mut ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let mut not_ready = live[&(ns.clone(), "turned-ready")].clone();
+    not_ready.status.as_mut().unwrap().conditions.retain(|c| c.type_ != "KeysReady");
+    realm_writer.apply_watcher_event(&watcher::Event::Init);
+    for r in [not_ready, live[&(ns.clone(), "cached")].clone(), live[&(opted_in_again.clone(), "demo")].clone()] {
+        realm_writer.apply_watcher_event(&watcher::Event::InitApply(r));
+    }
+    realm_writer.apply_watcher_event(&watcher::Event::InitDone);
+    let ns_meta = |name: &str, labels: &[(&str, &str)]| -> PartialObjectMeta<Namespace> {
+        let mut m = PartialObjectMeta::<Namespace>::default();
+        m.metadata.name = Some(name.to_owned());
+        m.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+        m
+    };
+    ns_writer.apply_watcher_event(&watcher::Event::Init);
+    ns_writer.apply_watcher_event(&watcher::Event::InitApply(ns_meta(&ns, &[])));
+    ns_writer.apply_watcher_event(&watcher::Event::InitApply(ns_meta(
+        &opted_in_again,
+        &[("authrealm.dev/injection", "disabled")],
+    )));
+    ns_writer.apply_watcher_event(&watcher::Event::InitDone);
+
+    let metrics = WebhookMetrics::new();
+    let reviewer = |lookups: Lookups| {
+        Reviewer::new(
+            fx.client.clone(),
+            lookups,
+            SidecarDefaults {
+                image: "authrealm-sidecar:test".into(),
+                image_pull_policy: None,
+                resources: default_resources(),
+            },
+            UnreadyRealmPolicy::Deny,
+            metrics.clone(),
+            "test".into(),
+        )
+    };
+    let lagging = reviewer(Lookups::with_stores(fx.client.clone(), realms, namespaces));
+    let counts = || [Source::Cache, Source::Confirm, Source::Unsynced].map(|s| metrics.lookups(s));
+
+    for (namespace, realm) in [(&ns, "fresh"), (&ns, "turned-ready"), (&opted_in_again, "demo")] {
+        let before = counts();
+        let answer = admit(&lagging, namespace, realm).await?;
+        assert!(injected(&answer), "{namespace}/{realm}: {}", answer["response"]["status"]);
+        assert_eq!(counts(), [before[0], before[1] + 1, before[2]], "{namespace}/{realm}: confirmed on the API server");
+    }
+    // Up to date: from the cache alone.
+    let before = counts();
+    let answer = admit(&lagging, &ns, "cached").await?;
+    assert!(injected(&answer), "{}", answer["response"]["status"]);
+    assert_eq!(counts(), [before[0] + 1, before[1], before[2]]);
+    // A realm that exists nowhere: refused, after the API server confirmed it.
+    let answer = admit(&lagging, &ns, "nowhere").await?;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert!(answer["response"]["status"]["message"].as_str().unwrap_or_default().contains("does not exist"));
+    assert_eq!(counts(), [before[0] + 1, before[1] + 1, before[2]]);
+
+    // Caches that have not listed yet: the API server answers.
+    let (realms, _realm_writer) = reflector::store::<AuthRealm>();
+    let (namespaces, _ns_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let unsynced = reviewer(Lookups::with_stores(fx.client.clone(), realms, namespaces));
+    let before = counts();
+    let answer = admit(&unsynced, &ns, "fresh").await?;
+    assert!(injected(&answer), "{}", answer["response"]["status"]);
+    assert_eq!(counts(), [before[0], before[1], before[2] + 1]);
+    Ok(())
+}
+
+/// One AdmissionReview (a dry-run CREATE of a pod labelled into `realm`) answered by `reviewer`.
+async fn admit(reviewer: &Reviewer, ns: &str, realm: &str) -> anyhow::Result<serde_json::Value> {
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": format!("{ns}-{realm}"),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": ns, "name": "web", "operation": "CREATE", "userInfo": {"username": "test"},
+            "object": app_pod("web", realm, &[]), "dryRun": true,
+        },
+    });
+    Ok(serde_json::from_slice(&reviewer.review_json(&serde_json::to_vec(&review)?).await)?)
+}
+
+fn injected(answer: &serde_json::Value) -> bool {
+    answer["response"]["allowed"] == true && !answer["response"]["patch"].is_null()
 }

@@ -139,6 +139,29 @@ async fn reconcile_and_inject(one_namespace: bool) -> anyhow::Result<()> {
         metrics.contains(r#"authrealm_operator_webhook_admissions_total{outcome="injected",reason="issuer"} 1"#),
         "{metrics}"
     );
+    // The webhook's watch caches of AuthRealms and Namespaces have listed with the chart's RBAC
+    // (list/watch), and the pods of a ready realm are answered from them (once the watch has
+    // delivered the realm's Ready status, which the first pods may have beaten).
+    let cache_lines: Vec<&str> =
+        metrics.lines().filter(|l| l.starts_with("authrealm_operator_webhook_cache_synced")).collect();
+    assert_eq!(cache_lines, ["authrealm_operator_webhook_cache_synced 1"], "{}", op.log_tail());
+    eventually("an admission answered from the webhook's caches", Duration::from_secs(10), || {
+        let pods = pods.clone();
+        async move {
+            let p = pods
+                .create(&PostParams { dry_run: true, field_manager: None }, &app_pod("cached", "demo", &[]))
+                .await?;
+            ensure!(sidecar_count(&p) == 1, "not injected");
+            let metrics = reqwest_like_get(http_port, "/metrics").await?;
+            let from_cache = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(r#"authrealm_operator_webhook_lookups_total{source="cache"} "#))
+                .and_then(|n| n.trim().parse::<u64>().ok());
+            Ok(from_cache.is_some_and(|n| n >= 1).then_some(()))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\noperator log:\n{}", op.log_tail()))?;
 
     // SIGTERM: a clean exit.
     let pid = op.child.id().to_string();

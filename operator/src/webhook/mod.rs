@@ -6,8 +6,10 @@
 //! * [`decide`] — whether a Pod gets the sidecar (one function, documented truth table);
 //! * [`mutate`] — the JSON patch that adds it (pure; golden-tested);
 //! * [`realm`] — what the injector reads from an `AuthRealm`;
-//! * [`review`] — one AdmissionReview in, one AdmissionResponse out (looks up the realm and the
-//!   namespace, records metrics and events);
+//! * [`lookup`] — the realm and the namespace of a Pod: from the webhook's watch caches, and
+//!   when the API server is read instead;
+//! * [`review`] — one AdmissionReview in, one AdmissionResponse out (gathers the facts, records
+//!   metrics and events);
 //! * [`tls`] — the webhook's own CA and serving certificate, rotated, with the
 //!   MutatingWebhookConfiguration's `caBundle` kept current;
 //! * [`server`] — the HTTPS server (hyper + rustls) with a hot-swapped certificate.
@@ -15,6 +17,7 @@
 //! [`start_webhook`] ties them together (the operator's `main` calls it).
 
 pub mod decide;
+pub mod lookup;
 pub mod metrics;
 pub mod mutate;
 pub mod realm;

@@ -1,19 +1,24 @@
 //! One AdmissionReview: gather the facts (the Pod, its Namespace's labels, its AuthRealm), call
 //! [`decide`], build the patch with [`mutate`], and record the outcome (metrics, events).
 //!
-//! Lookups that fail refuse the Pod (the same outcome as `failurePolicy: Fail` when the webhook
-//! is down): an opted-in Pod never starts unprotected because the API server hiccuped.
+//! The Namespace and the AuthRealm come from the webhook's watch caches; a refusal or a skip
+//! decided from them is confirmed with live reads first, and the API server is read directly
+//! until the caches have listed ([`super::lookup`] has the rule and why). Live reads that fail
+//! refuse the Pod (the same outcome as `failurePolicy: Fail` when the webhook is down): an
+//! opted-in Pod never starts unprotected because the API server hiccuped.
 
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
 
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::Resource;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kube::{Client, Resource};
 
 use super::REALM_LABEL;
 use super::decide::{Decision, DecisionInput, Injected, UnreadyRealmPolicy, decide};
+use super::lookup::{Facts, Lookups, Source};
 use super::metrics::{Outcome, WebhookMetrics};
 use super::mutate::{SidecarPlan, injection, mutate};
 use super::realm::{SidecarDefaults, realm_state};
@@ -27,18 +32,22 @@ pub mod reason {
     pub const INJECTION_DENIED: &str = "InjectionDenied";
 }
 
-/// How long one lookup (Namespace, AuthRealm) may take before the Pod is refused.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(4);
+/// Tracing target of the per-admission timing line.
+pub const TIMING_TARGET: &str = "authrealm_operator::webhook::timing";
 
 /// Answers admission reviews.
 #[derive(Clone)]
 pub struct Reviewer {
-    client: Client,
+    lookups: Lookups,
     defaults: SidecarDefaults,
     policy: UnreadyRealmPolicy,
     metrics: WebhookMetrics,
     /// Events as series (see [`crate::events::recorder`]): not one Event per admitted pod.
     recorder: kube::runtime::events::Recorder,
+    /// Held while publishing: the recorder looks its series up before the API call and records
+    /// it after, so two publishes of the same event at once (a burst of pods, answered in well
+    /// under the time an Event write takes) would create two Events instead of one series.
+    publishing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What the review did, for metrics and events.
@@ -47,6 +56,9 @@ struct Verdict {
     outcome: Outcome,
     reason: &'static str,
     event: Option<EventSpec>,
+    /// Injected, or skipped silently (already injected): a lagging cache cannot have made this
+    /// outcome wrong in a way that leaves the Pod less protected ([`super::lookup`]).
+    final_from_cache: bool,
 }
 
 /// An event to record about an admission.
@@ -65,14 +77,15 @@ fn refuse(response: AdmissionResponse, message: String) -> AdmissionResponse {
 
 impl Reviewer {
     pub fn new(
-        client: Client,
+        client: kube::Client,
+        lookups: Lookups,
         defaults: SidecarDefaults,
         policy: UnreadyRealmPolicy,
         metrics: WebhookMetrics,
         instance: String,
     ) -> Self {
-        let recorder = crate::events::recorder(client.clone(), &instance);
-        Reviewer { client, defaults, policy, metrics, recorder }
+        let recorder = crate::events::recorder(client, &instance);
+        Reviewer { lookups, defaults, policy, metrics, recorder, publishing: Default::default() }
     }
 
     /// Answers one HTTP body holding an AdmissionReview; returns the response body.
@@ -97,7 +110,11 @@ impl Reviewer {
             }
         };
         let response = self.review(&request).await;
-        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        self.metrics.duration.observe(elapsed.as_secs_f64());
+        // One line per admission with its exact time, off unless asked for
+        // (`AUTHREALM_LOG=…,authrealm_operator::webhook::timing=debug`; the benchmark reads it).
+        tracing::debug!(target: TIMING_TARGET, uid = %request.uid, elapsed_us = elapsed.as_micros() as u64, "admission answered");
         serde_json::to_vec(&response.into_review()).expect("review serialises")
     }
 
@@ -128,7 +145,7 @@ impl Reviewer {
     }
 
     /// The verdict, and the AuthRealm when it was found.
-    async fn verdict(&self, req: &AdmissionRequest<DynamicObject>) -> (Verdict, Option<AuthRealm>) {
+    async fn verdict(&self, req: &AdmissionRequest<DynamicObject>) -> (Verdict, Option<Arc<AuthRealm>>) {
         let base = AdmissionResponse::from(req);
         let is_pod_create = req.kind.group.is_empty()
             && req.kind.kind == "Pod"
@@ -143,6 +160,7 @@ impl Reviewer {
                         outcome: Outcome::Error,
                         reason: "BadRequest",
                         event: None,
+                        final_from_cache: true,
                     };
                     return (verdict, None);
                 }
@@ -155,56 +173,70 @@ impl Reviewer {
         let ns = req.namespace.clone().unwrap_or_default();
         let labels = pod.as_ref().and_then(|p| p.metadata.labels.as_ref()).unwrap_or(&empty);
         let annotations = pod.as_ref().and_then(|p| p.metadata.annotations.as_ref()).unwrap_or(&empty);
-        let realm_name = labels.get(REALM_LABEL).cloned();
+        let judge = |facts: &Facts| self.judge(req, &base, pod.as_ref(), &ns, labels, annotations, facts);
 
-        // Lookups only for pods that opted in (the objectSelector sends only those anyway).
-        let (mut ns_labels, mut realm) = (Default::default(), None);
-        if pod.is_some()
-            && let Some(name) = &realm_name
-        {
-            let namespaces: Api<Namespace> = Api::all(self.client.clone());
-            let realms: Api<AuthRealm> = Api::namespaced(self.client.clone(), &ns);
-            let valid_name = authrealm_contract::config::is_dns1123_subdomain(name);
-            let (ns_res, realm_res) =
-                tokio::join!(tokio::time::timeout(LOOKUP_TIMEOUT, namespaces.get_opt(&ns)), async {
-                    if valid_name {
-                        tokio::time::timeout(LOOKUP_TIMEOUT, realms.get_opt(name)).await
-                    } else {
-                        Ok(Ok(None))
-                    }
-                });
-            let failed = |what: String, e: String| {
+        // Lookups only for pods that opted in (the objectSelector sends only those anyway), and
+        // of the realm only under a valid name.
+        let Some(name) = labels.get(REALM_LABEL).filter(|_| pod.is_some()) else {
+            return judge(&Facts::default());
+        };
+        let name = Some(name.as_str()).filter(|n| authrealm_contract::config::is_dns1123_subdomain(n));
+        let source = match self.lookups.cached(&ns, name) {
+            Some(facts) => {
+                let judged = judge(&facts);
+                if judged.0.final_from_cache {
+                    self.metrics.lookups_inc(Source::Cache);
+                    return judged;
+                }
+                Source::Confirm
+            }
+            None => Source::Unsynced,
+        };
+        self.metrics.lookups_inc(source);
+        match self.lookups.live(&ns, name).await {
+            Ok(facts) => judge(&facts),
+            Err(e) => {
                 let verdict = Verdict {
                     response: refuse(
                         base.clone(),
-                        format!("authrealm: cannot look up {what} to decide on sidecar injection: {e}; retry"),
+                        format!(
+                            "authrealm: cannot look up {} to decide on sidecar injection: {}; retry",
+                            e.what, e.error
+                        ),
                     ),
                     outcome: Outcome::Error,
                     reason: "LookupFailed",
                     event: None,
+                    final_from_cache: true,
                 };
                 (verdict, None)
-            };
-            match ns_res {
-                Ok(Ok(n)) => ns_labels = n.and_then(|n| n.metadata.labels).unwrap_or_default(),
-                Ok(Err(e)) => return failed(format!("Namespace {ns}"), e.to_string()),
-                Err(_) => return failed(format!("Namespace {ns}"), "timed out".into()),
-            }
-            match realm_res {
-                Ok(Ok(r)) => realm = r,
-                Ok(Err(e)) => return failed(format!("AuthRealm {ns}/{name}"), e.to_string()),
-                Err(_) => return failed(format!("AuthRealm {ns}/{name}"), "timed out".into()),
             }
         }
-        let state = realm_state(realm.as_ref(), &self.defaults);
-        let injected = pod.as_ref().map_or(Injected::No, injection);
+    }
+
+    /// The verdict on `pod` given the facts about its namespace and realm.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &self,
+        req: &AdmissionRequest<DynamicObject>,
+        base: &AdmissionResponse,
+        pod: Option<&Pod>,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+        annotations: &BTreeMap<String, String>,
+        facts: &Facts,
+    ) -> (Verdict, Option<Arc<AuthRealm>>) {
+        let base = base.clone();
+        let realm = facts.realm.clone();
+        let state = realm_state(realm.as_deref(), &self.defaults);
+        let injected = pod.map_or(Injected::No, injection);
         let decision = decide(&DecisionInput {
-            pod: pod.as_ref(),
-            namespace: &ns,
-            namespace_labels: &ns_labels,
+            pod,
+            namespace: ns,
+            namespace_labels: &facts.namespace_labels,
             pod_labels: labels,
             pod_annotations: annotations,
-            host_network: pod.as_ref().and_then(|p| p.spec.as_ref()).and_then(|s| s.host_network).unwrap_or(false),
+            host_network: pod.and_then(|p| p.spec.as_ref()).and_then(|s| s.host_network).unwrap_or(false),
             injected: &injected,
             realm: &state,
             policy: self.policy,
@@ -228,6 +260,7 @@ impl Reviewer {
                                 note: format!("Injected the authrealm sidecar ({}) into Pod {pod_name}", role.as_str()),
                                 warning: false,
                             }),
+                            final_from_cache: true,
                         }
                     }
                     Err(e) => {
@@ -241,6 +274,8 @@ impl Reviewer {
                                 note: format!("Pod {pod_name}: {message}"),
                                 warning: true,
                             }),
+                            // The realm's ports (from a copy that may lag) decided it.
+                            final_from_cache: false,
                         }
                     }
                 }
@@ -255,7 +290,13 @@ impl Reviewer {
                 });
                 let mut response = base;
                 response.warnings = warning.map(|w| vec![w]);
-                Verdict { response, outcome: Outcome::Skipped, reason: why.as_str(), event }
+                Verdict {
+                    response,
+                    outcome: Outcome::Skipped,
+                    reason: why.as_str(),
+                    event,
+                    final_from_cache: why.is_silent(),
+                }
             }
             Decision::Deny { reason: why, message } => Verdict {
                 response: refuse(base, message.clone()),
@@ -266,6 +307,7 @@ impl Reviewer {
                     note: format!("Pod {pod_name}: {message}"),
                     warning: true,
                 }),
+                final_from_cache: false,
             },
         };
         (verdict, realm)
@@ -289,6 +331,7 @@ impl Reviewer {
             action: "Admit".into(),
             secondary: None,
         };
+        let _turn = self.publishing.lock().await;
         if let Err(e) = self.recorder.publish(&ev, &regarding).await {
             tracing::warn!(namespace = %ns, reason = event.reason, error = %e, "failed to publish webhook event");
         }

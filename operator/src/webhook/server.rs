@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use super::MUTATE_PATH;
 use super::config::WebhookConfig;
+use super::lookup::Lookups;
 use super::metrics::WebhookMetrics;
 use super::realm::{SidecarDefaults, default_resources};
 use super::review::Reviewer;
@@ -36,6 +37,9 @@ use super::tls::{Lifetimes, ServingPair, TlsError, TlsManager};
 const MAX_BODY: usize = 8 * 1024 * 1024;
 /// Time allowed for a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the webhook waits at start for its AuthRealm and Namespace caches to list before it
+/// serves anyway (reading the API server until they have).
+const CACHE_SYNC_WAIT: Duration = Duration::from_secs(10);
 /// How long in-flight reviews may take to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after its renewal time a loaded certificate is checked (so the check falls in the
@@ -117,14 +121,29 @@ struct Shared {
     reviewer: Reviewer,
 }
 
-/// Validates `cfg`, obtains the first serving certificate (creating the CA in self-managed mode;
-/// retried for up to 30 s), binds the listener and starts serving and the certificate loop.
+/// Tasks aborted when dropped, unless handed on.
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Validates `cfg`, starts the AuthRealm and Namespace watch caches, obtains the first serving
+/// certificate (creating the CA in self-managed mode; retried for up to 30 s), binds the listener,
+/// waits (bounded) for the caches to list and starts serving and the certificate loop.
 pub async fn start_webhook(
     client: kube::Client,
     cfg: WebhookConfig,
     metrics: WebhookMetrics,
 ) -> Result<WebhookHandle, WebhookError> {
     cfg.validate().map_err(WebhookError::Config)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (lookups, cache_tasks) = Lookups::start(client.clone(), metrics.clone(), shutdown_rx.clone());
+    let mut cache_tasks = AbortOnDrop(cache_tasks);
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = TlsManager::new(client.clone(), &cfg, metrics.clone());
     let hot = Arc::new(HotCert::default());
@@ -165,10 +184,22 @@ pub async fn start_webhook(
         image_pull_policy: cfg.sidecar_image_pull_policy.clone(),
         resources: default_resources(),
     };
+    if !lookups.wait_synced(CACHE_SYNC_WAIT).await {
+        tracing::warn!(
+            "the webhook's AuthRealm and Namespace caches have not listed after {CACHE_SYNC_WAIT:?}; \
+             reading the API server for each admission until they have"
+        );
+    }
     let shared = Arc::new(Shared {
-        reviewer: Reviewer::new(client, defaults, cfg.unready_realm_policy, metrics.clone(), cfg.instance.clone()),
+        reviewer: Reviewer::new(
+            client,
+            lookups,
+            defaults,
+            cfg.unready_realm_policy,
+            metrics.clone(),
+            cfg.instance.clone(),
+        ),
     });
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     // Certificate loop.
     let cert_task = {
@@ -256,7 +287,9 @@ pub async fn start_webhook(
         })
     };
 
-    Ok(WebhookHandle { local_addr, shutdown: shutdown_tx, tasks: vec![accept_task, cert_task] })
+    let mut tasks = vec![accept_task, cert_task];
+    tasks.append(&mut cache_tasks.0);
+    Ok(WebhookHandle { local_addr, shutdown: shutdown_tx, tasks })
 }
 
 /// How long the certificate loop waits before its next check: the check interval, or less when
