@@ -29,6 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{FutureExt as _, StreamExt as _};
@@ -93,6 +94,10 @@ pub struct Lookups {
     client: Client,
     realms: Store<AuthRealm>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// True once both caches have listed. Kept here rather than asked of the stores: a store's
+    /// readiness future wakes only the last task that polled it, so two waiters (the start-up
+    /// wait and anyone else) could miss it.
+    synced: watch::Receiver<bool>,
 }
 
 fn listed<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
@@ -102,18 +107,43 @@ where
     store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
 }
 
-/// Drives one reflector until `stop` fires, logging watch failures (the watcher retries with
-/// backoff and resumes where it stopped).
-fn spawn_watch<S, T>(what: &'static str, stream: S, mut stop: watch::Receiver<bool>) -> JoinHandle<()>
+/// Which of the two caches have listed; `synced` turns true (and the gauge 1) once both have.
+struct Listed {
+    realms: AtomicBool,
+    namespaces: AtomicBool,
+    synced: watch::Sender<bool>,
+    metrics: WebhookMetrics,
+}
+
+impl Listed {
+    fn mark(&self, which: &AtomicBool) {
+        which.store(true, Ordering::SeqCst);
+        if self.realms.load(Ordering::SeqCst) && self.namespaces.load(Ordering::SeqCst) && !*self.synced.borrow() {
+            self.metrics.cache_synced.set(1);
+            self.synced.send_replace(true);
+        }
+    }
+}
+
+/// Drives one reflector until `stop` fires: `on_listed` after each complete list (the store
+/// then holds it), watch failures logged (the watcher retries with backoff and resumes where it
+/// stopped).
+fn spawn_watch<S, K>(
+    what: &'static str,
+    stream: S,
+    on_listed: impl Fn() + Send + 'static,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()>
 where
-    S: futures_util::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
-    T: Send,
+    S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send,
 {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
             tokio::select! {
                 ev = stream.next() => match ev {
+                    Some(Ok(watcher::Event::InitDone)) => on_listed(),
                     Some(Ok(_)) => {}
                     Some(Err(e)) => tracing::warn!(error = %e, "the webhook's {what} watch failed; retrying"),
                     None => return,
@@ -155,49 +185,43 @@ impl Lookups {
                     n.annotations_mut().clear();
                 }),
         );
-        let lookups = Lookups { client, realms, namespaces };
-        let synced = {
-            let lookups = lookups.clone();
-            let mut stop = stop.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = lookups.until_synced() => {
-                        if lookups.synced() {
-                            metrics.cache_synced.set(1);
-                        }
-                    }
-                    _ = stop.changed() => {}
-                }
-            })
-        };
-        let tasks =
-            vec![spawn_watch("AuthRealm", realm_watch, stop.clone()), spawn_watch("Namespace", ns_watch, stop), synced];
-        (lookups, tasks)
+        let (synced_tx, synced) = watch::channel(false);
+        let listed = Arc::new(Listed {
+            realms: AtomicBool::new(false),
+            namespaces: AtomicBool::new(false),
+            synced: synced_tx,
+            metrics,
+        });
+        let (l1, l2) = (listed.clone(), listed);
+        let tasks = vec![
+            spawn_watch("AuthRealm", realm_watch, move || l1.mark(&l1.realms), stop.clone()),
+            spawn_watch("Namespace", ns_watch, move || l2.mark(&l2.namespaces), stop),
+        ];
+        (Lookups { client, realms, namespaces, synced }, tasks)
     }
 
-    /// Lookups on caches fed by the caller (tests: a cache that lags behind the API server).
+    /// Lookups on caches fed by the caller (tests: a cache that lags behind the API server);
+    /// listed if both stores had listed when given.
     pub fn with_stores(
         client: Client,
         realms: Store<AuthRealm>,
         namespaces: Store<PartialObjectMeta<Namespace>>,
     ) -> Lookups {
-        Lookups { client, realms, namespaces }
+        let (synced_tx, synced) = watch::channel(listed(&realms) && listed(&namespaces));
+        // The receiver alone keeps the value; nothing changes it.
+        drop(synced_tx);
+        Lookups { client, realms, namespaces, synced }
     }
 
     /// Both caches have listed.
     pub fn synced(&self) -> bool {
-        listed(&self.realms) && listed(&self.namespaces)
-    }
-
-    /// Resolves once both caches have listed.
-    async fn until_synced(&self) {
-        let _ = self.realms.wait_until_ready().await;
-        let _ = self.namespaces.wait_until_ready().await;
+        *self.synced.borrow()
     }
 
     /// Waits until both caches have listed, at most `limit`; true if they have.
     pub async fn wait_synced(&self, limit: Duration) -> bool {
-        tokio::time::timeout(limit, self.until_synced()).await.is_ok() && self.synced()
+        let mut synced = self.synced.clone();
+        matches!(tokio::time::timeout(limit, synced.wait_for(|s| *s)).await, Ok(Ok(_)))
     }
 
     /// The facts from the caches; `None` while they have not listed. `realm`: the name to look
