@@ -21,7 +21,8 @@ use authrealm_contract::alg::Family;
 const MAX_SIGNATURE_BYTES: usize = 8192 / 8;
 
 enum Prepared {
-    Hmac(hmac::Key),
+    /// Boxed: an HMAC key schedule is ~1.2 KB, the other variants a pointer or two.
+    Hmac(Box<hmac::Key>),
     Public(ParsedPublicKey),
     /// Material that does not parse as a key of this algorithm: every signature is refused
     /// (as jsonwebtoken refuses each one when it fails to parse the key on every call).
@@ -76,13 +77,13 @@ fn prepare(key: &DecodingKey, alg: Alg) -> Prepared {
     }
     let prepared = match (key.kind(), alg) {
         (DecodingKeyKind::SecretOrDer(secret), Alg::HS256) => {
-            Some(Prepared::Hmac(hmac::Key::new(hmac::HMAC_SHA256, secret)))
+            Some(Prepared::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA256, secret))))
         }
         (DecodingKeyKind::SecretOrDer(secret), Alg::HS384) => {
-            Some(Prepared::Hmac(hmac::Key::new(hmac::HMAC_SHA384, secret)))
+            Some(Prepared::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA384, secret))))
         }
         (DecodingKeyKind::SecretOrDer(secret), Alg::HS512) => {
-            Some(Prepared::Hmac(hmac::Key::new(hmac::HMAC_SHA512, secret)))
+            Some(Prepared::Hmac(Box::new(hmac::Key::new(hmac::HMAC_SHA512, secret))))
         }
         (DecodingKeyKind::SecretOrDer(bytes), _) => {
             public_algorithm(alg).and_then(|a| ParsedPublicKey::new(a, bytes).ok()).map(Prepared::Public)
