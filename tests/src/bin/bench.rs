@@ -261,7 +261,10 @@ fn per_second(budget: Duration, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
 
 /// The crypto library's own verification of `alg` at its best: aws-lc-rs with the key parsed
 /// once (`signature::ParsedPublicKey`, or an `hmac::Key` for HMAC) and the raw signature bytes.
-fn library_verifier(key: &KeySet, alg: Alg) -> Result<Box<dyn Fn(&[u8], &[u8]) -> bool>> {
+/// Verifies (message, raw signature).
+type Verifier = Box<dyn Fn(&[u8], &[u8]) -> bool>;
+
+fn library_verifier(key: &KeySet, alg: Alg) -> Result<Verifier> {
     use aws_lc_rs::signature::{self, ParsedPublicKey, RsaPublicKeyComponents};
     let dec = authrealm_contract::keygen::verifying_key(&key.keys[0])?;
     let parsed = |a: &'static dyn signature::VerificationAlgorithm, bytes: &[u8]| -> Result<ParsedPublicKey> {
