@@ -259,11 +259,11 @@ fn per_second(budget: Duration, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
         .collect()
 }
 
-/// The crypto library's own verification of `alg` at its best: aws-lc-rs with the key parsed
-/// once (`signature::ParsedPublicKey`, or an `hmac::Key` for HMAC) and the raw signature bytes.
 /// Verifies (message, raw signature).
 type Verifier = Box<dyn Fn(&[u8], &[u8]) -> bool>;
 
+/// The crypto library's own verification of `alg` at its best: aws-lc-rs with the key parsed
+/// once (`signature::ParsedPublicKey`, or an `hmac::Key` for HMAC) and the raw signature bytes.
 fn library_verifier(key: &KeySet, alg: Alg) -> Result<Verifier> {
     use aws_lc_rs::signature::{self, ParsedPublicKey, RsaPublicKeyComponents};
     let dec = authrealm_contract::keygen::verifying_key(&key.keys[0])?;
