@@ -175,6 +175,12 @@ impl Authz {
         self.rules.is_empty()
     }
 
+    /// True when some rule needs a scope or a claim value, so [`Authz::grant`] reads the claims
+    /// (without rules, every token is granted nothing and needs nothing).
+    pub fn reads_claims(&self) -> bool {
+        !self.atoms.is_empty()
+    }
+
     /// The requirements `claims` satisfy (computed once per verified token).
     pub fn grant(&self, claims: &Map<String, Value>) -> Granted {
         let mut g = Granted::default();

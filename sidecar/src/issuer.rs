@@ -370,7 +370,7 @@ async fn introspect(app: &App, req: Request<Incoming>) -> Response<Body> {
             Err(e) => return store_error(app, OP, &e),
         }
     }
-    let mut out = v.claims.clone();
+    let mut out = v.claims();
     out.insert("active".into(), true.into());
     out.insert("token_type".into(), "Bearer".into());
     ok(app, OP, StatusCode::OK, Value::Object(out))

@@ -282,19 +282,26 @@ async fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
     let verified = app.validate_token(token, now).await;
     app.metrics.validation_seconds.observe(started.elapsed().as_secs_f64());
     let (v, external) = verified?;
+    // The claims map is built only when an identity header or a rule reads a claim beyond `sub`
+    // and `jti` (validation has both).
+    let mut claims = None;
     let mut identity = Vec::with_capacity(app.identity.len());
     for ih in &app.identity {
         // `sub` is the token's subject: for an external issuer, its `subjectClaim`.
-        let value = if ih.claim == "sub" {
-            v.sub.as_deref().map(identity_str).transpose()?
-        } else {
-            identity_value(v.claims.get(&ih.claim))?
+        let value = match ih.claim.as_str() {
+            "sub" => v.sub.as_deref().map(identity_str).transpose()?,
+            "jti" => v.jti.as_deref().map(identity_str).transpose()?,
+            name => identity_value(claims.get_or_insert_with(|| v.claims()).get(name))?,
         };
         if let Some(value) = value {
             identity.push((ih.name.clone(), value));
         }
     }
-    let authz = app.authz.grant(&v.claims);
+    let authz = if app.authz.reads_claims() {
+        app.authz.grant(claims.get_or_insert_with(|| v.claims()))
+    } else {
+        Default::default()
+    };
     let grant = Arc::new(VerifiedToken {
         kid: v.kid,
         sub: v.sub,

@@ -118,7 +118,18 @@ pub struct Verified {
     pub iat: Option<i64>,
     pub nbf: Option<i64>,
     pub exp: i64,
-    pub claims: Map<String, Value>,
+    /// The decoded payload: a JSON object, parsed as such once already (see [`Verified::claims`]).
+    payload: Vec<u8>,
+}
+
+impl Verified {
+    /// Every claim of the token. Parses the payload again, so it is called only where claims
+    /// beyond the ones above are needed (identity headers of other claims, authorization rules,
+    /// introspection); validation itself builds no map.
+    pub fn claims(&self) -> Map<String, Value> {
+        // Cannot fail: `validate` accepted exactly the payloads a `Map<String, Value>` accepts.
+        serde_json::from_slice(&self.payload).unwrap_or_default()
+    }
 }
 
 /// Longest `sub` / `jti` accepted (they become parts of Redis keys).
@@ -202,8 +213,21 @@ fn is_access_token_key(k: &str) -> bool {
     decoded.eq_ignore_ascii_case(NAME)
 }
 
-fn is_b64url(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+/// The three segments of a compact JWS: exactly two dots, every segment non-empty base64url text.
+fn split_compact(token: &str) -> Option<(&str, &str, &str)> {
+    let b = token.as_bytes();
+    // One pass without early exit over the whole token (the compiler vectorises it), then the
+    // dots: this runs for every token never seen before.
+    if !b.iter().fold(true, |ok, &c| ok & (c.is_ascii_alphanumeric() | (c == b'-') | (c == b'_') | (c == b'.'))) {
+        return None;
+    }
+    let d1 = memchr::memchr(b'.', b)?;
+    let d2 = d1 + 1 + memchr::memchr(b'.', &b[d1 + 1..])?;
+    if memchr::memchr(b'.', &b[d2 + 1..]).is_some() {
+        return None;
+    }
+    let (h, p, s) = (&token[..d1], &token[d1 + 1..d2], &token[d2 + 1..]);
+    (!h.is_empty() && !p.is_empty() && !s.is_empty()).then_some((h, p, s))
 }
 
 fn numeric_date(v: &Value) -> Option<i64> {
@@ -275,6 +299,78 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Member<'a> {
             }
         }
         d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// What the checks read from the payload: the registered claims, the subject claim (`sub`, or an
+/// external issuer's `subjectClaim`) and which required claims are present. Every member's value
+/// is parsed as a `serde_json::Value` — so exactly the payloads a `Map<String, Value>` accepts are
+/// accepted, and a repeated member counts with its last value, as in such a map — but no map is
+/// built: other members' values are dropped at once.
+#[derive(Default)]
+struct Claims {
+    exp: Option<Value>,
+    nbf: Option<Value>,
+    iat: Option<Value>,
+    iss: Option<Value>,
+    aud: Option<Value>,
+    subject: Option<Value>,
+    jti: Option<Value>,
+    /// One flag per `Policy::required_claims` entry.
+    required_seen: Vec<bool>,
+}
+
+impl Claims {
+    /// `None` unless `payload` is one JSON object.
+    fn parse(payload: &[u8], subject_claim: &str, required: &[String]) -> Option<Claims> {
+        use serde::de::DeserializeSeed as _;
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        let claims = ClaimsSeed { subject_claim, required }.deserialize(&mut de).ok()?;
+        de.end().ok()?;
+        Some(claims)
+    }
+}
+
+struct ClaimsSeed<'p> {
+    subject_claim: &'p str,
+    required: &'p [String],
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ClaimsSeed<'_> {
+    type Value = Claims;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Claims, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ClaimsSeed<'_> {
+    type Value = Claims;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object of claims")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Claims, A::Error> {
+        let mut c = Claims { required_seen: vec![false; self.required.len()], ..Claims::default() };
+        while let Some(key) = map.next_key::<Member<'de>>()? {
+            let Member::Str(key) = key else { return Err(serde::de::Error::custom("claim name is not a string")) };
+            let value: Value = map.next_value()?;
+            for (name, seen) in self.required.iter().zip(c.required_seen.iter_mut()) {
+                *seen |= **name == *key;
+            }
+            if *key == *self.subject_claim {
+                c.subject = Some(value.clone());
+            }
+            let slot = match &*key {
+                "exp" => &mut c.exp,
+                "nbf" => &mut c.nbf,
+                "iat" => &mut c.iat,
+                "iss" => &mut c.iss,
+                "aud" => &mut c.aud,
+                "jti" => &mut c.jti,
+                _ => continue,
+            };
+            *slot = Some(value);
+        }
+        Ok(c)
     }
 }
 
@@ -360,13 +456,7 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
     if token.len() > policy.max_token_bytes {
         return Err(Reject::TooLarge);
     }
-    let mut parts = token.split('.');
-    let (Some(h64), Some(p64), Some(s64), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(Reject::Malformed);
-    };
-    if h64.is_empty() || p64.is_empty() || s64.is_empty() || !is_b64url(h64) || !is_b64url(p64) || !is_b64url(s64) {
-        return Err(Reject::Malformed);
-    }
+    let (h64, p64, s64) = split_compact(token).ok_or(Reject::Malformed)?;
 
     // Header.
     let mut header_buf = [0u8; 512];
@@ -399,16 +489,16 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
 
     // Claims.
     let payload = URL_SAFE_NO_PAD.decode(p64).map_err(|_| Reject::BadClaims)?;
-    let claims: Map<String, Value> = serde_json::from_slice(&payload).map_err(|_| Reject::BadClaims)?;
+    let claims = Claims::parse(&payload, subject_claim, &policy.required_claims).ok_or(Reject::BadClaims)?;
     let leeway = policy.leeway;
-    let exp = match claims.get("exp") {
+    let exp = match claims.exp.as_ref() {
         Some(v) => numeric_date(v).ok_or(Reject::BadClaims)?,
         None => return Err(Reject::MissingClaim),
     };
     if now > exp.saturating_add(leeway) {
         return Err(Reject::Expired);
     }
-    let nbf = match claims.get("nbf") {
+    let nbf = match claims.nbf.as_ref() {
         Some(v) => {
             let nbf = numeric_date(v).ok_or(Reject::BadClaims)?;
             if nbf > now.saturating_add(leeway) {
@@ -418,7 +508,7 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
         }
         None => None,
     };
-    let iat = match claims.get("iat") {
+    let iat = match claims.iat.as_ref() {
         Some(v) => {
             let iat = numeric_date(v).ok_or(Reject::BadClaims)?;
             if iat > now.saturating_add(leeway) {
@@ -428,13 +518,13 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
         }
         None => None,
     };
-    match claims.get("iss") {
+    match claims.iss.as_ref() {
         Some(Value::String(iss)) if *iss == policy.issuer => {}
         Some(Value::String(_)) => return Err(Reject::WrongIssuer),
         Some(_) => return Err(Reject::BadClaims),
         None => return Err(Reject::MissingClaim),
     }
-    let aud_ok = match claims.get("aud") {
+    let aud_ok = match claims.aud.as_ref() {
         Some(Value::String(a)) => policy.audiences.iter().any(|x| x == a),
         Some(Value::Array(list)) => {
             if list.is_empty() || !list.iter().all(Value::is_string) {
@@ -448,15 +538,15 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
     if !aud_ok {
         return Err(Reject::WrongAudience);
     }
-    let id = |name: &str| -> Result<Option<String>, Reject> {
-        match claims.get(name) {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => Ok(Some(s.clone())),
+    let id = |v: Option<Value>| -> Result<Option<String>, Reject> {
+        match v {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_BYTES => Ok(Some(s)),
             Some(_) => Err(Reject::BadClaims),
             None => Ok(None),
         }
     };
-    let sub = id(subject_claim)?;
-    let jti = id("jti")?;
+    let sub = id(claims.subject)?;
+    let jti = id(claims.jti)?;
     if policy.session_mode != SessionMode::Stateless && (sub.is_none() || jti.is_none()) {
         return Err(Reject::MissingClaim);
     }
@@ -468,10 +558,10 @@ pub fn validate_with<K: TokenKeys + ?Sized>(
             return Err(Reject::LifetimeTooLong);
         }
     }
-    if policy.required_claims.iter().any(|c| !claims.contains_key(c)) {
+    if claims.required_seen.iter().any(|seen| !seen) {
         return Err(Reject::MissingClaim);
     }
-    Ok(Verified { kid: kid.to_owned(), sub, jti, iat, nbf, exp, claims })
+    Ok(Verified { kid: kid.to_owned(), sub, jti, iat, nbf, exp, payload })
 }
 
 /// Claims a caller may not set when minting.
@@ -681,6 +771,109 @@ mod tests {
         let sig = jsonwebtoken::crypto::sign(input.as_bytes(), key.sign.as_ref().unwrap(), key.alg.to_jsonwebtoken())
             .unwrap();
         format!("{input}.{sig}")
+    }
+
+    /// The map the checks used to read, for comparison.
+    fn as_map(payload: &str) -> Option<Map<String, Value>> {
+        serde_json::from_str(payload).ok()
+    }
+
+    #[test]
+    fn claims_are_read_as_a_map_would_read_them() {
+        let req = vec!["email".to_string(), "roles".to_string()];
+        let cases = [
+            r#"{"exp":1,"sub":"a","jti":"j","email":null,"roles":[]}"#,
+            r#"{"exp":1,"exp":2,"sub":"a","sub":"b"}"#,
+            r#"{"\u0065xp":7,"s\u0075b":"x\ny","iss":"i","aud":["a","b"],"nbf":1.5,"iat":-3}"#,
+            r#"{"exp":1,"big":1e400}"#,
+            r#"{"exp":1,"big":-1e400}"#,
+            r#"{"exp":18446744073709551616}"#,
+            r#"{"exp":1,"bad":"\ud800"}"#,
+            r#"{"exp":1,"bad":"\x"}"#,
+            r#"{"exp":1,"n":[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}"#,
+            r#"[{"exp":1}]"#,
+            r#""exp""#,
+            r#"{"exp":1} {}"#,
+            r#"{"exp":1,}"#,
+            r#"{}"#,
+            r#" { "exp" : 1 } "#,
+        ];
+        for p in cases {
+            let map = as_map(p);
+            let claims = Claims::parse(p.as_bytes(), "sub", &req);
+            assert_eq!(claims.is_some(), map.is_some(), "{p}");
+            let (Some(c), Some(m)) = (claims, map) else { continue };
+            assert_eq!(c.exp.as_ref(), m.get("exp"), "{p}");
+            assert_eq!(c.nbf.as_ref(), m.get("nbf"), "{p}");
+            assert_eq!(c.iat.as_ref(), m.get("iat"), "{p}");
+            assert_eq!(c.iss.as_ref(), m.get("iss"), "{p}");
+            assert_eq!(c.aud.as_ref(), m.get("aud"), "{p}");
+            assert_eq!(c.subject.as_ref(), m.get("sub"), "{p}");
+            assert_eq!(c.jti.as_ref(), m.get("jti"), "{p}");
+            assert_eq!(c.required_seen, req.iter().map(|r| m.contains_key(r)).collect::<Vec<_>>(), "{p}");
+        }
+        // Another subject claim; the same claim may fill two roles.
+        let c = Claims::parse(br#"{"email":"e@x","jti":"j"}"#, "email", &[]).unwrap();
+        assert_eq!(c.subject, Some(json!("e@x")));
+        let c = Claims::parse(br#"{"jti":"j"}"#, "jti", &[]).unwrap();
+        assert_eq!((c.subject, c.jti), (Some(json!("j")), Some(json!("j"))));
+    }
+
+    proptest::proptest! {
+        /// Random edits of a payload: accepted exactly when a map accepts it, with the same values.
+        #[test]
+        fn claims_parse_agrees_with_a_map_on_mangled_payloads(
+            cut in 0usize..120,
+            insert in proptest::sample::select(vec!["", ",", "\"", "\\", "1e400", "\"exp\":2,", "}", "{", "[", "null", "\\u0000", " "]),
+        ) {
+            let base = r#"{"iss":"https://iss","sub":"s","aud":["a"],"exp":1800000060,"iat":1800000000,"jti":"j","x":{"y":[1,2.5,true]}}"#;
+            let at = cut.min(base.len());
+            let p = format!("{}{}{}", &base[..at], insert, &base[at..]);
+            let map = as_map(&p);
+            let claims = Claims::parse(p.as_bytes(), "sub", &["x".to_string()]);
+            proptest::prop_assert_eq!(claims.is_some(), map.is_some(), "{}", p);
+            if let (Some(c), Some(m)) = (claims, map) {
+                proptest::prop_assert_eq!(c.exp.as_ref(), m.get("exp"));
+                proptest::prop_assert_eq!(c.subject.as_ref(), m.get("sub"));
+                proptest::prop_assert_eq!(c.aud.as_ref(), m.get("aud"));
+                proptest::prop_assert_eq!(c.required_seen[0], m.contains_key("x"));
+            }
+        }
+    }
+
+    #[test]
+    fn verified_tokens_keep_every_claim() {
+        let r = ring();
+        let token = sign(&r, "es", json!({"alg": "ES256", "kid": "es"}), claims(json!({"roles": ["a"], "n": 1.5})));
+        let v = validate(&token, &r, &policy(SessionMode::Single), NOW).unwrap();
+        let m = v.claims();
+        assert_eq!(m.get("roles"), Some(&json!(["a"])));
+        assert_eq!(m.get("n"), Some(&json!(1.5)));
+        assert_eq!(m.get("iss"), Some(&json!("https://iss")));
+        assert_eq!(m.len(), 8);
+    }
+
+    #[test]
+    fn compact_form_is_three_non_empty_base64url_segments() {
+        assert_eq!(split_compact("a.b.c"), Some(("a", "b", "c")));
+        assert_eq!(split_compact("aZ09-_.x.Y-_"), Some(("aZ09-_", "x", "Y-_")));
+        for bad in [
+            "",
+            "a.b",
+            "a.b.c.d",
+            ".b.c",
+            "a..c",
+            "a.b.",
+            "a.b+.c",
+            "a.b.c=",
+            "a.b.c ",
+            "a.\u{e9}.c",
+            "a.b.c\n",
+            "..",
+            "...",
+        ] {
+            assert_eq!(split_compact(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
