@@ -18,23 +18,35 @@
 //! renewing every cached session costs a few pipelines per bound, not a round trip each.
 //!
 //! Nothing about what is read changes: the same `EXISTS` of the same key on the master that
-//! serves its slot. Masters are grouped by the slot map the sidecar polls ([`TopologyWatch`]);
-//! the pipeline is routed by its first key's slot. Any reply that is not an integer (a `MOVED`
+//! serves its slot. Masters are grouped by the slot map the sidecar polls ([`TopologyWatch`]).
+//! In a cluster, a pipeline goes on a connection of this module's own to that master (made on
+//! first use, with the realm's credentials and TLS settings; dropped when it fails and when the
+//! master leaves the slot map), which saves the cluster client's task hop per pipeline; until
+//! that connection is up, or for a slot the map does not assign, it goes through the cluster
+//! client, routed by its first key's slot. A node that no longer serves a slot answers `MOVED`,
+//! never a stale reply. Any reply that is not an integer (a `MOVED`
 //! after a slot moved, `TRYAGAIN`, `LOADING`, …), and every key of a pipeline that failed or
 //! timed out, is answered "not here": that request then sends its `EXISTS` on its own exactly as
 //! before (the cluster client follows the redirect or retries), within the request's own
 //! deadline ([`crate::session::SessionStore`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use redis::Value;
+use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, oneshot};
 
+use authrealm_contract::config::RedisConfig;
+
 use crate::session::{RedisConn, SessionKey};
-use crate::topology::{NO_NODE, TopologyWatch};
+use crate::topology::{NO_NODE, SlotLayout, TopologyWatch};
+
+/// A master whose own connection could not be made is tried again after this.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
 
 /// Most reads in one pipeline (more are split).
 const MAX_PIPELINE: usize = 128;
@@ -77,6 +89,26 @@ struct Shared {
     topology: Option<TopologyWatch>,
     /// A pipeline not answered by then is given up (its requests read on their own).
     timeout: Duration,
+    /// Own connections to the masters (cluster mode).
+    direct: Option<Direct>,
+}
+
+/// This module's own connection to each master, by address.
+struct Direct {
+    cfg: RedisConfig,
+    links: Mutex<HashMap<String, Link>>,
+}
+
+enum Link {
+    /// Being made, or failed at that time: pipelines go through the cluster client meanwhile.
+    Pending(Instant),
+    Up(MultiplexedConnection),
+}
+
+impl Direct {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Link>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Shared {
@@ -97,7 +129,38 @@ impl Shared {
         }
         let layout = layouts.and_then(|rx| rx.borrow().clone());
         for p in pipelines(batch, layout.as_deref().map(|l| &l.slots[..])) {
-            tokio::spawn(send(self.clone(), p));
+            let master = layout.as_deref().and_then(|l| master_of(l, p[0].key.slot()));
+            tokio::spawn(send(self.clone(), p, master));
+        }
+    }
+
+    /// The own connection to the master at `addr`, if it is up; otherwise None (and one is made
+    /// in the background, at most once per [`RECONNECT_AFTER`]).
+    fn direct(self: &Arc<Self>, addr: &str) -> Option<MultiplexedConnection> {
+        let d = self.direct.as_ref()?;
+        let mut links = d.lock();
+        match links.get(addr) {
+            Some(Link::Up(c)) => return Some(c.clone()),
+            Some(Link::Pending(since)) if since.elapsed() < RECONNECT_AFTER => return None,
+            _ => {}
+        }
+        links.insert(addr.to_string(), Link::Pending(Instant::now()));
+        tokio::spawn(connect(self.clone(), addr.to_string()));
+        None
+    }
+
+    /// The own connection to `addr` failed: pipelines go through the cluster client until a new
+    /// one is made.
+    fn direct_failed(&self, addr: &str) {
+        if let Some(d) = &self.direct {
+            d.lock().insert(addr.to_string(), Link::Pending(Instant::now()));
+        }
+    }
+
+    /// Drop the own connections to nodes that are not masters of `layout`.
+    fn retain_masters(&self, layout: &SlotLayout) {
+        if let Some(d) = &self.direct {
+            d.lock().retain(|addr, _| layout.masters.iter().any(|m| m == addr));
         }
     }
 }
@@ -109,8 +172,15 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
-    /// `topology`: the slot map that groups keys by master (None: one pipeline per slot).
-    pub fn new(conn: Arc<ArcSwap<RedisConn>>, topology: Option<TopologyWatch>, timeout: Duration) -> Self {
+    /// `topology`: the slot map that groups keys by master (None: one pipeline per slot);
+    /// `cluster`: the realm's Redis settings when it is a cluster (own connections to its
+    /// masters are made with them).
+    pub fn new(
+        conn: Arc<ArcSwap<RedisConn>>,
+        topology: Option<TopologyWatch>,
+        timeout: Duration,
+        cluster: Option<RedisConfig>,
+    ) -> Self {
         Coalescer {
             shared: Arc::new(Shared {
                 queue: Mutex::new(Vec::new()),
@@ -121,6 +191,7 @@ impl Coalescer {
                 conn,
                 topology,
                 timeout,
+                direct: cluster.map(|cfg| Direct { cfg, links: Mutex::new(HashMap::new()) }),
             }),
             started: OnceLock::new(),
         }
@@ -167,6 +238,14 @@ impl Coalescer {
 
 type LayoutRx = tokio::sync::watch::Receiver<Option<Arc<crate::topology::SlotLayout>>>;
 
+/// The address of the master serving `slot`, if the map assigns it.
+fn master_of(layout: &SlotLayout, slot: u16) -> Option<String> {
+    match layout.slots.get(slot as usize) {
+        Some(&m) if m != NO_NODE => layout.masters.get(m as usize).cloned(),
+        _ => None,
+    }
+}
+
 /// Pipeline group of a slot: its master's index in the slot map, or (slot unknown to the map)
 /// the slot itself.
 fn group(slots: Option<&[u16]>, slot: u16) -> u32 {
@@ -189,9 +268,15 @@ fn pipelines(mut batch: Vec<Waiting>, slots: Option<&[u16]>) -> Vec<Vec<Waiting>
 }
 
 async fn flusher(shared: Arc<Shared>) {
-    let layouts = shared.topology.as_ref().map(TopologyWatch::subscribe);
+    let mut layouts = shared.topology.as_ref().map(TopologyWatch::subscribe);
     loop {
         shared.wake.notified().await;
+        if let Some(rx) = layouts.as_mut()
+            && rx.has_changed().unwrap_or(false)
+            && let Some(layout) = rx.borrow_and_update().clone()
+        {
+            shared.retain_masters(&layout);
+        }
         // Every request ready in this pass of the runtime adds its key first.
         tokio::task::yield_now().await;
         shared.dispatch(layouts.as_ref());
@@ -209,17 +294,50 @@ async fn later_timer(shared: Arc<Shared>) {
     }
 }
 
-/// One pipeline to the master serving its first key's slot; each request gets its reply, or
-/// (dropped sender) reads on its own.
-async fn send(shared: Arc<Shared>, keys: Vec<Waiting>) {
+/// Makes the own connection to the master at `addr`.
+async fn connect(shared: Arc<Shared>, addr: String) {
+    let Some(d) = &shared.direct else { return };
+    let connect_timeout = Duration::from_millis(d.cfg.connect_timeout_ms);
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(shared.timeout));
+    let made = async {
+        let client = crate::session::server_client(&d.cfg, &addr, false).ok()?;
+        client.get_multiplexed_async_connection_with_config(&config).await.ok()
+    };
+    let Ok(Some(conn)) = tokio::time::timeout(connect_timeout + shared.timeout, made).await else { return };
+    let mut links = d.lock();
+    // Only if still wanted (the master may have left the slot map meanwhile).
+    if let Some(link @ Link::Pending(_)) = links.get_mut(&addr) {
+        *link = Link::Up(conn);
+    }
+}
+
+/// One pipeline to the master serving its keys (`master`, on the own connection when it is up;
+/// otherwise through the cluster client, routed by the first key's slot); each request gets its
+/// reply, or (dropped sender) reads on its own.
+async fn send(shared: Arc<Shared>, keys: Vec<Waiting>, master: Option<String>) {
     let Some(first) = keys.first() else { return };
     let slot = first.key.slot();
     let mut pipe = redis::pipe();
     for w in &keys {
         pipe.cmd("EXISTS").arg(w.key.as_str());
     }
-    let mut conn = RedisConn::clone(&shared.conn.load());
-    let replies = match tokio::time::timeout(shared.timeout, conn.pipeline_for_slot(slot, pipe, keys.len())).await {
+    let direct = master.as_deref().and_then(|a| Some((a, shared.direct(a)?)));
+    let sent = match direct {
+        Some((addr, mut conn)) => {
+            let r = tokio::time::timeout(shared.timeout, conn.send_packed_commands(&pipe, 0, keys.len())).await;
+            if !matches!(r, Ok(Ok(_))) {
+                shared.direct_failed(addr);
+            }
+            r
+        }
+        None => {
+            let mut conn = RedisConn::clone(&shared.conn.load());
+            tokio::time::timeout(shared.timeout, conn.pipeline_for_slot(slot, pipe, keys.len())).await
+        }
+    };
+    let replies = match sent {
         Ok(Ok(v)) if v.len() == keys.len() => v,
         _ => {
             for w in keys {

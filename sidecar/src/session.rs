@@ -374,6 +374,8 @@ pub struct SessionStore {
     topology: Option<TopologyWatch>,
     /// Per-request reads, coalesced into one pipeline per master.
     reads: Arc<Coalescer>,
+    /// The realm's Redis settings, when it is a cluster (the coalesced reads' own connections).
+    cluster: Option<RedisConfig>,
 }
 
 /// The Redis username and password from the environment variables the config names (unset or
@@ -486,7 +488,8 @@ impl SessionStore {
         let conn = Arc::new(ArcSwap::from_pointee(conn));
         let timeout = Duration::from_millis(cfg.command_timeout_ms);
         SessionStore {
-            reads: Arc::new(Coalescer::new(conn.clone(), None, timeout)),
+            reads: Arc::new(Coalescer::new(conn.clone(), None, timeout, None)),
+            cluster: (cfg.mode == RedisMode::Cluster).then(|| cfg.clone()),
             conn,
             writer: Arc::new(ArcSwap::from_pointee(writer)),
             layout: KeyLayout::new(&cfg.key_prefix, realm),
@@ -532,7 +535,8 @@ impl SessionStore {
 
     /// Poke `topology` whenever a request-path command fails.
     pub fn with_topology(mut self, topology: TopologyWatch) -> Self {
-        self.reads = Arc::new(Coalescer::new(self.conn.clone(), Some(topology.clone()), self.timeout));
+        self.reads =
+            Arc::new(Coalescer::new(self.conn.clone(), Some(topology.clone()), self.timeout, self.cluster.clone()));
         self.topology = Some(topology);
         self
     }
