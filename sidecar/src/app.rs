@@ -74,6 +74,9 @@ pub struct App {
     pub authz: crate::authz::Authz,
     /// External issuers' key sets (`externalIssuers`; see `jwks`).
     pub external: crate::jwks::External,
+    /// The session records' key layout (`single`/`multi` realms): verified tokens keep their
+    /// session key ([`crate::session::SessionKey`]).
+    pub session_layout: Option<crate::session::KeyLayout>,
 }
 
 /// Two multiplexed connections (cluster, or to the standalone server): one for per-request
@@ -128,7 +131,14 @@ impl App {
                 .expect("realm is a DNS name");
         let authz = crate::authz::Authz::new(&cfg.authorization, &cfg.realm);
         let external = crate::jwks::External::new(&cfg, &metrics);
+        let session_layout = match (cfg.session_mode, &cfg.redis) {
+            (SessionMode::Single | SessionMode::Multi, Some(r)) => {
+                Some(crate::session::KeyLayout::new(&r.key_prefix, &cfg.realm))
+            }
+            _ => None,
+        };
         Arc::new(App {
+            session_layout,
             authz,
             external,
             cfg,

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod cli;
+pub mod coalesce;
 pub mod framing;
 pub mod issuer;
 pub mod jwks;

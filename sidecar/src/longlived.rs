@@ -86,7 +86,8 @@ async fn recheck(app: &App, g: &Grant) -> Result<Option<End>, ()> {
         return Ok(None);
     }
     let Some(store) = app.sessions() else { return Err(()) };
-    match store.check(g.sub.as_deref().unwrap_or(""), g.jti.as_deref().unwrap_or(""), g.iat).await {
+    let (sub, jti) = (g.sub.as_deref().unwrap_or(""), g.jti.as_deref().unwrap_or(""));
+    match store.check_sourced(sub, jti, g.iat, g.session_key.as_ref()).await.0 {
         Ok(SessionState::Active) => Ok(None),
         // single/multi session records expire with the token: gone after exp means expired.
         Ok(SessionState::Revoked) if crate::app::now_unix() >= g.exp => Ok(Some(End::Expired)),

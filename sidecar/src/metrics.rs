@@ -184,6 +184,11 @@ impl Metrics {
             session_cache.misses.clone(),
         );
         r.register(
+            "session_cache_refreshes",
+            "Cached sessions past half their maxStaleness read again in the background",
+            session_cache.refreshes.clone(),
+        );
+        r.register(
             "session_cache_invalidations",
             "Cached sessions dropped because Redis reported a change of their record",
             session_cache.invalidations.clone(),

@@ -302,6 +302,10 @@ async fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
     } else {
         Default::default()
     };
+    let session_key = app
+        .session_layout
+        .as_ref()
+        .map(|l| crate::session::SessionKey::new(l, v.sub.as_deref().unwrap_or(""), v.jti.as_deref().unwrap_or("")));
     let grant = Arc::new(VerifiedToken {
         kid: v.kid,
         sub: v.sub,
@@ -312,6 +316,7 @@ async fn verify(app: &App, token: &str, now: i64) -> Result<Grant, Reject> {
         identity,
         authz,
         external,
+        session_key,
     });
     app.token_cache.insert(token, &digest, grant.clone());
     Ok(grant)
@@ -368,7 +373,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Auth, Box<Re
     let (sub, jti) = (verified.sub.as_deref().unwrap_or(""), verified.jti.as_deref().unwrap_or(""));
     let redis_started = Instant::now();
     let (state, local) = match app.sessions() {
-        Some(store) => store.check_sourced(sub, jti, verified.iat).await,
+        Some(store) => store.check_sourced(sub, jti, verified.iat, verified.session_key.as_ref()).await,
         None => (Err(crate::session::StoreError::NotConnected), false),
     };
     match state {

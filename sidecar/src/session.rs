@@ -27,6 +27,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use authrealm_contract::config::RedisConfig;
 use authrealm_contract::{RedisMode, SessionMode};
 
+use crate::coalesce::Coalescer;
 use crate::sessioncache::{Lookup, SessionCache};
 use crate::topology::TopologyWatch;
 
@@ -53,6 +54,30 @@ pub fn record_ttl_ms(exp: i64, leeway_secs: u64, now_ms: i64) -> u64 {
 /// ([`crate::token::validate`] refuses `exp − iat > max lifetime + leeway`).
 pub fn latest_exp_for_iat(iat_max: i64, max_lifetime_secs: u64, leeway_secs: u64) -> i64 {
     iat_max.saturating_add(max_lifetime_secs.saturating_add(leeway_secs).min(i64::MAX as u64 / 4) as i64)
+}
+
+/// A session record's key (`P{R:S}:t:J`) and its cluster slot. Built once per verified token and
+/// kept with it in the verified-token cache ([`crate::tokencache::VerifiedToken::session_key`]),
+/// so the per-request check formats no key and hashes no slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionKey {
+    key: Arc<str>,
+    slot: u16,
+}
+
+impl SessionKey {
+    pub fn new(layout: &KeyLayout, sub: &str, jti: &str) -> Self {
+        let key: Arc<str> = layout.token(sub, jti).into();
+        SessionKey { slot: key_slot(&key), key }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.key
+    }
+
+    pub fn slot(&self) -> u16 {
+        self.slot
+    }
 }
 
 /// Result of the per-request session check.
@@ -282,9 +307,19 @@ impl RedisConn {
     /// A pipeline on the master serving `key`'s slot (a cluster); on the server (standalone).
     /// The raw replies, server errors included as values.
     async fn pipeline_for_key(&mut self, key: &str, pipe: Pipeline, count: usize) -> redis::RedisResult<Vec<Value>> {
+        self.pipeline_for_slot(key_slot(key), pipe, count).await
+    }
+
+    /// A pipeline on the master serving `slot` (a cluster); on the server (standalone).
+    pub(crate) async fn pipeline_for_slot(
+        &mut self,
+        slot: u16,
+        pipe: Pipeline,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Value>> {
         match self {
             RedisConn::Cluster(c) => {
-                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(key_slot(key), SlotAddr::Master));
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
                 c.route_pipeline(pipe, 0, count, route).await
             }
             RedisConn::Standalone(_) => self.req_packed_commands(&pipe, 0, count).await,
@@ -337,6 +372,10 @@ pub struct SessionStore {
     cache: Option<SessionCache>,
     /// The slot-map watcher, told about request-path errors.
     topology: Option<TopologyWatch>,
+    /// Per-request reads, coalesced into one pipeline per master.
+    reads: Arc<Coalescer>,
+    /// The realm's Redis settings, when it is a cluster (the coalesced reads' own connections).
+    cluster: Option<RedisConfig>,
 }
 
 /// The Redis username and password from the environment variables the config names (unset or
@@ -446,12 +485,16 @@ impl SessionStore {
         cfg_leeway_secs: u64,
         max_sessions: u32,
     ) -> Self {
+        let conn = Arc::new(ArcSwap::from_pointee(conn));
+        let timeout = Duration::from_millis(cfg.command_timeout_ms);
         SessionStore {
-            conn: Arc::new(ArcSwap::from_pointee(conn)),
+            reads: Arc::new(Coalescer::new(conn.clone(), None, timeout, None)),
+            cluster: (cfg.mode == RedisMode::Cluster).then(|| cfg.clone()),
+            conn,
             writer: Arc::new(ArcSwap::from_pointee(writer)),
             layout: KeyLayout::new(&cfg.key_prefix, realm),
             mode,
-            timeout: Duration::from_millis(cfg.command_timeout_ms),
+            timeout,
             wait_replicas: cfg.wait_replicas,
             wait_timeout_ms: cfg.wait_timeout_ms,
             leeway_secs: cfg_leeway_secs,
@@ -492,6 +535,8 @@ impl SessionStore {
 
     /// Poke `topology` whenever a request-path command fails.
     pub fn with_topology(mut self, topology: TopologyWatch) -> Self {
+        self.reads =
+            Arc::new(Coalescer::new(self.conn.clone(), Some(topology.clone()), self.timeout, self.cluster.clone()));
         self.topology = Some(topology);
         self
     }
@@ -524,19 +569,22 @@ impl SessionStore {
     /// The per-request check: at most one command, keys of one slot. With the session cache, an
     /// active session found there (see [`crate::sessioncache`] for when it may be used) needs none.
     pub async fn check(&self, sub: &str, jti: &str, iat: Option<i64>) -> Result<SessionState, StoreError> {
-        self.check_sourced(sub, jti, iat).await.0
+        self.check_sourced(sub, jti, iat, None).await.0
     }
 
     /// [`Self::check`], and whether it was answered without Redis (stateless mode or a session
-    /// cache hit) — the request path's Redis metrics count only real round trips.
+    /// cache hit) — the request path's Redis metrics count only real round trips. `key`: the
+    /// session key of (`sub`, `jti`) when the caller keeps one ([`SessionKey::new`] with this
+    /// store's [`KeyLayout`]); built here otherwise.
     pub async fn check_sourced(
         &self,
         sub: &str,
         jti: &str,
         iat: Option<i64>,
+        key: Option<&SessionKey>,
     ) -> (Result<SessionState, StoreError>, bool) {
         let mut local = false;
-        let r = self.check_inner(sub, jti, iat, &mut local).await;
+        let r = self.check_inner(sub, jti, iat, key, &mut local).await;
         (r, local)
     }
 
@@ -545,6 +593,7 @@ impl SessionStore {
         sub: &str,
         jti: &str,
         iat: Option<i64>,
+        key: Option<&SessionKey>,
         local: &mut bool,
     ) -> Result<SessionState, StoreError> {
         match self.mode {
@@ -553,10 +602,27 @@ impl SessionStore {
                 Ok(SessionState::Active)
             }
             SessionMode::Single | SessionMode::Multi => {
-                let key = self.layout.token(sub, jti);
+                let built;
+                let key = match key {
+                    Some(k) => k,
+                    None => {
+                        built = SessionKey::new(&self.layout, sub, jti);
+                        &built
+                    }
+                };
                 let ticket = match &self.cache {
-                    Some(c) => match c.lookup(&key) {
+                    Some(c) => match c.lookup_slot(key.as_str(), key.slot()) {
                         Lookup::Hit => {
+                            *local = true;
+                            return Ok(SessionState::Active);
+                        }
+                        Lookup::Refresh(t) => {
+                            // Sent within an eighth of the bound (the entry has at least half
+                            // of it left), usually in a pipeline with others.
+                            let delay = c.bound() / 8;
+                            let (c, k) = (c.clone(), key.clone());
+                            let then = Box::new(move |n: Option<i64>| c.refreshed(k.as_str(), t, n.map(|n| n == 1)));
+                            self.reads.later(key, delay, then);
                             *local = true;
                             return Ok(SessionState::Active);
                         }
@@ -564,10 +630,9 @@ impl SessionStore {
                     },
                     None => None,
                 };
-                let mut conn = self.read_connection();
-                let n = self.bounded(self.timeout, redis::cmd("EXISTS").arg(&key).query_async::<i64>(&mut conn)).await;
+                let n = self.bounded(self.timeout, self.exists(key)).await;
                 if let Some(c) = &self.cache {
-                    c.complete(&key, ticket, n.as_ref().ok().map(|n| *n == 1));
+                    c.complete(key.as_str(), ticket, n.as_ref().ok().map(|n| *n == 1));
                 }
                 Ok(if n? == 1 { SessionState::Active } else { SessionState::Revoked })
             }
@@ -584,6 +649,21 @@ impl SessionStore {
                 Ok(if denied || cut_off { SessionState::Revoked } else { SessionState::Active })
             }
         }
+    }
+
+    /// `EXISTS key` on the master serving its slot: in a pipeline with the other requests' reads
+    /// of the same moment ([`crate::coalesce`]); on its own, through the cluster client's
+    /// redirects and retries, when that pipeline did not answer it.
+    async fn exists(&self, key: &SessionKey) -> redis::RedisResult<i64> {
+        if let Some(n) = self.reads.exists(key).await {
+            return Ok(n);
+        }
+        let mut conn = self.read_connection();
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(key.as_str());
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(key.slot(), SlotAddr::Master));
+        let v = conn.route_command(cmd, RoutingInfo::SingleNode(route)).await?;
+        Ok(redis::from_redis_value(v.extract_error()?)?)
     }
 
     fn write_limit(&self) -> Duration {

@@ -38,6 +38,14 @@
 //! does not know yet. The heartbeat is what makes a broken channel visible quickly: entries of a
 //! master whose heartbeats stop are not used, so requests go to Redis as with the cache off.
 //!
+//! **Renewal.** An entry past half its life that is used gets its key read again in the background
+//! ([`Lookup::Refresh`], sent within an eighth of the bound in a pipeline with other reads, see
+//! [`crate::coalesce`]), with the same protocol as a miss: a ticket and a marker time set before
+//! the read is sent, an invalidation or flush meanwhile removes the entry, and only a reply that
+//! finds the same ticket renews it — its age then counts from that marker. "Gone" drops the entry.
+//! So a session in use stays cached without its requests ever waiting for Redis, and every entry's
+//! age is still counted from before the latest read that confirmed it.
+//!
 //! **Flushes.** Everything is dropped when a tracking connection is (re)established (writes made
 //! while no connection was tracking were never reported), when one is lost, when the slot map
 //! changes (polled with `CLUSTER SLOTS` every second and at once after a data-path error or a
@@ -47,10 +55,11 @@
 //! refused by the pod that made it on the very next request.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -91,6 +100,8 @@ pub struct ReasonLabel {
 pub struct CacheMetrics {
     pub hits: Counter,
     pub misses: Counter,
+    /// Background re-reads of entries past half their life ([`Lookup::Refresh`]).
+    pub refreshes: Counter,
     pub invalidations: Counter,
     pub flushes: Family<ReasonLabel, Counter>,
     pub entries: Gauge,
@@ -106,6 +117,10 @@ pub struct CacheMetrics {
 pub enum Lookup {
     /// The session is active; no Redis read needed.
     Hit,
+    /// The session is active, and its entry is past half its life: read the key again in the
+    /// background and report the reply with [`SessionCache::refreshed`] and this ticket, so the
+    /// entry stays usable without a request waiting for Redis.
+    Refresh(u64),
     /// Read Redis, then report the reply with [`SessionCache::complete`] and this ticket (None:
     /// the cache is full, the reply will not be cached).
     Miss(Option<u64>),
@@ -116,6 +131,9 @@ struct Entry {
     ticket: u64,
     created_us: u64,
     active: bool,
+    /// Ticket of the background re-read in flight (0: none), and when its marker was set.
+    refresh: u64,
+    refresh_us: u64,
 }
 
 /// One master and its invalidation channel.
@@ -155,12 +173,15 @@ impl Topology {
     }
 }
 
-struct State {
+/// Entries are split over this many independently locked shards by key slot (all keys of a
+/// subject share a slot, so a subject's entries share a shard): requests on different threads
+/// rarely meet on a lock.
+const SHARDS: usize = 64;
+
+#[derive(Default)]
+struct Shard {
     entries: BTreeMap<Box<str>, Entry>,
     bytes: usize,
-    next_ticket: u64,
-    last_sweep_us: u64,
-    topo: Arc<Topology>,
 }
 
 struct Shared {
@@ -168,7 +189,13 @@ struct Shared {
     bound_us: u64,
     max_entries: usize,
     max_bytes: usize,
-    state: Mutex<State>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Entries and key bytes over all shards (a shard's share changes under its lock).
+    len: AtomicUsize,
+    bytes: AtomicUsize,
+    next_ticket: AtomicU64,
+    last_sweep_us: AtomicU64,
+    topo: ArcSwap<Topology>,
     metrics: CacheMetrics,
     /// Told about a heartbeat answered `MOVED` (set by [`SessionCache::start`]).
     topology: std::sync::OnceLock<TopologyWatch>,
@@ -191,26 +218,32 @@ pub struct SessionCache {
 impl SessionCache {
     /// A cache with no masters known yet (nothing is usable until heartbeats confirm).
     pub fn new(cfg: &SessionCacheConfig, layout: &KeyLayout, metrics: CacheMetrics) -> Self {
-        Self::with_instance(cfg, layout, metrics, &format!("{:016x}", random_u64()))
+        Self::with_instance(cfg, layout, metrics, &format!("{:016x}", random_u64()), Instant::now())
     }
 
     /// `instance` names this process's heartbeat keys (random in [`SessionCache::new`]).
-    fn with_instance(cfg: &SessionCacheConfig, layout: &KeyLayout, metrics: CacheMetrics, instance: &str) -> Self {
+    /// `base`: the start of the cache's clock.
+    fn with_instance(
+        cfg: &SessionCacheConfig,
+        layout: &KeyLayout,
+        metrics: CacheMetrics,
+        instance: &str,
+        base: Instant,
+    ) -> Self {
         let max_entries = cfg.max_entries.max(1) as usize;
         SessionCache {
             shared: Arc::new(Shared {
-                base: Instant::now(),
+                base,
                 bound_us: cfg.max_staleness_ms.saturating_mul(1000),
                 max_entries,
                 // Keys are ~60-120 bytes; a realm with unusually long subjects caches fewer.
                 max_bytes: max_entries.saturating_mul(128),
-                state: Mutex::new(State {
-                    entries: BTreeMap::new(),
-                    bytes: 0,
-                    next_ticket: 1,
-                    last_sweep_us: 0,
-                    topo: Arc::new(Topology::empty()),
-                }),
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+                len: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                next_ticket: AtomicU64::new(1),
+                last_sweep_us: AtomicU64::new(0),
+                topo: ArcSwap::from_pointee(Topology::empty()),
                 metrics,
                 topology: std::sync::OnceLock::new(),
                 seq: AtomicU64::new(1),
@@ -230,51 +263,78 @@ impl SessionCache {
         self.shared.now_us()
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.shared.lock()
-    }
-
     /// The per-request lookup for a session key (`P{R:S}:t:J`).
     pub fn lookup(&self, key: &str) -> Lookup {
+        self.lookup_slot(key, key_slot(key))
+    }
+
+    /// [`Self::lookup`] of a key whose slot is known (`slot` must be `key_slot(key)`).
+    pub fn lookup_slot(&self, key: &str, slot: u16) -> Lookup {
         let sh = &*self.shared;
         let now = self.now_us();
-        let mut st = self.lock();
-        if let Some(e) = st.entries.get(key) {
+        let mut shard = sh.shard(slot);
+        if let Some(e) = shard.entries.get_mut(key) {
             if e.active {
-                let hb = st.topo.node_for(key_slot(key)).map_or(0, |n| n.heartbeat_us.load(Ordering::Acquire));
+                let hb = sh.topo.load().node_for(slot).map_or(0, |n| n.heartbeat_us.load(Ordering::Acquire));
                 if usable(now, e.created_us, hb, sh.bound_us) {
-                    drop(st);
+                    // Past half its life: re-read now, in the background, while the entry is
+                    // still used — at most once per quarter of the bound (one in flight; a lost
+                    // or failed one is tried again after that).
+                    let found = if now.saturating_sub(e.created_us) > sh.bound_us / 2
+                        && now.saturating_sub(e.refresh_us) > sh.bound_us / 4
+                    {
+                        e.refresh = sh.ticket();
+                        e.refresh_us = now;
+                        Lookup::Refresh(e.refresh)
+                    } else {
+                        Lookup::Hit
+                    };
+                    drop(shard);
                     sh.metrics.hits.inc();
-                    return Lookup::Hit;
+                    if found != Lookup::Hit {
+                        sh.metrics.refreshes.inc();
+                    }
+                    return found;
                 }
             } else if now.saturating_sub(e.created_us) <= sh.bound_us {
                 // A read is in flight: any reply to a read sent from now on may complete it.
                 let ticket = e.ticket;
-                drop(st);
+                drop(shard);
                 sh.metrics.misses.inc();
                 return Lookup::Miss(Some(ticket));
             }
         }
         sh.metrics.misses.inc();
-        let ticket = st.next_ticket;
-        st.next_ticket += 1;
-        let entry = Entry { ticket, created_us: now, active: false };
-        if let Some(e) = st.entries.get_mut(key) {
+        let ticket = sh.ticket();
+        let entry = Entry { ticket, created_us: now, active: false, refresh: 0, refresh_us: 0 };
+        if let Some(e) = shard.entries.get_mut(key) {
             *e = entry;
             return Lookup::Miss(Some(ticket));
         }
-        if st.entries.len() >= sh.max_entries || st.bytes + key.len() > sh.max_bytes {
-            // Full: drop what is too old to be used (at most a few times per bound).
-            if now.saturating_sub(st.last_sweep_us) > sh.bound_us / 4 {
-                sh.sweep(&mut st, now);
+        if !sh.reserve(key.len()) {
+            // Full: drop what is too old to be used (at most a few times per bound; every shard
+            // is locked in turn, never two at once).
+            drop(shard);
+            let last = sh.last_sweep_us.load(Ordering::Relaxed);
+            if now.saturating_sub(last) > sh.bound_us / 4
+                && sh.last_sweep_us.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            {
+                sh.sweep(now);
             }
-            if st.entries.len() >= sh.max_entries || st.bytes + key.len() > sh.max_bytes {
+            if !sh.reserve(key.len()) {
+                return Lookup::Miss(None);
+            }
+            shard = sh.shard(slot);
+            if shard.entries.contains_key(key) {
+                // Another request put a marker meanwhile: leave it, read without one.
+                sh.unreserve(key.len());
                 return Lookup::Miss(None);
             }
         }
-        st.bytes += key.len();
-        st.entries.insert(key.into(), entry);
-        sh.metrics.entries.set(st.entries.len() as i64);
+        shard.bytes += key.len();
+        shard.entries.insert(key.into(), entry);
+        drop(shard);
+        sh.metrics.entries.set(sh.len.load(Ordering::Relaxed) as i64);
         Lookup::Miss(Some(ticket))
     }
 
@@ -284,41 +344,64 @@ impl SessionCache {
     pub fn complete(&self, key: &str, ticket: Option<u64>, exists: Option<bool>) {
         let Some(ticket) = ticket else { return };
         let sh = &*self.shared;
-        let mut st = self.lock();
-        let Some(e) = st.entries.get_mut(key) else { return };
+        let mut shard = sh.shard(key_slot(key));
+        let Some(e) = shard.entries.get_mut(key) else { return };
         if e.ticket != ticket || e.active {
             return;
         }
         if exists == Some(true) {
             e.active = true;
         } else {
-            sh.remove(&mut st, key);
+            sh.remove(&mut shard, key);
+        }
+    }
+
+    /// The reply to the background re-read of a [`Lookup::Refresh`]: `Some(exists)`, or None when
+    /// it failed. Only an active entry still holding `ticket` (no invalidation, flush or newer
+    /// read since the marker was set) is renewed: its age counts again from the marker, set
+    /// before the read was sent, exactly as for the read that created it. "Gone" drops the entry.
+    pub fn refreshed(&self, key: &str, ticket: u64, exists: Option<bool>) {
+        let sh = &*self.shared;
+        let mut shard = sh.shard(key_slot(key));
+        let Some(e) = shard.entries.get_mut(key) else { return };
+        if !e.active || e.refresh != ticket {
+            return;
+        }
+        // A failed one is tried again a quarter of the bound after `refresh_us`.
+        e.refresh = 0;
+        match exists {
+            Some(true) => e.created_us = e.created_us.max(e.refresh_us),
+            Some(false) => {
+                sh.remove(&mut shard, key);
+            }
+            None => {}
         }
     }
 
     /// Drop one key (a revocation made through this sidecar).
     pub fn forget(&self, key: &str) {
-        let mut st = self.lock();
-        self.shared.remove(&mut st, key);
+        let mut shard = self.shared.shard(key_slot(key));
+        self.shared.remove(&mut shard, key);
     }
 
-    /// Drop every key starting with `prefix` (all of a subject's tokens).
+    /// Drop every key starting with `prefix` (all of a subject's tokens: `P{R:S}:t:`, whose hash
+    /// tag is complete, so they all share its slot).
     pub fn forget_prefix(&self, prefix: &str) {
-        let mut st = self.lock();
-        let keys: Vec<Box<str>> = st
+        let mut shard = self.shared.shard(key_slot(prefix));
+        let keys: Vec<Box<str>> = shard
             .entries
             .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, _)| k.clone())
             .collect();
         for k in keys {
-            self.shared.remove(&mut st, &k);
+            self.shared.remove(&mut shard, &k);
         }
     }
 
     /// Entries in the map (pending and active).
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.shared.len.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -340,45 +423,79 @@ impl Shared {
         self.base.elapsed().as_micros() as u64 + 1
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    /// The shard of keys of `slot`, locked.
+    fn shard(&self, slot: u16) -> MutexGuard<'_, Shard> {
         // A panic while holding the lock leaves plain data behind; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[slot as usize % SHARDS].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn remove(&self, st: &mut State, key: &str) -> bool {
-        if st.entries.remove(key).is_some() {
-            st.bytes -= key.len();
-            self.metrics.entries.set(st.entries.len() as i64);
+    fn ticket(&self) -> u64 {
+        self.next_ticket.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Room for one more entry of `key_len` bytes of key, or false (full).
+    fn reserve(&self, key_len: usize) -> bool {
+        if self.len.fetch_add(1, Ordering::Relaxed) >= self.max_entries {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.bytes.fetch_add(key_len, Ordering::Relaxed) + key_len > self.max_bytes {
+            self.unreserve(key_len);
+            return false;
+        }
+        true
+    }
+
+    fn unreserve(&self, key_len: usize) {
+        self.bytes.fetch_sub(key_len, Ordering::Relaxed);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn remove(&self, shard: &mut Shard, key: &str) -> bool {
+        if shard.entries.remove(key).is_some() {
+            shard.bytes -= key.len();
+            self.unreserve(key.len());
+            self.metrics.entries.set(self.len.load(Ordering::Relaxed) as i64);
             true
         } else {
             false
         }
     }
 
-    fn sweep(&self, st: &mut State, now: u64) {
+    /// Drop, in every shard, what is too old to be used.
+    fn sweep(&self, now: u64) {
         let bound = self.bound_us;
-        let mut freed = 0;
-        st.entries.retain(|k, e| {
-            let keep = now.saturating_sub(e.created_us) <= bound;
-            if !keep {
-                freed += k.len();
-            }
-            keep
-        });
-        st.bytes -= freed;
-        st.last_sweep_us = now;
-        self.metrics.entries.set(st.entries.len() as i64);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let (mut freed, mut n) = (0, 0);
+            shard.entries.retain(|k, e| {
+                let keep = now.saturating_sub(e.created_us) <= bound;
+                if !keep {
+                    freed += k.len();
+                    n += 1;
+                }
+                keep
+            });
+            shard.bytes -= freed;
+            self.bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.len.fetch_sub(n, Ordering::Relaxed);
+        }
+        self.last_sweep_us.store(now, Ordering::Relaxed);
+        self.metrics.entries.set(self.len.load(Ordering::Relaxed) as i64);
     }
 
+    /// Drop everything. Whatever made older reads untrustworthy (a connection made or lost, a new
+    /// slot map) is in place before this is called, so an entry put in a shard already emptied
+    /// comes from a read sent after it.
     fn flush(&self, reason: &'static str) {
-        let mut st = self.lock();
-        self.flush_locked(&mut st, reason);
-    }
-
-    fn flush_locked(&self, st: &mut State, reason: &'static str) {
-        st.entries.clear();
-        st.bytes = 0;
-        self.metrics.entries.set(0);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let n = shard.entries.len();
+            shard.entries.clear();
+            self.bytes.fetch_sub(std::mem::take(&mut shard.bytes), Ordering::Relaxed);
+            self.len.fetch_sub(n, Ordering::Relaxed);
+        }
+        self.metrics.entries.set(self.len.load(Ordering::Relaxed) as i64);
         self.metrics.flushes.get_or_create(&ReasonLabel { reason }).inc();
     }
 
@@ -407,17 +524,14 @@ impl Shared {
                     self.flush("flushall");
                 }
                 let mut hb_seqs = Vec::new();
-                {
-                    let mut st = self.lock();
-                    for k in keys {
-                        let Ok(k) = std::str::from_utf8(k) else { continue };
-                        if let Some(rest) = k.strip_prefix(&self.hb_prefix) {
-                            if let Some(seq) = rest.rsplit_once("}:").and_then(|(_, s)| s.parse::<u64>().ok()) {
-                                hb_seqs.push(seq);
-                            }
-                        } else if self.remove(&mut st, k) {
-                            self.metrics.invalidations.inc();
+                for k in keys {
+                    let Ok(k) = std::str::from_utf8(k) else { continue };
+                    if let Some(rest) = k.strip_prefix(&self.hb_prefix) {
+                        if let Some(seq) = rest.rsplit_once("}:").and_then(|(_, s)| s.parse::<u64>().ok()) {
+                            hb_seqs.push(seq);
                         }
+                    } else if self.remove(&mut self.shard(key_slot(k)), k) {
+                        self.metrics.invalidations.inc();
                     }
                 }
                 // Heartbeats after the keys of the same push: a batch is applied as a whole.
@@ -479,7 +593,7 @@ async fn maintain(
         let layout = rx.borrow_and_update().clone();
         if let Some(layout) = layout {
             let (addrs, slots) = (&layout.masters, &layout.slots);
-            let current = shared.lock().topo.clone();
+            let current = shared.topo.load_full();
             if !current.same_layout(&layout) {
                 let mut nodes = Vec::new();
                 for (i, addr) in addrs.iter().enumerate() {
@@ -503,11 +617,10 @@ async fn maintain(
                     }
                 }
                 let topo = Arc::new(Topology { nodes: nodes.clone(), slots: slot_idx.into_boxed_slice() });
-                {
-                    let mut st = shared.lock();
-                    st.topo = topo;
-                    shared.flush_locked(&mut st, "topology");
-                }
+                // Every master of the new map starts without a confirmed heartbeat (and the old
+                // ones were retired above), so no entry is usable from here until the flush.
+                shared.topo.store(topo);
+                shared.flush("topology");
                 tracing::info!(masters = nodes.len(), "session cache: slot map loaded");
                 for n in nodes {
                     let (sh, c) = (shared.clone(), cfg.clone());
@@ -517,12 +630,11 @@ async fn maintain(
         }
         let now = shared.now_us();
         {
-            let mut st = shared.lock();
-            if now.saturating_sub(st.last_sweep_us) > shared.bound_us {
-                shared.sweep(&mut st, now);
+            if now.saturating_sub(shared.last_sweep_us.load(Ordering::Relaxed)) > shared.bound_us {
+                shared.sweep(now);
             }
             let (mut oldest, mut fresh) = (0i64, 0i64);
-            for n in &st.topo.nodes {
+            for n in &shared.topo.load().nodes {
                 let hb = n.heartbeat_us.load(Ordering::Acquire);
                 if hb == 0 {
                     oldest = -1;
@@ -683,7 +795,9 @@ mod tests {
 
     fn cache(bound_ms: u64, max_entries: u32) -> SessionCache {
         let cfg = SessionCacheConfig { enabled: true, max_staleness_ms: bound_ms, max_entries };
-        SessionCache::with_instance(&cfg, &KeyLayout::new("ar:", "demo"), CacheMetrics::default(), "zz")
+        // A clock started a minute ago, so that tests can date entries back.
+        let base = Instant::now().checked_sub(Duration::from_secs(60)).unwrap_or_else(Instant::now);
+        SessionCache::with_instance(&cfg, &KeyLayout::new("ar:", "demo"), CacheMetrics::default(), "zz", base)
     }
 
     /// Pretend every slot is on one master whose heartbeat was confirmed at `hb_us`.
@@ -692,7 +806,7 @@ mod tests {
         node.heartbeat_us.store(hb_us, Ordering::Release);
         node.generation.store(1, Ordering::Release);
         let topo = Topology { nodes: vec![node.clone()], slots: vec![0u16; SLOTS].into_boxed_slice() };
-        c.lock().topo = Arc::new(topo);
+        c.shared.topo.store(Arc::new(topo));
         node
     }
 
@@ -760,6 +874,60 @@ mod tests {
         invalidate(&c, &node, &[key]);
         assert!(matches!(c.lookup(key), Lookup::Miss(_)));
         assert_eq!(c.shared.metrics.invalidations.get(), 2);
+    }
+
+    /// Date `key`'s entry (and its latest re-read) back by `us`: as if that time had passed.
+    fn age(c: &SessionCache, key: &str, us: u64) {
+        let mut shard = c.shared.shard(key_slot(key));
+        let e = shard.entries.get_mut(key).unwrap();
+        e.created_us -= us;
+        e.refresh_us = e.refresh_us.saturating_sub(us);
+    }
+
+    #[test]
+    fn entries_past_half_their_life_are_renewed_in_the_background() {
+        let c = cache(1000, 100);
+        let node = one_master(&c, c.now_us());
+        let key = "ar:{demo:YQ}:t:ag";
+        let Lookup::Miss(t) = c.lookup(key) else { panic!() };
+        c.complete(key, t, Some(true));
+        assert_eq!(c.lookup(key), Lookup::Hit);
+        // Past half its life: one background re-read, the entry still answers meanwhile.
+        age(&c, key, 600_000);
+        let Lookup::Refresh(r) = c.lookup(key) else { panic!("no re-read past half the bound") };
+        assert_eq!(c.lookup(key), Lookup::Hit, "one re-read at a time");
+        // Its reply renews the entry: usable for a whole bound from the re-read's marker.
+        c.refreshed(key, r, Some(true));
+        age(&c, key, 510_000);
+        assert!(matches!(c.lookup(key), Lookup::Refresh(_)), "renewed, and past half its life again");
+        assert_eq!(c.shared.metrics.refreshes.get(), 2);
+        // An invalidation while a re-read is in flight: its reply is not used.
+        let key2 = "ar:{demo:Yg}:t:ag";
+        let Lookup::Miss(t) = c.lookup(key2) else { panic!() };
+        c.complete(key2, t, Some(true));
+        age(&c, key2, 700_000);
+        let Lookup::Refresh(r) = c.lookup(key2) else { panic!() };
+        invalidate(&c, &node, &[key2]);
+        c.refreshed(key2, r, Some(true));
+        assert!(matches!(c.lookup(key2), Lookup::Miss(_)), "a renewal overtaken by its invalidation was used");
+        let Lookup::Miss(t) = c.lookup(key2) else { panic!() };
+        c.complete(key2, t, Some(true));
+        // A failed re-read renews nothing and is tried again a quarter of the bound later.
+        age(&c, key2, 700_000);
+        let Lookup::Refresh(r) = c.lookup(key2) else { panic!() };
+        c.refreshed(key2, r, None);
+        assert_eq!(c.lookup(key2), Lookup::Hit);
+        c.shared.shard(key_slot(key2)).entries.get_mut(key2).unwrap().refresh_us -= 260_000;
+        let Lookup::Refresh(r2) = c.lookup(key2) else { panic!("a failed re-read is tried again") };
+        // "Gone" drops the entry (a stale ticket changes nothing).
+        let before = c.len();
+        c.refreshed(key2, r, Some(true));
+        c.refreshed(key2, r2, Some(false));
+        assert_eq!(c.len(), before - 1);
+        assert!(matches!(c.lookup(key2), Lookup::Miss(_)));
+        // Too old: not used at all, with a re-read in flight or not.
+        age(&c, key, 600_000);
+        assert!(matches!(c.lookup(key), Lookup::Miss(_)));
     }
 
     #[test]
@@ -844,7 +1012,11 @@ mod tests {
         // A long key cannot push the bytes over the cap either.
         let huge = format!("ar:{{demo:{}}}:t:j", "x".repeat(50 * 128));
         assert_eq!(c.lookup(&huge), Lookup::Miss(None));
-        assert!(c.lock().bytes <= 50 * 128);
+        assert!(c.shared.bytes.load(Ordering::Relaxed) <= 50 * 128);
+        assert_eq!(
+            c.shared.shards.iter().map(|s| s.lock().unwrap().bytes).sum::<usize>(),
+            c.shared.bytes.load(Ordering::Relaxed)
+        );
     }
 
     #[test]

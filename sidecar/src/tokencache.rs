@@ -46,6 +46,8 @@ pub struct VerifiedToken {
     pub authz: crate::authz::Granted,
     /// Index of the external issuer whose key verified it (None: the realm's own keys).
     pub external: Option<usize>,
+    /// Its session record's key (`single`/`multi` realms), built once with the realm's layout.
+    pub session_key: Option<crate::session::SessionKey>,
 }
 
 impl VerifiedToken {
@@ -78,6 +80,7 @@ impl Entry {
             + self.verified.kid.len()
             + self.verified.sub.as_ref().map_or(0, String::len)
             + self.verified.jti.as_ref().map_or(0, String::len)
+            + self.verified.session_key.as_ref().map_or(0, |k| k.as_str().len() + 16)
             + self.verified.identity.iter().map(|(n, v)| n.as_str().len() + v.len() + 64).sum::<usize>()
     }
 }
@@ -294,6 +297,7 @@ mod tests {
             exp,
             identity: vec![(HeaderName::from_static("x-auth-subject"), HeaderValue::from_str(sub).unwrap())],
             authz: Default::default(),
+            session_key: None,
         })
     }
 

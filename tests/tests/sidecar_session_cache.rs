@@ -394,7 +394,9 @@ async fn a_killed_invalidation_connection_flushes_the_cache() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Kill again and revoke at once, while the connections are coming back.
+    // Kill again and revoke at once, while the connections are coming back. A's were killed too:
+    // wait until they are tracking again, or the kill may find one still being set up.
+    a.wait_metric(FRESH, |v| v >= 3.0).await;
     kill_tracking_connections(&cluster);
     let r = a.issuer_call("DELETE", &format!("/v1/tokens/{jti}"), None).await.unwrap();
     let acked = Instant::now();

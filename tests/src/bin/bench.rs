@@ -974,6 +974,8 @@ struct Row {
     open_own: Option<Open>,
     rss_mb: Option<f64>,
     redis_checks_per_request: Option<f64>,
+    /// Session-cache entries read again in the background, per request (not on any request's path).
+    background_reads_per_request: Option<f64>,
     /// Why the row has no figures.
     unavailable: Option<String>,
     note: Option<String>,
@@ -1014,6 +1016,7 @@ impl Row {
             })),
             "peak_rss_mb": self.rss_mb,
             "redis_checks_per_request": self.redis_checks_per_request,
+            "background_reads_per_request": self.background_reads_per_request,
         })
     }
 }
@@ -1034,12 +1037,18 @@ async fn measure(ctx: &Ctx, row: &mut Row, t: Target<'_>) -> Result<()> {
     let pids: Vec<u32> = t.procs.iter().flat_map(|p| p.pids()).collect();
     const CHECKS: &str = "authrealm_sidecar_redis_seconds_count";
     const REQUESTS: &str = "authrealm_sidecar_requests_total";
+    // Session-cache entries read again in the background (a build without it reports none).
+    const REFRESHES: &str = "authrealm_sidecar_session_cache_refreshes_total";
     progress(format!("{}: warm-up {}s", row.label, ctx.warmup.as_secs()));
     if !ctx.warmup.is_zero() {
         wrk(ctx, t.addr, t.warm, ctx.warmup).await?;
     }
     let before = match t.sidecar_admin {
-        Some(a) => Some((metric_sum(a, CHECKS, "op=\"check\"").await?, metric_sum(a, REQUESTS, "").await?)),
+        Some(a) => Some((
+            metric_sum(a, CHECKS, "op=\"check\"").await?,
+            metric_sum(a, REQUESTS, "").await?,
+            metric_sum(a, REFRESHES, "").await?,
+        )),
         None => None,
     };
     // Cold tokens: one long run (a new wrk would start the token file again).
@@ -1061,10 +1070,12 @@ async fn measure(ctx: &Ctx, row: &mut Row, t: Target<'_>) -> Result<()> {
     closed.reused_tokens = runs.iter().map(|c| c.reused_tokens).sum();
     all_rps.shrink_to_fit();
     closed.rounds_rps = all_rps;
-    if let (Some(a), Some((k0, r0))) = (t.sidecar_admin, before) {
+    if let (Some(a), Some((k0, r0, f0))) = (t.sidecar_admin, before) {
         let checks = metric_sum(a, CHECKS, "op=\"check\"").await? - k0;
         let requests = metric_sum(a, REQUESTS, "").await? - r0;
+        let refreshes = metric_sum(a, REFRESHES, "").await? - f0;
         row.redis_checks_per_request = Some(checks / requests.max(1.0));
+        row.background_reads_per_request = (refreshes > 0.0).then(|| refreshes / requests.max(1.0));
     }
     if !pids.is_empty() && closed.requests > 0 {
         row.cpu_ms_per_1k = Some((c1 - c0) * 1e6 / closed.requests as f64);
@@ -1869,7 +1880,10 @@ fn markdown(r: &Value) -> String {
             notes.push(format!("{} non-2xx", max["non_2xx_3xx"]));
         }
         if let Some(c) = row["redis_checks_per_request"].as_f64() {
-            notes.push(format!("{c:.2} Redis checks/req"));
+            notes.push(match row["background_reads_per_request"].as_f64() {
+                Some(b) => format!("{c:.2} Redis checks/req (+ {b:.2} background re-reads/req)"),
+                None => format!("{c:.2} Redis checks/req"),
+            });
         }
         let own = &row["own_rate"];
         if !own.is_null() {
