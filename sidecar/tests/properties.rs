@@ -410,7 +410,7 @@ proptest! {
                     prop_assert_eq!(h.get("kid"), Some(&json!(KIDS[signer])));
                     prop_assert_eq!(h.get("alg"), Some(&json!(ring.get(KIDS[signer]).unwrap().alg.as_str())));
                     prop_assert_eq!(&v.kid, KIDS[signer]);
-                    prop_assert_eq!(&Value::Object(v.claims.clone()), &claims);
+                    prop_assert_eq!(&Value::Object(v.claims()), &claims);
                     prop_assert!(NOW <= v.exp.saturating_add(30));
                     if mode != SessionMode::Stateless {
                         prop_assert!(v.sub.is_some() && v.jti.is_some());
@@ -496,11 +496,12 @@ proptest! {
         prop_assert_eq!(v.kid.as_str(), KIDS[current]);
         prop_assert_eq!(&m.kid, &v.kid);
         prop_assert_eq!((v.iat, v.exp), (Some(now), now + ttl));
-        prop_assert_eq!(v.claims.get("iss"), Some(&json!(ISS)));
-        prop_assert_eq!(v.claims.get("aud"), Some(&aud));
-        prop_assert_eq!(v.claims.len(), extra.len() + RESERVED_CLAIMS.len());
+        let claims = v.claims();
+        prop_assert_eq!(claims.get("iss"), Some(&json!(ISS)));
+        prop_assert_eq!(claims.get("aud"), Some(&aud));
+        prop_assert_eq!(claims.len(), extra.len() + RESERVED_CLAIMS.len());
         for (k, want) in &extra {
-            prop_assert_eq!(v.claims.get(k), Some(want), "custom claim {:?}", k);
+            prop_assert_eq!(claims.get(k), Some(want), "custom claim {:?}", k);
         }
         // Still valid at the last second of its life plus leeway, not one second later.
         let end = now + ttl + 30;
@@ -539,7 +540,7 @@ proptest! {
         let edited = String::from_utf8(bytes).unwrap();
         prop_assume!(edited != token);
         let got = validate(&edited, ring, &p, NOW);
-        prop_assert!(got.is_err(), "edited token accepted: {:?} -> {:?}: {:?}", token, edited, got.map(|v| v.claims));
+        prop_assert!(got.is_err(), "edited token accepted: {:?} -> {:?}: {:?}", token, edited, got.map(|v| v.claims()));
     }
 }
 
@@ -554,8 +555,8 @@ fn float_claims_round_trip_exactly() {
         extra.insert("f".into(), json!(f));
         let m = mint(ring, ISS, "alice", json!("a"), extra, NOW, 60).unwrap();
         let v = validate(&m.token, ring, &policy(SessionMode::Multi), NOW).unwrap();
-        assert_eq!(v.claims["f"].as_f64(), Some(f));
-        let header = authrealm_sidecar::token::identity_value(v.claims.get("f")).unwrap().unwrap();
+        assert_eq!(v.claims()["f"].as_f64(), Some(f));
+        let header = authrealm_sidecar::token::identity_value(v.claims().get("f")).unwrap().unwrap();
         assert_eq!(header.to_str().unwrap(), json!(f).to_string());
     }
 }
