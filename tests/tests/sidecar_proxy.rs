@@ -442,7 +442,14 @@ async fn an_abandoned_response_closes_its_app_connection() {
     let mut got = Vec::new();
     let mut chunk = [0u8; 1024];
     while !got.windows(5).any(|w| w == b"first") {
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk)).await.unwrap().unwrap();
+        let n = match tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk)).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!(
+                "no \"first\" after 5 s; received: {:?}; app connections accepted: {} (the sidecar's log follows)",
+                String::from_utf8_lossy(&got),
+                app.accepted.load(Ordering::SeqCst),
+            ),
+        };
         assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&chunk[..n]);
     }
