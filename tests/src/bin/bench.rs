@@ -1953,7 +1953,10 @@ fn markdown(r: &Value) -> String {
         o,
         "\nOperator targets (1,000 realms, idle API rate, webhook p99) are measured by `hack/bench.sh --operator`.\n"
     );
-    let _ = writeln!(o, "## Crypto micro-benchmark (one thread on the proxy CPU, no I/O; rates are medians of interleaved timed batches, wall clock)\n");
+    let _ = writeln!(
+        o,
+        "## Crypto micro-benchmark (one thread on the proxy CPU, no I/O; rates are medians of interleaved timed batches, wall clock)\n"
+    );
     let _ = writeln!(
         o,
         "Crypto verify: aws-lc-rs with the public key parsed once (`ParsedPublicKey`; HMAC: a prepared `hmac::Key`) and \
