@@ -112,18 +112,10 @@ impl Direct {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Vec<Waiting>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_later(&self) -> MutexGuard<'_, Vec<Waiting>> {
-        self.later.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Everything queued, request reads and background reads, as pipelines on their way.
     fn dispatch(self: &Arc<Self>, layouts: Option<&LayoutRx>) {
-        let mut batch = std::mem::take(&mut *self.lock());
-        batch.append(&mut self.lock_later());
+        let mut batch = std::mem::take(&mut *locked(&self.queue));
+        batch.append(&mut locked(&self.later));
         if batch.is_empty() {
             return;
         }
@@ -165,6 +157,23 @@ impl Shared {
     }
 }
 
+fn locked(q: &Mutex<Vec<Waiting>>) -> MutexGuard<'_, Vec<Waiting>> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Adds `w` to `q`; the first into an empty queue wakes its sender (`wake` keeps the permit if
+/// the sender is busy, so a read added meanwhile is never left behind).
+fn enqueue(q: &Mutex<Vec<Waiting>>, wake: &Notify, w: Waiting) {
+    let first = {
+        let mut q = locked(q);
+        q.push(w);
+        q.len() == 1
+    };
+    if first {
+        wake.notify_one();
+    }
+}
+
 /// The coalescing reader of one [`crate::session::SessionStore`].
 pub struct Coalescer {
     shared: Arc<Shared>,
@@ -202,14 +211,7 @@ impl Coalescer {
     pub async fn exists(&self, key: &SessionKey) -> Option<i64> {
         self.start();
         let (reply, rx) = oneshot::channel();
-        let first = {
-            let mut q = self.shared.lock();
-            q.push(Waiting { key: key.clone(), reply: Reply::Now(reply) });
-            q.len() == 1
-        };
-        if first {
-            self.shared.wake.notify_one();
-        }
+        enqueue(&self.shared.queue, &self.shared.wake, Waiting { key: key.clone(), reply: Reply::Now(reply) });
         rx.await.ok()
     }
 
@@ -218,14 +220,7 @@ impl Coalescer {
     pub fn later(&self, key: &SessionKey, delay: Duration, then: Later) {
         self.start();
         self.shared.later_delay_us.store(delay.as_micros() as u64, Ordering::Relaxed);
-        let first = {
-            let mut q = self.shared.lock_later();
-            q.push(Waiting { key: key.clone(), reply: Reply::Later(then) });
-            q.len() == 1
-        };
-        if first {
-            self.shared.later_wake.notify_one();
-        }
+        enqueue(&self.shared.later, &self.shared.later_wake, Waiting { key: key.clone(), reply: Reply::Later(then) });
     }
 
     fn start(&self) {

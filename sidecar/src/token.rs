@@ -356,19 +356,25 @@ impl<'de> serde::de::Visitor<'de> for ClaimsSeed<'_> {
             for (name, seen) in self.required.iter().zip(c.required_seen.iter_mut()) {
                 *seen |= **name == *key;
             }
-            if *key == *self.subject_claim {
-                c.subject = Some(value.clone());
-            }
             let slot = match &*key {
-                "exp" => &mut c.exp,
-                "nbf" => &mut c.nbf,
-                "iat" => &mut c.iat,
-                "iss" => &mut c.iss,
-                "aud" => &mut c.aud,
-                "jti" => &mut c.jti,
-                _ => continue,
+                "exp" => Some(&mut c.exp),
+                "nbf" => Some(&mut c.nbf),
+                "iat" => Some(&mut c.iat),
+                "iss" => Some(&mut c.iss),
+                "aud" => Some(&mut c.aud),
+                "jti" => Some(&mut c.jti),
+                _ => None,
             };
-            *slot = Some(value);
+            // The value is moved where it is read; copied only for a claim in two roles.
+            match (slot, *key == *self.subject_claim) {
+                (Some(slot), true) => {
+                    c.subject = Some(value.clone());
+                    *slot = Some(value);
+                }
+                (Some(slot), false) => *slot = Some(value),
+                (None, true) => c.subject = Some(value),
+                (None, false) => {}
+            }
         }
         Ok(c)
     }
