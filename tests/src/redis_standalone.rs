@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
-use crate::redis_cluster::{
-    check_binaries, log_tail, make_temp_dir, parse_info, random_u64, replica_lines, run_with_timeout,
-};
+use crate::redis_cluster::{check_binaries, log_tail, make_temp_dir, parse_info, replica_lines, run_with_timeout};
 
 const HOST: &str = "127.0.0.1";
 const START_ATTEMPTS: usize = 4;
@@ -101,7 +99,7 @@ impl RedisStandalone {
     fn spawn_fresh(&mut self, role: Role) -> Result<u16> {
         let mut errors = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            let port = pick_port()?;
+            let port = crate::support::pick_port()?;
             self.proc_mut(role).port = port;
             let child = self.spawn(role)?;
             self.proc_mut(role).child = Some(child);
@@ -302,7 +300,14 @@ impl RedisStandalone {
                     } else if let Some(p) = want.iter().find(|p| !online.contains(p)) {
                         format!("replica {p} not online (online: {online:?})")
                     } else {
-                        return Ok(());
+                        // "online" is not yet acknowledging writes in time (a replica still
+                        // loading or rewriting its AOF after the sync): a first mint's WAIT then
+                        // timed out in CI. Settled = a write acknowledged by every replica.
+                        match self.write_acknowledged(want.len()) {
+                            Ok(n) if n >= want.len() => return Ok(()),
+                            Ok(n) => format!("a write acknowledged by {n} of {} replicas", want.len()),
+                            Err(e) => format!("{e:#}"),
+                        }
                     }
                 }
                 Err(e) => format!("{e:#}"),
@@ -312,6 +317,33 @@ impl RedisStandalone {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// `SET`, `WAIT replicas 1000`, `DEL` on one connection (redis-cli reading them from stdin):
+    /// how many replicas acknowledged the write. The probe key is deleted again, and replicas
+    /// apply that before any later write, so it never shows in a test's key counts.
+    fn write_acknowledged(&self, replicas: usize) -> Result<usize> {
+        use std::io::Write as _;
+        let mut cmd = Command::new("redis-cli");
+        if let Some(pw) = &self.opts.password {
+            cmd.arg("-a").arg(pw).arg("--no-auth-warning");
+        }
+        let mut child = cmd
+            .args(["-h", HOST, "-p", &self.server.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running redis-cli")?;
+        child.stdin.take().context("redis-cli stdin")?.write_all(
+            format!(
+                "SET authrealm-test:replication-probe 1\nWAIT {replicas} 1000\nDEL authrealm-test:replication-probe\n"
+            )
+            .as_bytes(),
+        )?;
+        let out = child.wait_with_output().context("redis-cli")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().nth(1).and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow!("WAIT answered {text:?}"))
     }
 
     fn log_tails(&self) -> String {
@@ -327,24 +359,6 @@ impl RedisStandalone {
             let _ = c.wait();
         }
     }
-}
-
-/// A free port below the kernel's ephemeral range when possible: a port the kernel hands out for
-/// outgoing connections or `bind(0)` could be taken by someone else while the server is down
-/// between [`RedisStandalone::kill`] and [`RedisStandalone::restart`].
-fn pick_port() -> Result<u16> {
-    let ephemeral_low: u32 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(32768);
-    let (lo, hi) = if ephemeral_low > 12000 { (10000u32, ephemeral_low) } else { (20000, 30000) };
-    for _ in 0..200 {
-        let port = (lo + (random_u64() % u64::from(hi - lo)) as u32) as u16;
-        if std::net::TcpListener::bind((HOST, port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port found in {lo}..{hi}")
 }
 
 #[derive(Clone, Copy, Debug)]

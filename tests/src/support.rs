@@ -87,9 +87,29 @@ impl Drop for TempDir {
     }
 }
 
-/// A free loopback port (bound, then released for the caller to bind).
+/// A free loopback port (bound, then released for the caller to bind), below the kernel's
+/// ephemeral range when possible: a port from `bind(0)` is handed out again to the next
+/// `bind(0)` or outgoing connection of any test running beside, which then takes it before the
+/// caller (a sidecar failing with "Address already in use" was seen in CI). Ports below the range
+/// are only ever taken by someone asking for that number.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    pick_port().expect("a free port")
+}
+
+/// [`free_port`], or why there is none.
+pub fn pick_port() -> anyhow::Result<u16> {
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(32768);
+    let (lo, hi) = if ephemeral_low > 12000 { (10000u32, ephemeral_low) } else { (20000, 30000) };
+    for _ in 0..200 {
+        let port = (lo + (crate::redis_cluster::random_u64() % u64::from(hi - lo)) as u32) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port found in {lo}..{hi}")
 }
 
 pub fn unix_now() -> i64 {
